@@ -1,0 +1,72 @@
+"""Where the platform reads and writes: one data directory, moved with ALLIANCE_DATA_DIR."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS_DIR = REPO_ROOT / "schemas"
+SQL_DIR = REPO_ROOT / "dbt_like_sql"
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """Every path the platform writes to, all below one root."""
+
+    root: Path
+
+    @property
+    def landing(self) -> Path:
+        return self.root / "landing"
+
+    @property
+    def warehouse(self) -> Path:
+        """The pipeline's working DuckDB file (one writer process at a time)."""
+        return self.root / "warehouse" / "alliance.duckdb"
+
+    @property
+    def serving_dir(self) -> Path:
+        return self.root / "serving"
+
+    @property
+    def serving(self) -> Path:
+        """The published read-only snapshot analysts and reports open."""
+        return self.serving_dir / "alliance.duckdb"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def quarantine(self) -> Path:
+        """Verbatim copies of rejected lines (they may hold raw identifiers)."""
+        return self.root / "quarantine"
+
+    @property
+    def quality_docs(self) -> Path:
+        return self.root / "quality-docs"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.root / "dagster"
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets"
+
+    def ensure(self) -> DataPaths:
+        for p in (self.landing, self.warehouse.parent, self.serving_dir, self.reports,
+                  self.quarantine, self.dagster_home):
+            p.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def data_dir() -> Path:
+    """The data directory: $ALLIANCE_DATA_DIR, or ./data."""
+    return Path(os.environ.get("ALLIANCE_DATA_DIR", "data")).resolve()
+
+
+def paths(root: str | os.PathLike[str] | None = None) -> DataPaths:
+    return DataPaths(Path(root).resolve() if root is not None else data_dir())

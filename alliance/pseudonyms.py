@@ -1,0 +1,54 @@
+"""Keyed pseudonyms (HMAC-SHA256) for patient, therapist, episode and session identifiers.
+
+The key never enters the warehouse. A clinic holding the key recomputes a pseudonym from its own
+identifier (``alliance pseudonym``) to act on an alert.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+KEY_ENV = "ALLIANCE_PSEUDONYM_KEY"
+PREFIX = {"patient": "pt_", "therapist": "th_", "episode": "ep_", "session": "se_"}
+DIGEST_CHARS = 16  # 64 bits: collision odds are negligible at 10^7 identifiers per kind
+
+
+class MissingKeyError(RuntimeError):
+    """Raised when no pseudonym key is configured outside demo mode."""
+
+
+def pseudonym(key: bytes, kind: str, clinic_id: str, raw_id: str) -> str:
+    """The pseudonym of one identifier; identifiers are scoped by clinic and kind."""
+    msg = f"{kind}|{clinic_id}|{raw_id}".encode()
+    return PREFIX[kind] + hmac.new(key, msg, hashlib.sha256).hexdigest()[:DIGEST_CHARS]
+
+
+def load_key(demo_key_file: Path | None = None) -> bytes:
+    """The key from $ALLIANCE_PSEUDONYM_KEY; in demo mode a local key file is created and used."""
+    value = os.environ.get(KEY_ENV)
+    if value:
+        return value.encode()
+    if demo_key_file is None:
+        raise MissingKeyError(
+            f"{KEY_ENV} is not set. Set it to a secret of at least 32 characters kept outside "
+            "the warehouse (the same key must be used for every run), or use `alliance demo`, "
+            "which creates a local demo key."
+        )
+    if not demo_key_file.exists():
+        demo_key_file.parent.mkdir(parents=True, exist_ok=True)
+        demo_key_file.write_text(secrets.token_hex(32))
+        demo_key_file.chmod(0o600)
+    return demo_key_file.read_text().strip().encode()
+
+
+def is_pseudonym(value: str, kind: str) -> bool:
+    p = PREFIX[kind]
+    return (
+        len(value) == len(p) + DIGEST_CHARS
+        and value.startswith(p)
+        and all(c in "0123456789abcdef" for c in value[len(p):])
+    )

@@ -1,0 +1,1 @@
+"""Dagster assets: ingest, seeds, SQL models, publish, reports, exports."""
