@@ -11,6 +11,7 @@ from orchestration.resources import default_resources
 # Each module exposes `defs() -> dg.Definitions`; they are merged here. Add a module, add a line.
 MODULES = [
     "assets.ingest",
+    "assets.sql_models",
 ]
 
 

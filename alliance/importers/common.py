@@ -1,0 +1,348 @@
+"""Shared pieces of the importers: event building, accounting, and writing landing files.
+
+Every importer turns foreign records (FHIR resources, REDCap rows, CSV rows) into canonical events
+(schemas/events.yaml) and accounts for every record it read: it produced events, was skipped for a
+stated reason (out of scope, e.g. a Procedure), or was quarantined (in scope but unmappable). The
+identity ``records_read == produced + skipped + quarantined`` is checked before anything is written.
+
+Quarantine entries hold file, line, reason code, field and a message, never the record itself:
+foreign records carry names and addresses that must not be copied anywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import yaml
+
+from alliance.config import REPO_ROOT
+
+MAPPINGS_DIR = REPO_ROOT / "schemas" / "mappings"
+# A fixed namespace so event ids are stable across runs and machines (uuid5 = SHA-1 based):
+# the same source record always yields the same event_id, and the id reveals no identifier.
+EVENT_NAMESPACE = uuid.UUID("6f1c2a7e-4b7d-5c1e-9a63-0d2f8e1b7c55")
+CLINIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SCHEMA_VERSION = 1
+
+
+class MappingError(ValueError):
+    """A mapping file is malformed; the message names the file and the key."""
+
+
+def event_id(clinic_id: str, *parts: object) -> str:
+    """A deterministic event id from the source record's own key (no identifiers leak)."""
+    return str(uuid.uuid5(EVENT_NAMESPACE, "|".join([clinic_id, *map(str, parts)])))
+
+
+def load_mapping(path: str | os.PathLike[str], kind: str | None = None) -> dict[str, Any]:
+    """Read a mapping YAML (a path, or a name under schemas/mappings/) and check its kind."""
+    p = Path(path)
+    if not p.exists() and (MAPPINGS_DIR / p).exists():
+        p = MAPPINGS_DIR / p
+    if not p.exists() and (MAPPINGS_DIR / f"{p}.yaml").exists():
+        p = MAPPINGS_DIR / f"{p}.yaml"
+    try:
+        with open(p) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError as e:
+        raise MappingError(f"{path}: mapping file not found (looked also in {MAPPINGS_DIR})") from e
+    except yaml.YAMLError as e:
+        raise MappingError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise MappingError(f"{p}: a mapping file must be a YAML mapping (key: value)")
+    if kind is not None and data.get("kind") != kind:
+        raise MappingError(f"{p}: field 'kind' is {data.get('kind')!r}, this importer needs {kind!r}")
+    data["_path"] = str(p)
+    return data
+
+
+def require(mapping: dict[str, Any], key: str) -> Any:
+    """A required mapping key, or a MappingError naming the file and key."""
+    if mapping.get(key) in (None, ""):
+        raise MappingError(f"{mapping.get('_path', 'mapping')}: required key '{key}' is missing")
+    return mapping[key]
+
+
+def check_clinic(clinic_id: str, where: str) -> str:
+    if not CLINIC_RE.match(str(clinic_id)):
+        raise MappingError(
+            f"{where}: clinic_id {clinic_id!r} must be 1-64 letters, digits, '-' or '_'"
+        )
+    return str(clinic_id)
+
+
+def normalise_timestamp(value: Any, tz: str = "UTC") -> str | None:
+    """ISO-8601 with an explicit offset; a date or naive time is read in the mapping's time zone."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, date):
+        dt = datetime.combine(value, time(0))
+    else:
+        s = str(value).strip()
+        try:
+            if re.fullmatch(r"\d{4}-\d{2}-\d{2}", s):
+                dt = datetime.combine(date.fromisoformat(s), time(0))
+            elif re.fullmatch(r"\d{4}-\d{2}", s):  # FHIR partial dates: first of the month
+                dt = datetime.combine(date.fromisoformat(s + "-01"), time(0))
+            else:
+                dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=ZoneInfo(tz))
+    return dt.isoformat()
+
+
+def number(value: Any) -> int | float | None:
+    """A JSON number from a weight or score; integral floats become ints (3.0 -> 3)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        f = float(str(value).strip())
+    except ValueError:
+        return None
+    if f != f:  # NaN
+        return None
+    return int(f) if f.is_integer() else f
+
+
+def make_event(
+    *,
+    event_id: str,
+    event_type: str,
+    occurred_at: str,
+    source: str,
+    clinic_id: str,
+    payload: dict[str, Any],
+    patient_id: str | None = None,
+    episode_id: str | None = None,
+    session_id: str | None = None,
+    therapist_id: str | None = None,
+) -> dict[str, Any]:
+    """A canonical event envelope (schemas/events.yaml); absent identifiers are left out."""
+    ev: dict[str, Any] = {
+        "event_id": event_id,
+        "event_type": event_type,
+        "schema_version": SCHEMA_VERSION,
+        "occurred_at": occurred_at,
+        "source": source,
+        "clinic_id": clinic_id,
+    }
+    for k, v in (("patient_id", patient_id), ("therapist_id", therapist_id),
+                 ("episode_id", episode_id), ("session_id", session_id)):
+        if v not in (None, ""):
+            ev[k] = str(v)
+    ev["payload"] = {k: v for k, v in payload.items() if v is not None}
+    return ev
+
+
+@dataclass
+class Quarantined(Exception):
+    """A record in scope that cannot be mapped: reason code, field and a message (no content)."""
+
+    reason: str
+    field: str = ""
+    message: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.reason} ({self.field}): {self.message}"
+
+
+@dataclass
+class Skipped(Exception):
+    """A record that is deliberately not imported (out of scope), with the reason."""
+
+    reason: str
+
+
+@dataclass
+class FileAccount:
+    """Per input file: records read and what became of each one."""
+
+    path: str
+    records_read: int = 0
+    produced: int = 0  # records that produced at least one event
+    events: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    quarantined: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def balanced(self) -> bool:
+        return self.records_read == self.produced + sum(self.skipped.values()) + sum(
+            self.quarantined.values()
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "records_read": self.records_read,
+            "produced_events_from": self.produced,
+            "events": self.events,
+            "skipped": dict(sorted(self.skipped.items())),
+            "quarantined": dict(sorted(self.quarantined.items())),
+            "balanced": self.balanced,
+        }
+
+
+@dataclass
+class ImportResult:
+    """What an import produced: events, quarantine entries, and the per-file accounting."""
+
+    kind: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    quarantine: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, FileAccount] = field(default_factory=dict)
+    synthesised: int = 0  # events not read from a record (episode.opened per patient)
+    # Written by write_landing():
+    events_path: Path | None = None
+    quarantine_path: Path | None = None
+    summary_path: Path | None = None
+
+    def account(self, path: str) -> FileAccount:
+        if path not in self.files:
+            self.files[path] = FileAccount(path)
+        return self.files[path]
+
+    def read(self, path: str) -> None:
+        self.account(path).records_read += 1
+
+    def produce(self, path: str, events: list[dict[str, Any]]) -> None:
+        acc = self.account(path)
+        acc.produced += 1
+        acc.events += len(events)
+        self.events.extend(events)
+
+    def skip(self, path: str, reason: str) -> None:
+        self.account(path).skipped[reason] += 1
+
+    def reject(self, path: str, line: int | str, q: Quarantined, record: str = "") -> None:
+        self.account(path).quarantined[q.reason] += 1
+        self.quarantine.append({
+            "file": path, "line": line, "record": record,
+            "reason": q.reason, "field": q.field, "message": q.message,
+        })
+
+    @property
+    def balanced(self) -> bool:
+        return all(a.balanced for a in self.files.values())
+
+    def summary(self) -> dict[str, Any]:
+        by_type = Counter(e["event_type"] for e in self.events)
+        return {
+            "kind": self.kind,
+            "events": len(self.events),
+            "events_by_type": dict(sorted(by_type.items())),
+            "synthesised_events": self.synthesised,
+            "quarantined": len(self.quarantine),
+            "balanced": self.balanced,
+            "files": [a.as_dict() for a in self.files.values()],
+            "identity": "records_read = produced_events_from + skipped + quarantined, per file",
+        }
+
+
+def dedupe_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop exact repeats of an event_id (a resource present in two exported files)."""
+    seen: dict[str, str] = {}
+    out = []
+    for ev in events:
+        blob = json.dumps(ev, sort_keys=True)
+        if ev["event_id"] in seen and seen[ev["event_id"]] == blob:
+            continue
+        seen[ev["event_id"]] = blob
+        out.append(ev)
+    return out
+
+
+def output_stem(kind: str, inputs: list[Path], mapping: dict[str, Any]) -> str:
+    """A stable file name for one import: the same inputs and mapping give the same file."""
+    h = hashlib.sha256()
+    for p in sorted(str(x.resolve()) for x in inputs):
+        h.update(p.encode())
+    h.update(json.dumps({k: v for k, v in mapping.items() if k != "_path"},
+                        sort_keys=True, default=str).encode())
+    first = re.sub(r"[^A-Za-z0-9_-]+", "-", inputs[0].stem if inputs else "input").strip("-")
+    return f"{kind}-{first[:40]}-{h.hexdigest()[:10]}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    # Write beside the target and rename: a landing sensor never sees a half-written file.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_landing(result: ImportResult, out_dir: Path, stem: str) -> ImportResult:
+    """Write events as `<stem>.ndjson`, plus `<stem>.quarantine.tsv` and `<stem>.summary.json`.
+
+    Only the `.ndjson` file is canonical input for the ingest; the other two are for people.
+    Events are written in a stable order so re-importing the same input gives a byte-identical
+    file (the ingest then sees the same sha256 and does nothing).
+    """
+    if not result.balanced:
+        bad = [a.as_dict() for a in result.files.values() if not a.balanced]
+        raise AssertionError(f"import accounting does not balance: {bad}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    events = sorted(dedupe_events(result.events), key=lambda e: (e["occurred_at"], e["event_id"]))
+    lines = "".join(json.dumps(e, sort_keys=True, ensure_ascii=False) + "\n" for e in events)
+    result.events_path = out_dir / f"{stem}.ndjson"
+    _atomic_write(result.events_path, lines)
+
+    result.quarantine_path = out_dir / f"{stem}.quarantine.tsv"
+    cols = ["file", "line", "record", "reason", "field", "message"]
+    rows = ["\t".join(cols)]
+    for q in result.quarantine:
+        rows.append("\t".join(str(q[c]).replace("\t", " ").replace("\n", " ") for c in cols))
+    _atomic_write(result.quarantine_path, "\n".join(rows) + "\n")
+
+    result.summary_path = out_dir / f"{stem}.summary.json"
+    summary = result.summary() | {"events_written": len(events),
+                                  "events_file": result.events_path.name}
+    _atomic_write(result.summary_path, json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def read_csv_rows(
+    path: Path, delimiter: str = ","
+) -> tuple[list[str], list[tuple[int, dict[str, str] | None]]]:
+    """CSV rows with their line numbers (header = line 1); a row of the wrong width is None.
+
+    Blank lines come back as an empty dict so callers can account for them as skipped.
+    """
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            return [], []
+        rows: list[tuple[int, dict[str, str] | None]] = []
+        for values in reader:
+            line = reader.line_num
+            if not values or all(not v.strip() for v in values):
+                rows.append((line, {}))
+            elif len(values) != len(header):
+                rows.append((line, None))
+            else:
+                rows.append((line, dict(zip(header, values, strict=True))))
+    return header, rows
+
+
+MISSING = {"", "na", "n/a", "nan", "null", "none", "."}
+
+
+def is_missing(value: Any, extra: set[str] | frozenset[str] = frozenset()) -> bool:
+    return value is None or str(value).strip().lower() in MISSING | {x.lower() for x in extra}

@@ -1,0 +1,262 @@
+"""Turn raw figures into what the report shows: suppression applied, charts drawn, text formatted.
+
+Nothing that leaves this module carries an unsuppressed small-cell value: suppressed figures are
+replaced by `Shown(..., suppressed=...)` whose `.shown` is None, and charts are drawn from the
+suppressed values only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from alliance.report import charts
+from alliance.report.data import JT_CATEGORIES, RawReport, add_months
+from alliance.report.suppress import (
+    PRIMARY,
+    Shown,
+    suppress_categories,
+    suppress_groups,
+    suppress_rate,
+    suppress_rows,
+    suppress_value,
+)
+
+JT_STYLE = {"recovered": "solid", "improved": "dots", "unchanged": "plain",
+            "deteriorated": "hatch", "harmed": "grid"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Report settings: the small-cell threshold and whether rate numerators are protected too."""
+
+    min_cell: int = 11
+    protect_numerators: bool = False
+
+
+def fmt(v: Shown | float | int | None, kind: str = "n", digits: int = 1) -> str:
+    """Text for a figure: 'suppressed' marker, '–' for no data, else the number (kind n, pct, dec)."""
+    if isinstance(v, Shown):
+        if v.is_suppressed:
+            return "[s]"
+        v = v.value
+    if v is None:
+        return "–"
+    if kind == "pct":
+        return f"{float(v):.{digits}f}%"
+    if kind == "dec":
+        return f"{float(v):.{digits}f}"
+    if kind == "signed":
+        return f"{float(v):+.{digits}f}"
+    return f"{int(v):,}"
+
+
+def _bin_label(lo: float, hi: float) -> str:
+    return f"{lo:g}–{hi:g}" if hi < 40 else f"{lo:g}–40"
+
+
+def build(raw: RawReport, opts: Options) -> dict[str, Any]:
+    """The template context: every figure suppressed as needed, every chart as inline SVG."""
+    mc = opts.min_cell
+    ctx: dict[str, Any] = {"raw_clinic": raw.clinic, "period": raw.period, "min_cell": mc,
+                           "data_as_of": raw.data_as_of, "fmt": fmt}
+    window = f"{add_months(raw.period.month, -(raw.period.window_months - 1)):%b %Y} – {raw.period.month:%b %Y}"
+    ctx["window_label"] = window
+
+    # Activity: one month. Rates rest on the patients who had appointments.
+    if raw.activity:
+        a = raw.activity
+        ctx["activity"] = {
+            "active_patients": Shown(a["active_patients"], a["active_patients"],
+                                     PRIMARY if 0 < a["active_patients"] < mc else None),
+            "sessions": suppress_value(a["sessions"], a["active_patients"], mc),
+            "attendance": suppress_rate(a["sessions"], a["appointments"], mc, opts.protect_numerators)
+            if a["booked_patients"] >= mc else Shown(None, a["booked_patients"], PRIMARY),
+            "with_alliance": _rate_over_patients(a["with_alliance"], a["sessions"], a["active_patients"], mc),
+            "with_outcome": _rate_over_patients(a["with_outcome"], a["sessions"], a["active_patients"], mc),
+        }
+
+    # Alliance trend: one point per month of the window, each resting on that month's patients.
+    months = [add_months(raw.period.month, -i) for i in range(raw.period.window_months - 1, -1, -1)]
+    by_month = {r["month"]: r for r in raw.trend}
+    trend = []
+    for mth in months:
+        r = by_month.get(mth)
+        trend.append((f"{mth:%b %y}", suppress_value(r["mean_srs"], r["patients"], mc) if r else None))
+    ctx["trend"] = trend
+    ctx["trend_svg"] = charts.line_trend(
+        "chart-trend", "Mean SRS total by month",
+        f"Mean Session Rating Scale total per month, {window}; dashed line: concern cutoff "
+        f"{raw.srs_cutoff:g}. Months resting on fewer than {mc} patients are marked s.",
+        trend, 20, 40, raw.srs_cutoff, f"cutoff {raw.srs_cutoff:g}")
+
+    # SRS distribution: bins sum to the sessions total and, below the cutoff, to the concern count.
+    if raw.alliance is not None:
+        al = raw.alliance
+        bins = raw.srs_bins
+        below = [i for i, b in enumerate(bins) if b["below_cutoff"]]
+        above = [i for i, b in enumerate(bins) if not b["below_cutoff"]]
+        reasons, hide = suppress_groups(
+            [b["patients"] for b in bins], [list(range(len(bins))), below, above], mc)
+        base_ok = al["srs_patients"] >= mc
+        if not base_ok:
+            reasons = [PRIMARY] * len(bins)
+        shown_bins = [Shown(b["sessions"], b["patients"], r) for b, r in zip(bins, reasons, strict=True)]
+        concern_hidden = not base_ok or hide[0] or hide[1] or hide[2]
+        ctx["srs_bins"] = [(_bin_label(b["lo"], b["hi"]), s, b["below_cutoff"])
+                           for b, s in zip(bins, shown_bins, strict=True)]
+        cut_idx = max(below) if below else None
+        ctx["srs_hist_svg"] = charts.bars(
+            "chart-srs-dist", "SRS totals this month against the concern cutoff",
+            f"Number of sessions per band of SRS total in {raw.period.label}. Hatched bars are "
+            f"below the concern cutoff {raw.srs_cutoff:g}; solid bars at or above it.",
+            [charts.Bar(lbl, s, fmt(s), "hatch" if low else "solid")
+             for lbl, s, low in ctx["srs_bins"]],
+            horizontal=False, cutoff_after=cut_idx, cutoff_label=f"cutoff {raw.srs_cutoff:g}")
+        ruptures = al.get("ruptures")
+        ctx["alliance"] = {
+            "mean_srs": suppress_value(al["mean_srs"], al["srs_patients"], mc),
+            "srs_sessions": Shown(al["srs_sessions"], al["srs_patients"],
+                                  None if base_ok and not hide[0] else PRIMARY),
+            "pct_concern": Shown(100.0 * al["concern_sessions"] / al["srs_sessions"] if al["srs_sessions"] else None,
+                                 al["srs_patients"], PRIMARY if concern_hidden else None),
+            "ruptures": None if ruptures is None else Shown(
+                ruptures, al["rupture_patients"], PRIMARY if 0 < al["rupture_patients"] < mc else None),
+            "pct_repaired": None if ruptures is None else suppress_rate(
+                al["repaired"], ruptures, mc, opts.protect_numerators)
+            if al["rupture_patients"] >= mc else Shown(None, al["rupture_patients"], PRIMARY),
+            "operator": raw.srs_operator,
+            "cutoff": raw.srs_cutoff,
+        }
+
+    # Outcomes: categories per instrument, each a distribution summing to its shown total.
+    if raw.jt is not None:
+        jt_rows = []
+        for row in raw.jt:
+            counts, total, pct = suppress_categories(row["counts"], mc)
+            jt_rows.append({"instrument": row["instrument"], "counts": counts, "total": total, "pct": pct})
+        ctx["jt"] = jt_rows
+        main = max(jt_rows, key=lambda r: r["total"].value or 0, default=None)
+        if main is not None:
+            ctx["jt_main"] = main["instrument"]
+            ctx["jt_svg"] = charts.bars(
+                "chart-jt", f"Jacobson-Truax categories, {main['instrument']}",
+                f"Share of closed episodes in each Jacobson-Truax category on {main['instrument']}, "
+                f"episodes closed {window}. Each category has its own pattern.",
+                [charts.Bar(c, main["pct"][c], f"{fmt(main['pct'][c], 'pct', 0)} ({fmt(main['counts'][c])})",
+                            JT_STYLE[c]) for c in JT_CATEGORIES],
+                v_max=100)
+    if raw.nhstt is not None:
+        n = raw.nhstt
+        ctx["nhstt"] = {
+            "eligible": n["eligible"], "cases": n["cases"],
+            "recovery": suppress_rate(n["recovered"], n["cases"], mc, opts.protect_numerators),
+            "improvement": suppress_rate(n["improved"], n["eligible"], mc, opts.protect_numerators),
+            "deterioration": suppress_rate(n["deteriorated"], n["eligible"], mc, opts.protect_numerators),
+        }
+        ctx["nhstt_svg"] = charts.bars(
+            "chart-nhstt", "NHS Talking Therapies outcomes",
+            f"Recovery, reliable improvement and reliable deterioration rates for episodes closed {window}.",
+            [charts.Bar("Recovery", ctx["nhstt"]["recovery"],
+                        f"{fmt(ctx['nhstt']['recovery'], 'pct')} (n={fmt(ctx['nhstt']['recovery'].base) if not ctx['nhstt']['recovery'].is_suppressed else '[s]'})", "solid"),
+             charts.Bar("Reliable improvement", ctx["nhstt"]["improvement"],
+                        f"{fmt(ctx['nhstt']['improvement'], 'pct')}", "dots"),
+             charts.Bar("Reliable deterioration", ctx["nhstt"]["deterioration"],
+                        f"{fmt(ctx['nhstt']['deterioration'], 'pct')}", "hatch")],
+            v_max=100)
+    if raw.pre_post is not None:
+        rng = {r["instrument"]: r for r in raw.instruments} if raw.instruments else {}
+        pp = []
+        for r in raw.pre_post:
+            meta = rng.get(r["instrument"], {})
+            lo = float(meta.get("total_min") or 0)
+            hi = float(meta.get("total_max") or max(r["pre"] or 0, r["post"] or 0, 1))
+            hib = bool(meta.get("higher_is_better")) if meta else False
+            pp.append(charts.PrePost(r["instrument"], suppress_value(r["pre"], r["patients"], mc),
+                                     suppress_value(r["post"], r["patients"], mc), lo, hi, hib))
+        ctx["pre_post"] = [(p, r["patients"]) for p, r in zip(pp, raw.pre_post, strict=True)]
+        ctx["pre_post_svg"] = charts.pre_post(
+            "chart-prepost", "Mean first and last scores of closed episodes",
+            f"For each outcome instrument, mean first score (circle) and mean last score (triangle) "
+            f"of episodes closed {window}.", pp)
+    if raw.sudden is not None:
+        s = raw.sudden
+        ctx["sudden"] = {
+            "patients": Shown(s["patients"], s["patients"], PRIMARY if 0 < s["patients"] < mc else None),
+            "gain": suppress_rate(s["with_gain"], s["patients"], mc, opts.protect_numerators),
+            "loss": suppress_rate(s["with_loss"], s["patients"], mc, opts.protect_numerators),
+        }
+
+    # Alliance and outcome: early-alliance bands against % reliably improved.
+    if raw.early_bins is not None:
+        eb = [(_bin_label(b["lo"], b["hi"]),
+               suppress_rate(b["improved"], b["patients"], mc, opts.protect_numerators), b["patients"])
+              for b in raw.early_bins]
+        # Band sizes sum to the patients shown in the association table: hide them together.
+        reasons, _ = suppress_groups([b[2] for b in eb], [list(range(len(eb)))], mc)
+        ctx["early_bins"] = [(lbl, r if not reason else Shown(None, n, reason), Shown(n, n, reason))
+                             for (lbl, r, n), reason in zip(eb, reasons, strict=True)]
+        ctx["early_svg"] = charts.bars(
+            "chart-early", "Reliable improvement by early alliance",
+            "Share of closed episodes reliably improved, by band of early alliance (mean of the "
+            "first three SRS totals).",
+            [charts.Bar(f"early SRS {lbl}", r, fmt(r, "pct", 0), "dots") for lbl, r, _ in ctx["early_bins"]],
+            v_max=100)
+    if raw.association is not None:
+        rows = []
+        for r in raw.association:
+            label = str(r.get("scope") or r.get("level") or "overall")
+            est = suppress_value(r.get("r"), r.get("n"), mc)
+            rows.append({"label": label, "est": est, "lo": r.get("ci_low"), "hi": r.get("ci_high"),
+                         "n": r.get("n")})
+        ctx["association"] = rows
+        ctx["assoc_svg"] = charts.estimate_ci(
+            "chart-assoc", "Early alliance and outcome: correlation with 95% CI",
+            "Correlation of early alliance with residualised outcome change, with 95% confidence "
+            "interval; dashed line: meta-analytic r = .28 (Flückiger et al. 2018).",
+            [(r["label"], r["est"], None if r["est"].is_suppressed else r["lo"],
+              None if r["est"].is_suppressed else r["hi"]) for r in rows],
+            -1, 1, 0.28, "r = .28 (Flückiger 2018)")
+
+    # Therapists: whole rows hidden below min_cell patients, plus the next smallest if only one.
+    if raw.therapists is not None:
+        ths = raw.therapists
+        reasons, hide_total = suppress_rows([int(t["patients"] or 0) for t in ths], mc)
+        rows = []
+        for t, reason in zip(ths, reasons, strict=True):
+            def cell(v: Any, reason: str | None = reason, t: dict[str, Any] = t) -> Shown:
+                return Shown(v, int(t["patients"] or 0), reason)
+            ri_base = int(t.get("outcome_patients") or 0)
+            rows.append({
+                "therapist": t["therapist_id"],
+                "patients": cell(t["patients"]),
+                "sessions": cell(t["sessions"]),
+                "mean_alliance": cell(t["mean_alliance"]),
+                "pct_ri": cell(t["pct_reliable_improvement"]) if reason or ri_base >= mc
+                else Shown(t["pct_reliable_improvement"], ri_base, PRIMARY),
+                "es": cell(t["severity_adjusted_es"]) if reason or ri_base >= mc
+                else Shown(t["severity_adjusted_es"], ri_base, PRIMARY),
+                "suppressed": reason is not None,
+            })
+        total_p = sum(int(t["patients"] or 0) for t in ths)
+        total_s = sum(int(t["sessions"] or 0) for t in ths)
+        ctx["therapists"] = rows
+        ctx["therapist_totals"] = {
+            "patients": Shown(total_p, total_p, PRIMARY if hide_total[0] or 0 < total_p < mc else None),
+            "sessions": Shown(total_s, total_p, PRIMARY if hide_total[0] or 0 < total_p < mc else None),
+        }
+
+    ctx["quarantine"] = raw.quarantine
+    ctx["quarantine_unattributed"] = raw.quarantine_unattributed
+    ctx["failing_checks"] = raw.failing_checks
+    ctx["instruments"] = raw.instruments
+    ctx["parameters"] = raw.parameters
+    ctx["charts"] = [k for k in ctx if k.endswith("_svg")]
+    return ctx
+
+
+def _rate_over_patients(k: int, n: int, patients: int, mc: int) -> Shown:
+    """A rate over sessions that rests on `patients` patients."""
+    if not n:
+        return Shown(None, patients)
+    return Shown(100.0 * k / n, patients, PRIMARY if patients < mc else None)

@@ -1,0 +1,343 @@
+"""Extract one clinic-month's figures from the published snapshot (read-only), before suppression.
+
+Every figure comes with its base (patients it rests on) so that suppression can be applied later
+by `alliance.report.context`. Only the serving snapshot is read, never the working warehouse.
+Where a mart or column is missing (an older snapshot), the section is returned as None and the
+report says "not available in this snapshot" instead of failing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+
+# Outcomes, ruptures, therapists and the association rest on few patients per month, so they are
+# computed over a trailing window ending with the report month (documented in docs/reports.md).
+DEFAULT_WINDOW_MONTHS = 12
+
+
+@dataclass
+class Period:
+    """The report month and the trailing window used for slower-moving figures."""
+
+    month: dt.date  # first day of the report month
+    window_months: int = DEFAULT_WINDOW_MONTHS
+
+    @property
+    def month_end(self) -> dt.date:
+        return add_months(self.month, 1)
+
+    @property
+    def window_start(self) -> dt.date:
+        return add_months(self.month, -(self.window_months - 1))
+
+    @property
+    def label(self) -> str:
+        return self.month.strftime("%B %Y")
+
+    @property
+    def key(self) -> str:
+        return self.month.strftime("%Y-%m")
+
+
+def add_months(d: dt.date, n: int) -> dt.date:
+    """First day of the month n months after d's month."""
+    m = d.year * 12 + d.month - 1 + n
+    return dt.date(m // 12, m % 12 + 1, 1)
+
+
+def parse_month(text: str) -> dt.date:
+    """'YYYY-MM' (or 'YYYY-MM-DD') -> first day of that month; a clear error otherwise."""
+    try:
+        parts = [int(p) for p in text.strip().split("-")[:2]]
+        return dt.date(parts[0], parts[1], 1)
+    except (ValueError, IndexError) as exc:
+        raise ValueError(f"month {text!r}: expected YYYY-MM, e.g. 2026-03") from exc
+
+
+@dataclass
+class RawReport:
+    """Unsuppressed figures for one clinic and month, each with its patient base."""
+
+    clinic: str
+    period: Period
+    data_as_of: str | None = None
+    activity: dict[str, Any] | None = None
+    trend: list[dict[str, Any]] = field(default_factory=list)
+    srs_cutoff: float = 36.0
+    srs_operator: str = "<"
+    srs_bins: list[dict[str, Any]] = field(default_factory=list)
+    alliance: dict[str, Any] | None = None
+    jt: list[dict[str, Any]] | None = None  # per instrument: counts by category
+    nhstt: dict[str, Any] | None = None
+    pre_post: list[dict[str, Any]] | None = None
+    sudden: dict[str, Any] | None = None
+    early_bins: list[dict[str, Any]] | None = None
+    association: list[dict[str, Any]] | None = None
+    therapists: list[dict[str, Any]] | None = None
+    quarantine: list[dict[str, Any]] | None = None
+    quarantine_unattributed: int = 0
+    failing_checks: list[dict[str, Any]] | None = None
+    instruments: list[dict[str, Any]] = field(default_factory=list)
+    parameters: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    cur = con.execute(sql, params or [])
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> set[str]:
+    """Column names of schema.table in the snapshot (empty when the table is absent)."""
+    return {
+        r[0]
+        for r in con.execute(
+            "select column_name from duckdb_columns() where schema_name = ? and table_name = ?",
+            [schema, table],
+        ).fetchall()
+    }
+
+
+def parameter(con: duckdb.DuckDBPyConnection, name: str, default: Any) -> Any:
+    """A value from seeds.parameters (numeric first, then text), or the default."""
+    if not columns(con, "seeds", "parameters"):
+        return default
+    r = con.execute(
+        "select value_double, value_text from seeds.parameters where name = ?", [name]
+    ).fetchone()
+    if r is None:
+        return default
+    return r[0] if r[0] is not None else (r[1] if r[1] is not None else default)
+
+
+def clinics(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Clinics present in the snapshot (for dynamic partitions)."""
+    if columns(con, "core", "sessions"):
+        return [r[0] for r in con.execute(
+            "select distinct clinic_id from core.sessions where clinic_id is not null order by 1"
+        ).fetchall()]
+    if columns(con, "raw", "events"):
+        return [r[0] for r in con.execute(
+            "select distinct clinic_id from raw.events where clinic_id is not null order by 1"
+        ).fetchall()]
+    return []
+
+
+# Bins of SRS totals with the cutoff as a boundary, so that "below the cutoff" is a sum of bins.
+def srs_bin_edges(cutoff: float) -> list[float]:
+    """Bin edges for SRS totals (0-40) that put the concern cutoff on a bin boundary."""
+    edges = [0.0, cutoff - 16, cutoff - 10, cutoff - 6, cutoff - 3, cutoff, cutoff + 2, 40.0001]
+    return sorted({min(max(e, 0.0), 40.0001) for e in edges})
+
+
+def early_alliance_edges(cutoff: float) -> list[float]:
+    """Early-alliance (mean of first SRS totals) bins: well below, below, just above, high."""
+    return [0.0, cutoff - 6, cutoff, cutoff + 2, 40.0001]
+
+
+JT_CATEGORIES = ["recovered", "improved", "unchanged", "deteriorated", "harmed"]
+
+
+def extract(
+    con: duckdb.DuckDBPyConnection, clinic: str, period: Period
+) -> RawReport:
+    """All unsuppressed figures for the clinic and month, read from the open snapshot."""
+    rep = RawReport(clinic=clinic, period=period)
+    m0, m1, w0 = period.month, period.month_end, period.window_start
+    if columns(con, "raw", "events"):
+        r = con.execute("select max(recorded_at) from raw.events").fetchone()
+        rep.data_as_of = r[0].strftime("%Y-%m-%d %H:%M %Z").strip() if r and r[0] else None
+    rep.srs_cutoff = float(parameter(con, "srs_alliance_concern_cutoff", 36.0))
+    rep.srs_operator = str(parameter(con, "srs_alliance_concern_operator", "<"))
+    concern_sql = f"srs_total {'<=' if rep.srs_operator == '<=' else '<'} {rep.srs_cutoff}"
+
+    if columns(con, "core", "sessions"):
+        a = _rows(con, """
+            with s as (select * from core.sessions where clinic_id = ? and session_month = ?),
+            q as (
+                select session_id,
+                       bool_or(construct = 'alliance') as has_alliance,
+                       bool_or(construct = 'outcome') as has_outcome
+                from core.questionnaire_scores where clinic_id = ? group by session_id
+            )
+            select
+                count(distinct s.patient_id) filter (where s.status = 'attended') as active_patients,
+                count(distinct s.patient_id) filter (where s.status <> 'scheduled') as booked_patients,
+                count(*) filter (where s.status = 'attended') as sessions,
+                count(*) filter (where s.status in ('attended', 'no_show', 'cancelled')) as appointments,
+                count(*) filter (where s.status = 'attended' and q.has_alliance) as with_alliance,
+                count(*) filter (where s.status = 'attended' and q.has_outcome) as with_outcome
+            from s left join q using (session_id)
+        """, [clinic, m0, clinic])[0]
+        rep.activity = a
+
+    fas = columns(con, "marts", "fct_alliance_sessions")
+    if fas:
+        rep.trend = _rows(con, """
+            select session_month as month, avg(srs_total) as mean_srs,
+                   count(distinct patient_id) as patients, count(*) as sessions
+            from marts.fct_alliance_sessions
+            where clinic_id = ? and srs_total is not null and session_month between ? and ?
+            group by 1 order by 1
+        """, [clinic, w0, m0])
+        edges = srs_bin_edges(rep.srs_cutoff)
+        month_rows = _rows(con, f"""
+            select patient_id, srs_total, {concern_sql} as concern
+            from marts.fct_alliance_sessions
+            where clinic_id = ? and srs_total is not null and session_month = ?
+        """, [clinic, m0])
+        bins = []
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            inside = [r for r in month_rows if lo <= r["srs_total"] < hi]
+            bins.append({
+                "lo": lo, "hi": min(hi, 40.0), "sessions": len(inside),
+                "patients": len({r["patient_id"] for r in inside}),
+                "below_cutoff": hi <= rep.srs_cutoff,
+            })
+        rep.srs_bins = bins
+        rup = _rows(con, f"""
+            select
+                count(*) as srs_sessions,
+                count(distinct patient_id) as srs_patients,
+                count(*) filter (where {concern_sql}) as concern_sessions,
+                avg(srs_total) as mean_srs
+            from marts.fct_alliance_sessions
+            where clinic_id = ? and srs_total is not null and session_month = ?
+        """, [clinic, m0])[0]
+        if {"is_candidate_rupture", "is_repaired"} <= fas:
+            rup.update(_rows(con, """
+                select count(*) filter (where is_candidate_rupture) as ruptures,
+                       count(distinct patient_id) filter (where is_candidate_rupture) as rupture_patients,
+                       count(*) filter (where is_candidate_rupture and is_repaired) as repaired
+                from marts.fct_alliance_sessions
+                where clinic_id = ? and session_month between ? and ?
+            """, [clinic, w0, m0])[0])
+        rep.alliance = rup
+
+    feo = columns(con, "marts", "fct_episode_outcomes")
+    if feo:
+        closed = """from marts.fct_episode_outcomes
+            where clinic_id = ? and is_closed and closed_at >= ? and closed_at < ?"""
+        args = [clinic, w0, m1]
+        jt = _rows(con, f"""
+            select instrument, jt_category as category, count(distinct patient_id) as patients
+            {closed} and jt_category is not null group by 1, 2 order by 1, 2
+        """, args)
+        by_inst: dict[str, dict[str, int]] = {}
+        for r in jt:
+            by_inst.setdefault(r["instrument"], dict.fromkeys(JT_CATEGORIES, 0))[r["category"]] = r["patients"]
+        rep.jt = [{"instrument": k, "counts": v} for k, v in sorted(by_inst.items())]
+        rep.pre_post = _rows(con, f"""
+            select instrument, avg(first_score) as pre, avg(last_score) as post,
+                   count(distinct patient_id) as patients
+            {closed} and first_score is not null and last_score is not null
+            group by 1 order by 1
+        """, args)
+        if {"nhstt_eligible", "nhstt_case_at_start", "nhstt_recovered",
+                "nhstt_reliable_improvement", "nhstt_reliable_deterioration"} <= feo:
+            rep.nhstt = _rows(con, f"""
+                select
+                    count(distinct patient_id) filter (where nhstt_eligible) as eligible,
+                    count(distinct patient_id) filter (where nhstt_eligible and nhstt_case_at_start) as cases,
+                    count(distinct patient_id) filter (where nhstt_eligible and nhstt_case_at_start and nhstt_recovered) as recovered,
+                    count(distinct patient_id) filter (where nhstt_eligible and nhstt_reliable_improvement) as improved,
+                    count(distinct patient_id) filter (where nhstt_eligible and nhstt_reliable_deterioration) as deteriorated
+                {closed} and instrument = 'PHQ-9'
+            """, args)[0]
+        if "early_alliance" in feo and "reliable_improvement" in feo:
+            edges = early_alliance_edges(rep.srs_cutoff)
+            rows = _rows(con, f"""
+                select patient_id, early_alliance, reliable_improvement, change
+                {closed} and early_alliance is not null and reliable_improvement is not null
+                    and instrument = (
+                        select instrument {closed} and early_alliance is not null
+                        group by 1 order by count(*) desc, 1 limit 1)
+            """, args + args)
+            bins = []
+            for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+                inside = [r for r in rows if lo <= r["early_alliance"] < hi]
+                bins.append({
+                    "lo": lo, "hi": min(hi, 40.0),
+                    "patients": len({r["patient_id"] for r in inside}),
+                    "improved": len({r["patient_id"] for r in inside if r["reliable_improvement"]}),
+                })
+            rep.early_bins = bins
+
+    fsg = columns(con, "marts", "fct_sudden_gains")
+    if fsg and feo:
+        rep.sudden = _rows(con, """
+            with ep as (
+                select distinct episode_id, patient_id from marts.fct_episode_outcomes
+                where clinic_id = ? and is_closed and closed_at >= ? and closed_at < ?
+            ),
+            sg as (select * from marts.fct_sudden_gains where clinic_id = ?)
+            select
+                (select count(distinct patient_id) from ep) as patients,
+                count(distinct sg.patient_id) filter (where sg.kind = 'gain') as with_gain,
+                count(distinct sg.patient_id) filter (where sg.kind = 'loss') as with_loss
+            from ep left join sg using (episode_id)
+        """, [clinic, w0, m1, clinic])[0]
+
+    aoa = columns(con, "marts", "alliance_outcome_association")
+    if aoa:
+        where = "clinic_id = ?" if "clinic_id" in aoa else "true"
+        rep.association = _rows(
+            con,
+            f"select * from marts.alliance_outcome_association where {where}",
+            [clinic] if "clinic_id" in aoa else [],
+        )
+
+    ts = columns(con, "marts", "therapist_summary")
+    if ts:
+        rep.therapists = _rows(con, """
+            select therapist_id, patients, sessions, mean_alliance,
+                   pct_reliable_improvement, outcome_patients, severity_adjusted_es
+            from marts.therapist_summary where clinic_id = ? order by therapist_id
+        """, [clinic])
+
+    qc = columns(con, "raw", "quarantine")
+    if qc:
+        q = _rows(con, """
+            select json_extract_string(line_redacted, '$.clinic_id') as clinic_id,
+                   reason_code, count(*) as records
+            from raw.quarantine
+            where recorded_at >= ? and recorded_at < ?
+            group by all
+        """, [m0, m1])
+        rep.quarantine = sorted(
+            ({"reason_code": r["reason_code"], "records": r["records"]} for r in q
+             if r["clinic_id"] == clinic),
+            key=lambda r: (-r["records"], r["reason_code"]),
+        )
+        rep.quarantine_unattributed = sum(r["records"] for r in q if r["clinic_id"] is None)
+
+    cr = columns(con, "quality", "check_results")
+    if cr:
+        name_col = "check_name" if "check_name" in cr else ("check" if "check" in cr else None)
+        time_col = next((c for c in ("evaluated_at", "checked_at", "recorded_at", "time") if c in cr), None)
+        if name_col and "passed" in cr and time_col:
+            asset_col = "asset_key" if "asset_key" in cr else ("asset" if "asset" in cr else "''")
+            sev = "severity" if "severity" in cr else "''"
+            unexp = "unexpected_count" if "unexpected_count" in cr else "null"
+            rep.failing_checks = _rows(con, f"""
+                with latest as (
+                    select {asset_col} as asset, "{name_col}" as check_name, passed,
+                           {sev} as severity, {unexp} as unexpected_count, {time_col} as at,
+                           row_number() over (partition by {asset_col}, "{name_col}"
+                                              order by {time_col} desc) as rn
+                    from quality.check_results where {time_col} < ?
+                )
+                select asset, check_name, severity, unexpected_count, at
+                from latest where rn = 1 and not passed order by asset, check_name
+            """, [m1])
+
+    if columns(con, "seeds", "instruments"):
+        rep.instruments = _rows(con, "select * from seeds.instruments order by all")
+    if columns(con, "seeds", "parameters"):
+        rep.parameters = _rows(con, "select name, value_double, value_text, doc, source "
+                                    "from seeds.parameters order by name")
+    return rep

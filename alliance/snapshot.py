@@ -1,0 +1,206 @@
+"""Publishing the serving snapshot: write a new file, swap it into place atomically, keep history.
+
+Analysts and reports open `serving/alliance.duckdb` read-only. The pipeline never writes that
+file in place: it checkpoints the working warehouse, copies it into a brand-new file next to the
+target, verifies the copy opens, and `os.replace`s it over the old name. On POSIX the rename is
+atomic, so a reader sees either the old or the new snapshot, never a half-written one, and a reader
+that already holds the old file open keeps reading the old inode until it reconnects.
+
+No Dagster imports: the CLI, the publish asset and the tests all use these functions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+
+DEFAULT_KEEP = 3
+# Tables an analyst must find in a snapshot; a copy without them is never published.
+REQUIRED_SCHEMAS = ("raw",)
+_STAMP_RE = re.compile(r"^alliance-(\d{8}T\d{6}\d{6}Z)\.duckdb$")
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot could not be written or verified; the previous snapshot is left untouched."""
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """What one publish produced."""
+
+    path: Path  # the serving file (the stable name analysts open)
+    history_path: Path | None  # the same snapshot under serving/history/
+    published_at: datetime
+    bytes: int
+    tables: int
+    row_counts: dict[str, int]
+    pruned: tuple[Path, ...] = ()
+
+
+def _stamp(ts: datetime) -> str:
+    return ts.strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def history_dir(serving_path: Path) -> Path:
+    """Where previous snapshots are kept: serving/history/ next to the serving file."""
+    return serving_path.parent / "history"
+
+
+def list_history(serving_path: Path) -> list[Path]:
+    """Snapshots kept in history, oldest first (by the timestamp in the name)."""
+    d = history_dir(serving_path)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if _STAMP_RE.match(p.name))
+
+
+def prune_history(serving_path: Path, keep: int = DEFAULT_KEEP) -> list[Path]:
+    """Delete all but the newest `keep` history snapshots; returns the deleted paths.
+
+    The current serving file is never deleted (it is a separate name; deleting a history link to
+    the same inode leaves it intact).
+    """
+    if keep < 0:
+        raise ValueError(f"snapshot retention must be >= 0, got {keep}")
+    old = list_history(serving_path)
+    doomed = old[: max(0, len(old) - keep)]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+def table_row_counts(con: duckdb.DuckDBPyConnection,
+                     schemas: Sequence[str] | None = None) -> dict[str, int]:
+    """Row counts of every base table (`schema.table`) in the connection's current database."""
+    rows = con.execute(
+        "select schema_name, table_name from duckdb_tables() "
+        "where database_name = current_database() and not internal order by 1, 2"
+    ).fetchall()
+    counts: dict[str, int] = {}
+    for schema, table in rows:
+        if schemas is not None and schema not in schemas:
+            continue
+        n = con.execute(f'select count(*) from "{schema}"."{table}"').fetchone()[0]
+        counts[f"{schema}.{table}"] = int(n)
+    return counts
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Make the rename itself durable; not every platform allows opening a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _verify(path: Path, required_schemas: Sequence[str]) -> tuple[int, dict[str, int]]:
+    """Open a finished copy read-only and count its tables; raises SnapshotError if unusable."""
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error as e:
+        raise SnapshotError(f"{path}: the new snapshot does not open: {e}") from e
+    try:
+        counts = table_row_counts(con)
+        present = {k.split(".", 1)[0] for k in counts}
+        missing = [s for s in required_schemas if s not in present]
+        if missing:
+            raise SnapshotError(f"{path}: the new snapshot lacks schemas {missing}; not published")
+        n_objects = con.execute(
+            "select count(*) from duckdb_tables() where database_name = current_database()"
+        ).fetchone()[0]
+        return int(n_objects), counts
+    finally:
+        con.close()
+
+
+def publish_from_connection(
+    con: duckdb.DuckDBPyConnection,
+    warehouse_path: Path | str,
+    serving_path: Path | str,
+    *,
+    keep: int = DEFAULT_KEEP,
+    required_schemas: Sequence[str] = REQUIRED_SCHEMAS,
+    now: datetime | None = None,
+) -> SnapshotInfo:
+    """Publish the warehouse that `con` has open (read-write) as the new serving snapshot.
+
+    The caller holds the only writer connection (the duckdb_writer pool guarantees no other
+    pipeline step writes meanwhile), so after CHECKPOINT the file on disk is complete and
+    quiescent and can be copied byte for byte. Steps: checkpoint, copy into
+    `serving/.incoming/<stamp>.duckdb.partial`, fsync, verify it opens read-only, hard-link it into
+    `serving/history/`, `os.replace` it over `serving/alliance.duckdb`, prune history to `keep`.
+    """
+    warehouse_path = Path(warehouse_path)
+    serving_path = Path(serving_path)
+    ts = now or datetime.now(UTC)
+    incoming = serving_path.parent / ".incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    hist = history_dir(serving_path)
+    hist.mkdir(parents=True, exist_ok=True)
+    partial = incoming / f"alliance-{_stamp(ts)}.duckdb.partial"
+
+    # CHECKPOINT folds the WAL into the main file; without it the copy would miss recent writes.
+    con.execute("checkpoint")
+    wal = Path(str(warehouse_path) + ".wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise SnapshotError(
+            f"{wal}: the write-ahead log is not empty after CHECKPOINT (another connection has an "
+            "open transaction); nothing was published, retry when the writer is done"
+        )
+    try:
+        with open(warehouse_path, "rb") as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=16 * 1024 * 1024)
+            dst.flush()
+            os.fsync(dst.fileno())
+        tables, counts = _verify(partial, required_schemas)
+        size = partial.stat().st_size
+        # Read-only on disk too: a snapshot is never edited, only replaced.
+        os.chmod(partial, 0o444)
+        history_path: Path | None = hist / f"alliance-{_stamp(ts)}.duckdb"
+        try:
+            os.link(partial, history_path)
+        except OSError:
+            # Filesystems without hard links: keep a copy instead.
+            shutil.copy2(partial, history_path)
+        os.replace(partial, serving_path)
+        _fsync_dir(serving_path.parent)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    pruned = tuple(prune_history(serving_path, keep))
+    return SnapshotInfo(path=serving_path, history_path=history_path, published_at=ts,
+                        bytes=size, tables=tables, row_counts=counts, pruned=pruned)
+
+
+def snapshot_age_seconds(serving_path: Path | str, now: float | None = None) -> float | None:
+    """Seconds since the serving snapshot was published (its mtime), or None if there is none."""
+    p = Path(serving_path)
+    if not p.exists():
+        return None
+    return (now if now is not None else time.time()) - p.stat().st_mtime
+
+
+def clean_incoming(serving_path: Path | str, older_than_seconds: float = 3600) -> list[Path]:
+    """Remove leftovers of publishes that crashed mid-copy (never visible to readers anyway)."""
+    incoming = Path(serving_path).parent / ".incoming"
+    if not incoming.is_dir():
+        return []
+    cutoff = time.time() - older_than_seconds
+    removed = []
+    for p in incoming.glob("*.partial"):
+        if p.stat().st_mtime < cutoff:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

@@ -1,0 +1,131 @@
+"""The ingest asset: new landing files into the append-only event log."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from alliance.ingest import COLUMN_COMMENTS, TABLE_COMMENTS, ingest_files, landing_files
+from alliance.pseudonyms import load_key
+from orchestration.resources import AllianceSettings
+
+RAW_EVENTS = dg.AssetKey(["raw", "events"])
+RAW_FILES = dg.AssetKey(["raw", "ingested_files"])
+RAW_QUARANTINE = dg.AssetKey(["raw", "quarantine"])
+
+
+class IngestConfig(dg.Config):
+    """Which files to ingest; empty means every file in landing/ not ingested yet."""
+
+    files: list[str] = []
+
+
+def _schema(table: str) -> dg.TableSchema:
+    return dg.TableSchema(
+        columns=[dg.TableColumn(name, description=doc) for name, doc in COLUMN_COMMENTS.get(table, {}).items()]
+    )
+
+
+def demo_key_file(settings: AllianceSettings) -> Path:
+    return settings.paths.secrets / "demo_pseudonym_key"
+
+
+def pseudonym_key(settings: AllianceSettings) -> bytes:
+    """$ALLIANCE_PSEUDONYM_KEY; in demo mode a local key under data/secrets is created."""
+    return load_key(demo_key_file(settings) if settings.demo else None)
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(RAW_EVENTS, description=TABLE_COMMENTS["raw.events"], kinds={"duckdb"},
+                     group_name="ingest", owners=["team:data-engineering"],
+                     metadata={"dagster/column_schema": _schema("raw.events"),
+                               "dagster/table_name": "raw.events"}),
+        dg.AssetSpec(RAW_FILES, description=TABLE_COMMENTS["raw.ingested_files"], kinds={"duckdb"},
+                     group_name="ingest", owners=["team:data-engineering"],
+                     metadata={"dagster/table_name": "raw.ingested_files"}),
+        dg.AssetSpec(RAW_QUARANTINE, description=TABLE_COMMENTS["raw.quarantine"], kinds={"duckdb"},
+                     group_name="ingest", owners=["team:data-engineering"],
+                     metadata={"dagster/column_schema": _schema("raw.quarantine"),
+                               "dagster/table_name": "raw.quarantine"}),
+    ],
+    pool="duckdb_writer",
+    description="Ingest new canonical NDJSON files from landing/ into raw.events; reject to raw.quarantine.",
+)
+def ingest(
+    context: dg.AssetExecutionContext,
+    config: IngestConfig,
+    duckdb: DuckDBResource,
+    settings: AllianceSettings,
+):
+    """Validate, pseudonymise and append every new landing file; one transaction per file group."""
+    p = settings.paths.ensure()
+    files = [Path(f) for f in config.files] if config.files else landing_files(p.landing)
+    key = pseudonym_key(settings)
+    with duckdb.get_connection() as con:
+        results = ingest_files(con, files, key, quarantine_dir=p.quarantine, log=context.log.info)
+        totals = con.execute(
+            "select (select count(*) from raw.events), (select count(*) from raw.ingested_files), "
+            "(select count(*) from raw.quarantine)"
+        ).fetchone()
+    new = [r for r in results if r.status == "ingested"]
+    reasons: Counter[str] = Counter()
+    for r in new:
+        reasons.update(r.quarantine_reasons)
+        if r.quarantined:
+            context.log.warning(
+                f"{Path(r.path).name}: {r.quarantined} line(s) quarantined "
+                f"({', '.join(f'{k}={v}' for k, v in sorted(r.quarantine_reasons.items()))}); "
+                "see raw.quarantine"
+            )
+    for r in results:
+        if r.status == "unreadable":
+            context.log.error(f"{r.path}: {r.error}")
+    batch = {
+        "files_seen": len(results),
+        "files_ingested": len(new),
+        "files_already_ingested": sum(r.status == "already_ingested" for r in results),
+        "files_unreadable": sum(r.status == "unreadable" for r in results),
+        "lines_read": sum(r.lines_read for r in new),
+        "accepted": sum(r.accepted for r in new),
+        "duplicates": sum(r.duplicates for r in new),
+        "quarantined": sum(r.quarantined for r in new),
+        "dropped_fields": sum(r.dropped_fields for r in new),
+        "file_ids": dg.MetadataValue.json([r.file_id for r in new]),
+    }
+    yield dg.MaterializeResult(asset_key=RAW_EVENTS, metadata={**batch, "dagster/row_count": totals[0]})
+    yield dg.MaterializeResult(asset_key=RAW_FILES, metadata={"dagster/row_count": totals[1],
+                                                              "file_ids": batch["file_ids"]})
+    yield dg.MaterializeResult(
+        asset_key=RAW_QUARANTINE,
+        metadata={"dagster/row_count": totals[2], "quarantined_this_run": batch["quarantined"],
+                  "by_reason": dg.MetadataValue.json(dict(reasons))},
+    )
+
+
+@dg.asset_check(asset=RAW_FILES, blocking=True,
+                description="Every file: lines read = accepted + duplicates + quarantined.")
+def line_conservation(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    with duckdb.get_connection() as con:
+        bad = con.execute(
+            "select file_name, lines_read, accepted, duplicates, quarantined from raw.ingested_files "
+            "where status = 'ingested' and lines_read <> accepted + duplicates + quarantined"
+        ).fetchall()
+        logged = con.execute(
+            "select f.file_name, f.accepted, count(e.event_id) from raw.ingested_files f "
+            "left join raw.events e using (file_id) where f.status = 'ingested' "
+            "group by all having f.accepted <> count(e.event_id)"
+        ).fetchall()
+    return dg.AssetCheckResult(
+        passed=not bad and not logged,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"files_failing_identity": len(bad), "files_with_missing_events": len(logged),
+                  "examples": dg.MetadataValue.json([list(map(str, r)) for r in (bad + logged)[:5]])},
+    )
+
+
+def defs() -> dg.Definitions:
+    return dg.Definitions(assets=[ingest], asset_checks=[line_conservation])

@@ -1,0 +1,119 @@
+"""Dagster assets for the dbt-like SQL models: one asset per `.sql` file, one check per test.
+
+The models are discovered when the definitions load, so adding `dbt_like_sql/<schema>/<name>.sql`
+(and its `.yml` sidecar) adds the asset `<schema>/<name>` with its checks; its upstream assets are
+the tables its SQL reads (parsed by `alliance.sqlrunner`), never declared here.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from alliance import sqlrunner
+from alliance.config import REPO_ROOT
+
+POOL = "duckdb_writer"  # DuckDB allows one writer per file: cap concurrent writers via this pool
+
+
+def _column_schema(model: sqlrunner.Model) -> dg.TableSchema:
+    return dg.TableSchema(columns=[
+        dg.TableColumn(name=c.name, type=c.data_type or "unknown", description=c.description or None)
+        for c in model.columns
+    ])
+
+
+def _check_specs(model: sqlrunner.Model) -> list[dg.AssetCheckSpec]:
+    key = dg.AssetKey(list(model.key_path))
+    return [
+        dg.AssetCheckSpec(
+            name=t.check_name,
+            asset=key,
+            description=f"{t.description} (severity {t.severity})",
+            # An error-severity failure stops downstream models in the same run.
+            blocking=t.severity == "error",
+            metadata={"test": t.test, "severity": t.severity, "sql": t.failing_sql},
+        )
+        for t in model.tests
+    ]
+
+
+def _relpath(path: Path) -> str:
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def model_asset(model: sqlrunner.Model) -> dg.AssetsDefinition:
+    """The Dagster asset that builds one SQL model and runs its tests as asset checks."""
+    metadata: dict[str, object] = {
+        "dagster/table_name": model.fqn,
+        "materialized": model.materialized,
+        "sql_file": dg.MetadataValue.path(_relpath(model.path)),
+    }
+    if model.columns:
+        metadata["dagster/column_schema"] = _column_schema(model)
+    if model.error is not None:
+        metadata["error"] = str(model.error)
+
+    @dg.asset(
+        key=dg.AssetKey(list(model.key_path)),
+        deps=[dg.AssetKey(list(d)) for d in model.deps],
+        group_name=model.schema,
+        kinds={"duckdb", "sql"},
+        description=model.description or f"SQL model {model.fqn} ({_relpath(model.path)}).",
+        metadata=metadata,
+        check_specs=_check_specs(model),
+        code_version=model.code_version,
+        pool=POOL,
+    )
+    def _build(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> Iterator[object]:
+        selected = {k.name for k in context.selected_asset_check_keys}
+        with duckdb.get_connection() as con:
+            built = sqlrunner.build_model(con, model)
+            results = sqlrunner.run_tests(con, model, selected)
+        for w in built.warnings:
+            context.log.warning(w)
+        yield dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": built.row_count,
+                "dagster/column_schema": dg.TableSchema(columns=[
+                    dg.TableColumn(name=name, type=dtype,
+                                   description=next((c.description for c in model.columns
+                                                     if c.name == name), None) or None)
+                    for name, dtype in built.columns
+                ]),
+                "seconds": round(built.seconds, 3),
+            },
+            check_results=[_check_result(r) for r in results],
+        )
+
+    return _build
+
+
+def _check_result(r: sqlrunner.TestResult) -> dg.AssetCheckResult:
+    metadata: dict[str, object] = {"failing_rows": r.failing}
+    if r.sample_keys:
+        # keys are the model's key column (pseudonyms), never free text
+        metadata["failing_keys"] = ", ".join(r.sample_keys)
+    if r.error:
+        metadata["error"] = r.error
+    return dg.AssetCheckResult(
+        check_name=r.test.check_name,
+        passed=r.passed,
+        severity=(dg.AssetCheckSeverity.ERROR if r.test.severity == "error"
+                  else dg.AssetCheckSeverity.WARN),
+        metadata=metadata,
+    )
+
+
+def model_assets(sql_dir: Path | str | None = None) -> list[dg.AssetsDefinition]:
+    """One asset per model found under sql_dir (default: the repo's dbt_like_sql/)."""
+    return [model_asset(m) for m in sqlrunner.discover_models(sql_dir).values()]
+
+
+def defs() -> dg.Definitions:
+    """Every SQL model asset with its checks."""
+    return dg.Definitions(assets=model_assets())

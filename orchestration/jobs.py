@@ -1,0 +1,138 @@
+"""Jobs: the named runs sensors, schedules and the CLI launch (ingest, nightly rebuild, reports, as-of).
+
+Every job here runs its steps in one process, one after another (`in_process_executor`): DuckDB
+allows one writer process per file, SQL model steps are short, and spawning a Python process per
+step would cost more than the step. Writer jobs also carry the `alliance/writer` run tag, which the
+instance limits to one run at a time (see orchestration/instance.py), so a run's publish never
+copies a warehouse another run is half-way through updating.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import dagster as dg
+
+from alliance import asof as asof_lib
+from orchestration.instance import WRITER_POOL
+
+WRITER_TAG = "alliance/writer"
+LANDING_FILE_TAG = "alliance/landing_file"
+LANDING_SHA_TAG = "alliance/sha256"
+
+INGEST_KEYS = [dg.AssetKey(["raw", "events"]), dg.AssetKey(["raw", "ingested_files"]),
+               dg.AssetKey(["raw", "quarantine"])]
+# Groups whose assets write the working warehouse; reports and exports only read.
+WAREHOUSE_GROUPS = ("ingest", "seeds", "staging", "core", "marts", "publish")
+
+_writer_tags = {WRITER_TAG: "true"}
+
+ingest_job = dg.define_asset_job(
+    name="ingest_job",
+    selection=dg.AssetSelection.groups(*WAREHOUSE_GROUPS),
+    description=(
+        "Ingest landing files, then rebuild seeds, staging, core and marts, run their checks and "
+        "publish the serving snapshot if no blocking check failed. Launched by landing_sensor (one "
+        "run per new or changed file, tag alliance/landing_file) and by `alliance ingest PATH`."
+    ),
+    tags=_writer_tags,
+    executor_def=dg.in_process_executor,
+)
+
+nightly_rebuild_job = dg.define_asset_job(
+    name="nightly_rebuild_job",
+    selection=dg.AssetSelection.all() - dg.AssetSelection.groups("reports"),
+    description=(
+        "Full rebuild: ingest anything left in landing/, rebuild every table from the event log, "
+        "run all checks, publish, refresh exports. Scheduled nightly; also `alliance run`."
+    ),
+    tags=_writer_tags,
+    executor_def=dg.in_process_executor,
+)
+
+publish_job = dg.define_asset_job(
+    name="publish_job",
+    selection=dg.AssetSelection.groups("publish"),
+    description="Publish the current warehouse as serving/alliance.duckdb (no rebuild).",
+    tags=_writer_tags,
+    executor_def=dg.in_process_executor,
+)
+
+
+def reports_job_for(partitions_def: dg.PartitionsDefinition | None) -> dg.UnresolvedAssetJobDefinition:
+    """The clinic report job (clinic x month partitions; reads only the serving snapshot)."""
+    return dg.define_asset_job(
+        name="reports_job",
+        selection=dg.AssetSelection.groups("reports"),
+        partitions_def=partitions_def,
+        description=(
+            "Render monthly clinic reports from the serving snapshot, one run per clinic x month "
+            "partition. Scheduled on the 1st for the previous month; backfill from the UI or "
+            "`dg launch --job reports_job --partition-range ...`."
+        ),
+        executor_def=dg.in_process_executor,
+    )
+
+
+class AsOfConfig(dg.Config):
+    """Which cutoff to rebuild, and optionally which report to render from it."""
+
+    as_of: str  # ISO-8601 recorded_at cutoff, e.g. 2026-03-01T00:00:00+00:00
+    clinic: str = ""  # with month: also render reports/<clinic>/<month>.html from the as-of file
+    month: str = ""  # YYYY-MM
+
+
+@dg.op(
+    name="asof_rebuild",
+    description=(
+        "Rebuild every SQL model from the events recorded up to `as_of` into "
+        "data/asof/<cutoff>/alliance.duckdb (the warehouse and serving snapshot are untouched)."
+    ),
+    required_resource_keys={"duckdb", "settings"},
+    pool=WRITER_POOL,
+    tags={"kind": "duckdb"},
+)
+def asof_rebuild_op(context: dg.OpExecutionContext, config: AsOfConfig) -> str:
+    """Build the as-of database and, if asked, the clinic report from it."""
+    cutoff = asof_lib.parse_as_of(config.as_of)
+    data = context.resources.settings.paths
+    out = asof_lib.as_of_dir(data.root, cutoff) / "alliance.duckdb"
+    with context.resources.duckdb.get_connection() as con:
+        result = asof_lib.build_as_of(con, out, cutoff)
+    context.log.info(
+        f"as-of {cutoff.isoformat()} rebuilt {len(result.models)} models into {out} "
+        f"from {result.raw_counts.get('raw.events', 0)} events"
+    )
+    report_path = ""
+    if config.clinic and config.month:
+        report_path = str(render_asof_report(out, config.clinic, config.month, out.parent))
+        context.log.info(f"as-of report written to {report_path}")
+    context.add_output_metadata({
+        "path": dg.MetadataValue.path(str(out)),
+        "as_of": cutoff.isoformat(),
+        "events": result.raw_counts.get("raw.events", 0),
+        "models": dg.MetadataValue.json(result.models),
+        "report": report_path,
+        "built_at": datetime.now(UTC).isoformat(),
+    })
+    return str(out)
+
+
+def render_asof_report(db_path, clinic: str, month: str, out_dir):  # noqa: ANN001, ANN201
+    """Render one clinic report from an as-of database (the reports module's own renderer)."""
+    from alliance.report import render  # the reports area; imported lazily (jinja, charts)
+
+    return render.render_report_file(db_path, clinic, month, out_dir)
+
+
+@dg.job(
+    name="asof_job",
+    description=(
+        "As-of rebuild: the projections (and optionally one clinic report) exactly as they were "
+        "when the platform knew only events recorded up to `as_of`. `alliance run --as-of T`."
+    ),
+    tags=_writer_tags,
+    executor_def=dg.in_process_executor,
+)
+def asof_job() -> None:
+    asof_rebuild_op()

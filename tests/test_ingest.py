@@ -1,0 +1,218 @@
+"""Ingest: contract validation, quarantine reasons, idempotency, crash safety, privacy, conservation."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from alliance.contract import ContractError, load_contract, parse_contract
+from alliance.ingest import ensure_raw_schema, ingest_files, landing_files
+from alliance.pseudonyms import is_pseudonym, pseudonym
+
+KEY = b"test-key-0123456789abcdef0123456789"
+T = "2025-03-03T09:00:00+01:00"
+
+
+def ev(event_id: str, event_type: str, **kw) -> dict:
+    base = {"event_id": event_id, "event_type": event_type, "schema_version": 1, "occurred_at": T,
+            "source": "test", "clinic_id": "clinic-01", "patient_id": "PAT-SECRET-1",
+            "episode_id": "EPI-SECRET-1", "payload": {}}
+    base.update(kw)
+    return base
+
+
+def phq9(event_id: str, answers: dict, **kw) -> dict:
+    return ev(event_id, "questionnaire.submitted", session_id="SES-SECRET-1", payload={
+        "instrument": "PHQ-9", "instrument_version": "1", "respondent": "patient",
+        "administered_at": T, "answers": answers, **kw})
+
+
+def write(path: Path, rows: list, gz: bool = False) -> Path:
+    text = "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gz:
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return path
+
+
+GOOD = [
+    ev("e1", "episode.opened", payload={"age_group": "adult", "clinician_note": "free text"}),
+    ev("e2", "therapist.assigned", therapist_id="THR-SECRET-1", payload={"role": "primary"}),
+    ev("e3", "session.attended", session_id="SES-SECRET-1", payload={"modality": "video"}),
+    phq9("e4", {str(i): 1 for i in range(1, 10)}),
+]
+BAD = {  # line content -> expected (reason_code, field)
+    '{"event_id": "x1", "event_type"': ("malformed_json", None),
+    json.dumps(ev("x2", "session.teleported")): ("unknown_event_type", "event_type"),
+    json.dumps(ev("x3", "session.attended")): ("missing_field", "session_id"),
+    json.dumps(ev("x4", "episode.opened", schema_version="one", payload={"age_group": "adult"})):
+        ("wrong_type", "schema_version"),
+    json.dumps(phq9("x5", {"1": 7})): ("answer_out_of_range", "payload.answers.1"),
+    json.dumps(phq9("x6", {"42": 1})): ("unknown_item", "payload.answers.42"),
+    json.dumps(ev("x7", "questionnaire.submitted", payload={
+        "instrument": "NOPE-1", "instrument_version": "1", "respondent": "patient",
+        "administered_at": T, "answers": {"1": 1}})): ("unknown_instrument", "payload.instrument"),
+    json.dumps(ev("x8", "episode.closed", payload={"reason": "bored"})): ("invalid_value", "payload.reason"),
+    json.dumps(ev("x9", "episode.opened", occurred_at="2025-03-03 09:00", payload={"age_group": "adult"})):
+        ("invalid_value", "occurred_at"),
+    json.dumps(ev("e1", "episode.opened", payload={"age_group": "child"})): ("conflicting_duplicate", "event_id"),
+    "[1, 2, 3]": ("not_an_object", None),
+    json.dumps(ev("x10", "episode.opened", schema_version=9, payload={"age_group": "adult"})):
+        ("unsupported_schema_version", "schema_version"),
+    json.dumps(ev("x11", "questionnaire.submitted", payload={
+        "instrument": "PHQ-9", "instrument_version": "1", "respondent": "patient",
+        "administered_at": T})): ("missing_answers", "payload.answers"),
+}
+
+
+@pytest.fixture()
+def con(tmp_path):
+    c = duckdb.connect(str(tmp_path / "w.duckdb"))
+    yield c
+    c.close()
+
+
+def test_contract_loads_and_rejects_malformed():
+    c = load_contract()
+    assert {"episode.opened", "questionnaire.retracted"} <= set(c.event_types)
+    assert c.envelope["event_id"].required
+    with pytest.raises(ContractError, match="needs a type"):
+        parse_contract({"contract_version": 1, "envelope": {"x": {"type": "nope"}},
+                        "event_types": {}, "quarantine_reasons": {}}, "bad.yaml")
+
+
+def test_every_bad_kind_is_quarantined_with_reason_file_line_and_field(con, tmp_path):
+    rows = GOOD + list(BAD) + [json.dumps(GOOD[2])]  # last line: exact duplicate
+    f = write(tmp_path / "landing" / "export-1.ndjson", rows)
+    [res] = ingest_files(con, [f], KEY, quarantine_dir=tmp_path / "q")
+    assert (res.accepted, res.duplicates, res.quarantined) == (len(GOOD), 1, len(BAD))
+    assert res.lines_read == res.accepted + res.duplicates + res.quarantined
+    got = {r[0]: r[1:] for r in con.execute(
+        "select line_number, reason_code, field, message from raw.quarantine").fetchall()}
+    for i, (_line, (reason, field)) in enumerate(BAD.items()):
+        line_no = len(GOOD) + i + 1
+        assert got[line_no][0] == reason, (line_no, got[line_no])
+        assert got[line_no][1] == field
+        assert got[line_no][2].startswith(f"export-1.ndjson line {line_no}:")
+    # the verbatim lines are kept, outside the warehouse
+    kept = [json.loads(x) for x in (tmp_path / "q" / f"{res.sha256}.ndjson").read_text().splitlines()]
+    assert len(kept) == len(BAD)
+    # free text outside the allow-list is dropped and counted
+    payload, dropped = con.execute(
+        "select payload, dropped_fields from raw.events where event_id = 'e1'").fetchone()
+    assert json.loads(payload) == {"age_group": "adult"} and dropped == 1
+
+
+def test_reingest_is_noop_and_changed_file_counts_duplicates(con, tmp_path):
+    f = write(tmp_path / "a.ndjson", GOOD)
+    ingest_files(con, [f], KEY, instruments=None)
+    before = con.execute("select count(*) from raw.events").fetchone()[0]
+    [again] = ingest_files(con, [f], KEY, instruments=None)
+    assert again.status == "already_ingested"
+    assert con.execute("select count(*) from raw.events").fetchone()[0] == before
+    assert con.execute("select count(*) from raw.ingested_files").fetchone()[0] == 1
+    # the same events re-sent in a changed file (plus one new) are counted as duplicates
+    f2 = write(tmp_path / "b.ndjson.gz", GOOD + [ev("e9", "session.no_show", session_id="S9")], gz=True)
+    [r2] = ingest_files(con, [f2], KEY, instruments=None)
+    assert (r2.accepted, r2.duplicates, r2.quarantined) == (1, len(GOOD), 0)
+
+
+def test_identifiers_are_pseudonymised_and_no_raw_identifier_reaches_the_warehouse(con, tmp_path):
+    f = write(tmp_path / "a.ndjson", GOOD + list(BAD))
+    ingest_files(con, [f], KEY, quarantine_dir=tmp_path / "q")
+    pid = con.execute("select distinct patient_id from raw.events").fetchall()
+    assert pid == [(pseudonym(KEY, "patient", "clinic-01", "PAT-SECRET-1"),)]
+    assert is_pseudonym(pid[0][0], "patient")
+    text_cols = con.execute(
+        "select schema_name, table_name, column_name from duckdb_columns() "
+        "where data_type in ('VARCHAR', 'JSON') and schema_name = 'raw'").fetchall()
+    for schema, table, col in text_cols:
+        hits = con.execute(
+            f'select count(*) from {schema}.{table} where "{col}"::varchar like \'%SECRET%\' '
+            f"or \"{col}\"::varchar like '%free text%'").fetchone()[0]
+        assert hits == 0, f"raw identifier or free text in {schema}.{table}.{col}"
+
+
+def test_landing_skips_files_still_being_written(tmp_path):
+    write(tmp_path / "a.ndjson", GOOD)
+    write(tmp_path / "b.ndjson.part", GOOD)
+    write(tmp_path / "c.ndjson.tmp", GOOD)
+    write(tmp_path / "notes.txt", ["hello"])
+    assert [p.name for p in landing_files(tmp_path)] == ["a.ndjson"]
+
+
+def test_unreadable_file_is_recorded_not_lost(con, tmp_path):
+    bad = tmp_path / "broken.ndjson.gz"
+    bad.write_bytes(b"not gzip at all")
+    [r] = ingest_files(con, [bad], KEY, instruments=None)
+    assert r.status == "unreadable" and "cannot decompress" in r.error
+    assert con.execute("select status from raw.ingested_files").fetchone()[0] == "unreadable"
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import os, sys, duckdb
+    from pathlib import Path
+    from alliance.ingest import ingest_files
+
+    class Crashing:
+        # Dies (SIGKILL-like, no cleanup) in the middle of the second file group's transaction.
+        def __init__(self, con):
+            self.con, self.manifest_rows = con, 0
+        def execute(self, sql, *a):
+            if sql.lstrip().startswith("insert into raw.ingested_files"):
+                self.manifest_rows += 1
+                if self.manifest_rows == 3:
+                    os._exit(9)
+            return self.con.execute(sql, *a)
+        def __getattr__(self, name):
+            return getattr(self.con, name)
+
+    con = duckdb.connect(sys.argv[1])
+    files = sorted(Path(sys.argv[2]).glob("*.ndjson"))
+    ingest_files(Crashing(con), files, b"k" * 32, instruments=None, max_lines_per_transaction=5)
+""")
+
+
+def test_crash_mid_ingest_then_rerun_equals_uninterrupted_run(tmp_path):
+    landing = tmp_path / "landing"
+    for d in range(4):
+        rows = [ev(f"d{d}-{i}", "session.no_show", session_id=f"S{d}-{i}") for i in range(4)]
+        rows.append(json.dumps(ev(f"d{d}-bad", "bogus")))
+        write(landing / f"export-{d}.ndjson", rows)
+    crashed_db = tmp_path / "crashed.duckdb"
+    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(crashed_db), str(landing)])
+    assert proc.returncode == 9  # it really died mid-transaction
+    files = sorted(landing.glob("*.ndjson"))
+    with duckdb.connect(str(crashed_db)) as c:
+        partial = c.execute("select count(*) from raw.ingested_files").fetchone()[0]
+        assert 0 < partial < 4  # first group committed, second lost as a whole
+        ingest_files(c, files, b"k" * 32, instruments=None, max_lines_per_transaction=5)
+        crashed = _counts(c)
+    with duckdb.connect(str(tmp_path / "clean.duckdb")) as c:
+        ingest_files(c, files, b"k" * 32, instruments=None)
+        clean = _counts(c)
+    assert crashed == clean
+
+
+def _counts(c) -> tuple:
+    return c.execute(
+        "select (select count(*) from raw.events), (select count(*) from raw.quarantine), "
+        "(select list(sha256 order by sha256) from raw.ingested_files), "
+        "(select sum(accepted) from raw.ingested_files), "
+        "(select list(event_id order by event_id) from raw.events)").fetchone()
+
+
+def test_schema_is_documented(con):
+    ensure_raw_schema(con)
+    n = con.execute("select count(*) from duckdb_columns() where schema_name = 'raw' "
+                    "and table_name = 'events' and comment is not null and comment <> ''").fetchone()[0]
+    assert n >= 15
