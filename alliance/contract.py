@@ -95,3 +95,59 @@ def parse_contract(raw: dict[str, Any], where: str = str(CONTRACT_FILE)) -> Cont
 def load_contract(path: Path = CONTRACT_FILE) -> Contract:
     with open(path) as f:
         return parse_contract(yaml.safe_load(f), str(path))
+
+
+def _field_row(f: FieldSpec) -> str:
+    rules = []
+    if f.values:
+        rules.append("one of " + ", ".join(f"`{v}`" for v in f.values))
+    if f.pattern:
+        rules.append(f"pattern `{f.pattern}`")
+    if f.minimum is not None or f.maximum is not None:
+        rules.append(f"range {f.minimum}..{f.maximum}")
+    if f.pseudonymise:
+        rules.append(f"pseudonymised ({f.pseudonymise})")
+    return (f"| `{f.name}` | {f.type} | {'yes' if f.required else ''} | "
+            f"{'; '.join(rules)} | {f.doc} |")
+
+
+def contract_markdown(contract: Contract | None = None) -> str:
+    """The contract as Markdown, field by field (docs/event-contract.md is generated from this)."""
+    c = contract or load_contract()
+    out = [
+        "# Event contract",
+        "",
+        f"Generated from `schemas/events.yaml` (contract version {c.version}) by "
+        "`alliance contract-docs`; do not edit by hand.",
+        "",
+        "One JSON object per line (NDJSON, UTF-8; `.gz` allowed). Lines that break the contract go "
+        "to `raw.quarantine` with a reason code, the file, the line and the field.",
+        "",
+        "## Envelope",
+        "",
+        "| field | type | required | rules | meaning |",
+        "|---|---|---|---|---|",
+        *(_field_row(f) for f in c.envelope.values()),
+        "",
+        "## Event types",
+    ]
+    for et in c.event_types.values():
+        out += [
+            "",
+            f"### `{et.name}`",
+            "",
+            et.doc,
+            "",
+            f"Schema versions: {', '.join(map(str, et.schema_versions))}. "
+            f"Envelope fields required besides the always-required ones: "
+            f"{', '.join(f'`{r}`' for r in et.requires) or 'none'}.",
+            "",
+        ]
+        if et.payload:
+            out += ["| payload field | type | required | rules | meaning |", "|---|---|---|---|---|",
+                    *(_field_row(f) for f in et.payload.values())]
+        else:
+            out.append("Payload: `{}` (no fields).")
+    out += ["", "## Quarantine reason codes", "", "| code | meaning |", "|---|---|",
+            *(f"| `{k}` | {v} |" for k, v in c.quarantine_reasons.items()), ""]
+    return "\n".join(out)

@@ -479,9 +479,18 @@ def build_model(con: duckdb.DuckDBPyConnection, model: Model, *,
                              f"sidecar documents columns the model does not produce: {missing}; "
                              f"the model has {actual_names}")
         undocumented = [c for c in actual_names if c not in {d.name for d in model.columns}]
-        if undocumented and model.sidecar_path is not None:
+        if model.sidecar_path is None:
+            warnings.append(f"{model.fqn}: no sidecar {model.path.with_suffix('.yml').name}; "
+                            "the model and its columns are undocumented and untested")
+        elif undocumented:
             warnings.append(f"{model.fqn}: columns without a description in "
                             f"{model.sidecar_path.name}: {undocumented}")
+        types = dict(actual)
+        for col in model.columns:
+            declared = col.data_type.lower()
+            if declared and col.name in types and declared != types[col.name].lower():
+                warnings.append(f"{model.sidecar_path}: column {col.name} is declared "
+                                f"{col.data_type} but the model gives {types[col.name]}")
         if model.description:
             con.execute(f"comment on {kind} {target} is {_comment(model.description)}")
         for col in model.columns:

@@ -59,6 +59,18 @@ publish_job = dg.define_asset_job(
 )
 
 
+def report_partitions() -> dg.MultiPartitionsDefinition | None:
+    """The clinic x month partitions from orchestration/partitions.py (the reports area), if any."""
+    try:
+        from orchestration import partitions
+    except ImportError:
+        return None
+    for obj in vars(partitions).values():
+        if isinstance(obj, dg.MultiPartitionsDefinition):
+            return obj
+    return None
+
+
 def reports_job_for(partitions_def: dg.PartitionsDefinition | None) -> dg.UnresolvedAssetJobDefinition:
     """The clinic report job (clinic x month partitions; reads only the serving snapshot)."""
     return dg.define_asset_job(
@@ -72,6 +84,9 @@ def reports_job_for(partitions_def: dg.PartitionsDefinition | None) -> dg.Unreso
         ),
         executor_def=dg.in_process_executor,
     )
+
+
+reports_job = reports_job_for(report_partitions())
 
 
 class AsOfConfig(dg.Config):
@@ -136,3 +151,11 @@ def render_asof_report(db_path, clinic: str, month: str, out_dir):  # noqa: ANN0
 )
 def asof_job() -> None:
     asof_rebuild_op()
+
+
+JOBS = [ingest_job, nightly_rebuild_job, publish_job, reports_job, asof_job]
+
+
+def defs() -> dg.Definitions:
+    """Jobs, plus the code location's default executor (one process, steps in order)."""
+    return dg.Definitions(jobs=JOBS, executor=dg.in_process_executor)

@@ -216,3 +216,12 @@ def test_schema_is_documented(con):
     n = con.execute("select count(*) from duckdb_columns() where schema_name = 'raw' "
                     "and table_name = 'events' and comment is not null and comment <> ''").fetchone()[0]
     assert n >= 15
+
+
+def test_contract_docs_are_generated_from_the_contract():
+    from alliance.config import REPO_ROOT
+    from alliance.contract import contract_markdown
+
+    assert (REPO_ROOT / "docs" / "event-contract.md").read_text() == contract_markdown(), (
+        "docs/event-contract.md is stale: run `alliance contract-docs`"
+    )

@@ -24,6 +24,12 @@ create table if not exists raw.events (
 );
 """
 
+# The models this file covers (others' staging/core models need seeds and are tested elsewhere).
+MODELS = ["staging.stg_events", "staging.stg_episode_opened", "staging.stg_episode_closed",
+          "staging.stg_therapist_assigned", "staging.stg_session_scheduled",
+          "staging.stg_session_attended", "staging.stg_session_cancelled",
+          "staging.stg_session_no_show", "core.sessions", "core.episodes"]
+
 # (event_id, type, occurred_at, recorded_at, episode, session, therapist, payload)
 BATCH_1 = "2026-01-31 00:00:00+00"  # everything in January was recorded by this time
 EVENTS = [
@@ -83,7 +89,9 @@ def built_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sqlrunner") / "warehouse.duckdb"
     with duckdb.connect(str(path)) as con:
         insert_events(con, EVENTS)
-        sqlrunner.run_models(con, ["staging", "core"])
+        results = sqlrunner.run_models(con, MODELS)
+    # every column documented, every declared data_type right
+    assert [w for r in results for w in r.warnings] == []
     return path
 
 
@@ -122,10 +130,7 @@ def test_deps_are_parsed_and_ctes_excluded() -> None:
 
 def test_repo_models_discovered_with_deps_and_order() -> None:
     models = sqlrunner.discover_models()
-    expected = {"staging.stg_events", "staging.stg_episode_opened", "staging.stg_episode_closed",
-                "staging.stg_therapist_assigned", "staging.stg_session_scheduled",
-                "staging.stg_session_attended", "staging.stg_session_cancelled",
-                "staging.stg_session_no_show", "core.sessions", "core.episodes"}
+    expected = set(MODELS)
     assert expected <= set(models)
     for fqn in expected:
         assert models[fqn].error is None, models[fqn].error
@@ -199,7 +204,7 @@ def test_core_episodes_contract(built_db: Path) -> None:
 def test_every_declared_test_passes_on_clean_data(built_db: Path) -> None:
     models = sqlrunner.discover_models()
     with duckdb.connect(str(built_db), read_only=True) as con:
-        failures = [r for fqn in sqlrunner.select_models(models, ["staging", "core"])
+        failures = [r for fqn in sqlrunner.select_models(models, MODELS)
                     for r in sqlrunner.run_tests(con, models[fqn]) if not r.passed]
     assert failures == []
 
@@ -215,8 +220,8 @@ def test_comments_visible_in_duckdb_catalog(built_db: Path) -> None:
         view = con.execute("select comment from duckdb_views() where schema_name = 'staging' "
                            "and view_name = 'stg_events'").fetchone()[0]
         undocumented = con.execute(
-            "select table_name, column_name from duckdb_columns() where schema_name in "
-            "('staging', 'core') and comment is null"
+            "select table_name, column_name from duckdb_columns() where schema_name || '.' || "
+            "table_name in ? and comment is null", [MODELS]
         ).fetchall()
     assert col.startswith("1..n over attended sessions")
     assert table.startswith("One row per episode")
@@ -227,7 +232,7 @@ def test_comments_visible_in_duckdb_catalog(built_db: Path) -> None:
 def test_rerun_is_idempotent_and_switches_materialization(db_copy: Path, tmp_path: Path) -> None:
     with duckdb.connect(str(db_copy)) as con:
         before = con.execute("select * from core.sessions order by session_id").fetchall()
-        results = sqlrunner.run_models(con, ["core"])
+        results = sqlrunner.run_models(con, ["core.sessions", "core.episodes"])
         assert [r.model.fqn for r in results] == ["core.sessions", "core.episodes"]
         assert con.execute("select * from core.sessions order by session_id").fetchall() == before
         # a model moved from view to table (and back) replaces the old object
@@ -249,7 +254,7 @@ def test_as_of_variable_reproduces_the_past(db_copy: Path) -> None:
         con.execute(f"set variable as_of = '{BATCH_1}'")
         then = con.execute("select count(*) from staging.stg_events").fetchone()[0]
         assert (now, then) == (len(EVENTS), 12)
-        sqlrunner.run_models(con, ["core"])
+        sqlrunner.run_models(con, ["core.sessions", "core.episodes"])
         rows = con.execute("select session_id, status from core.sessions order by 1").fetchall()
         assert ("se_2", "no_show") in rows and all(r[0] != "se_5" for r in rows)
         ep = con.execute("select is_closed, sessions_no_show from core.episodes").fetchall()
@@ -299,7 +304,7 @@ def test_column_tests_catch_injected_violations(db_copy: Path) -> None:
     ]
     with duckdb.connect(str(db_copy)) as con:
         insert_events(con, bad)
-        sqlrunner.run_models(con, ["core"])
+        sqlrunner.run_models(con, ["core.sessions", "core.episodes"])
         attended = {r.test.check_name: r for r in
                     sqlrunner.run_tests(con, models["staging.stg_session_attended"])}
         sessions = {r.test.check_name: r for r in sqlrunner.run_tests(con, models["core.sessions"])}
@@ -339,7 +344,7 @@ def test_dagster_materializes_staging_and_core_with_checks(tmp_path: Path) -> No
     with duckdb.connect(str(db)) as con:
         insert_events(con, EVENTS)
     models = sql_models.model_assets()
-    wanted = [a for a in models if a.key.path[0] in ("staging", "core")]
+    wanted = [a for a in models if ".".join(a.key.path) in MODELS]
     sessions = next(a for a in wanted if a.key == dg.AssetKey(["core", "sessions"]))
     assert dg.AssetKey(["staging", "stg_session_attended"]) in sessions.asset_deps[sessions.key]
     spec = sessions.specs_by_key[sessions.key]

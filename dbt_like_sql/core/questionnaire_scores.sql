@@ -114,7 +114,8 @@ totals as (
     select
         *,
         case when kind = 'item_level' then n_items - items_answered end as items_missing,
-        case
+        -- rounded to 6 decimals so that decimal answers (SRS 8.9 + 9.1) meet cutoffs exactly
+        round(case
             when kind = 'total_only' then
                 case when total_reported between total_min and total_max then total_reported end
             when items_answered = n_items then
@@ -122,7 +123,7 @@ totals as (
             -- prorate by mean substitution, only within the instrument's published allowance
             when items_answered > 0 and n_items - items_answered <= prorate_max_missing then
                 case when scoring_rule = 'mean' then item_mean else item_mean * n_items end
-        end as total
+        end, 6) as total
     from joined
 ),
 
@@ -205,7 +206,7 @@ final as (
             when items_missing > 0 then abs(total_reported - total) >= 0.5
             else abs(total_reported - total) > 1e-6
         end as total_mismatch,
-        case when total is not null and kind = 'item_level' then item_mean end as mean_item,
+        case when total is not null and kind = 'item_level' then round(item_mean, 6) end as mean_item,
         items_answered,
         case when kind = 'item_level' then n_items end as items_expected,
         coalesce(items_missing > 0 and total is not null, false) as prorated,

@@ -28,8 +28,8 @@ aggregated as (
         any_value(scoring_rule) as scoring_rule,
         any_value(n_items) as items_expected,
         count(item_score) as items_answered,
-        sum(item_score) as item_sum,
-        avg(item_score) as item_mean
+        round(sum(item_score), 6) as item_sum,
+        round(avg(item_score), 6) as item_mean
     from subscale_items
     group by response_id, instrument, instrument_version, subscale
 ),

@@ -1,0 +1,89 @@
+"""The serving snapshot: publish the warehouse for analysts and reports, atomically, after checks.
+
+`serving/snapshot` depends on the raw event log and on every core and mart model, so a failed
+blocking check on any of them (in the same run) skips the publish and the previous snapshot stays.
+The copy itself is `alliance.snapshot.publish_from_connection`: checkpoint, copy to a new file,
+verify, rename into place, keep `settings.snapshot_keep` older snapshots in serving/history/.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from alliance import snapshot
+from alliance.sqlrunner import discover_models
+from orchestration.instance import WRITER_POOL
+
+
+def _upstream_keys() -> list[dg.AssetKey]:
+    keys = [dg.AssetKey(["raw", "events"])]
+    for model in discover_models().values():
+        if model.schema in ("core", "marts"):
+            keys.append(dg.AssetKey([model.schema, model.name]))
+    return keys
+
+
+def _add_clinic_partitions(context: dg.AssetExecutionContext, serving) -> list[str]:  # noqa: ANN001
+    # Imported here: sensors imports jobs, which is cheap, but keeps this module light.
+    from orchestration.sensors import clinic_partitions_def, clinics_in_snapshot
+
+    pdef = clinic_partitions_def()
+    if pdef is None or pdef.name is None:
+        return []
+    found = clinics_in_snapshot(serving)
+    known = set(context.instance.get_dynamic_partitions(pdef.name))
+    new = [c for c in found if c not in known]
+    if new:
+        context.instance.add_dynamic_partitions(pdef.name, new)
+    return new
+
+
+@dg.asset(
+    key=["serving", "snapshot"],
+    group_name="publish",
+    deps=_upstream_keys(),
+    kinds={"duckdb"},
+    pool=WRITER_POOL,
+    owners=["team:data-engineering"],
+    required_resource_keys={"duckdb", "settings"},
+    description=(
+        "The read-only snapshot analysts and reports open: serving/alliance.duckdb, a complete "
+        "copy of the warehouse swapped in atomically after every blocking check passed. Older "
+        "snapshots are kept in serving/history/ (settings.snapshot_keep, $ALLIANCE_SNAPSHOT_KEEP)."
+    ),
+)
+def serving_snapshot(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    """Publish the working warehouse as the new serving snapshot."""
+    settings = context.resources.settings
+    data = settings.paths
+    serving = data.serving
+    snapshot.clean_incoming(serving)
+    with context.resources.duckdb.get_connection() as con:
+        info = snapshot.publish_from_connection(
+            con, context.resources.duckdb.database, serving, keep=settings.snapshot_keep
+        )
+    context.log.info(
+        f"published {serving} ({info.bytes / 1e6:.1f} MB, {info.tables} tables); "
+        f"history keeps {settings.snapshot_keep}, pruned {len(info.pruned)}"
+    )
+    new_clinics = _add_clinic_partitions(context, serving)
+    if new_clinics:
+        context.log.info(f"new clinic report partitions: {new_clinics}")
+    marts = {k: v for k, v in info.row_counts.items() if k.startswith(("marts.", "core."))}
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(serving)),
+            "history_path": dg.MetadataValue.path(str(info.history_path)),
+            "published_at": info.published_at.isoformat(),
+            "bytes": info.bytes,
+            "tables": info.tables,
+            "events": info.row_counts.get("raw.events", 0),
+            "row_counts": dg.MetadataValue.json(marts),
+            "pruned": len(info.pruned),
+            "new_clinics": len(new_clinics),
+        }
+    )
+
+
+def defs() -> dg.Definitions:
+    return dg.Definitions(assets=[serving_snapshot])

@@ -1,0 +1,104 @@
+"""Schedules: a nightly full rebuild and the monthly clinic reports on the 1st.
+
+Both start RUNNING (turn all automation off with ALLIANCE_AUTOMATION=off, or stop one in the UI).
+Times are in $ALLIANCE_TIMEZONE (default UTC); the cron strings can be moved with
+$ALLIANCE_NIGHTLY_CRON and $ALLIANCE_REPORTS_CRON. See docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import dagster as dg
+
+from orchestration.jobs import nightly_rebuild_job, report_partitions, reports_job
+from orchestration.sensors import automation_enabled
+
+NIGHTLY_CRON = os.environ.get("ALLIANCE_NIGHTLY_CRON", "0 2 * * *")
+REPORTS_CRON = os.environ.get("ALLIANCE_REPORTS_CRON", "0 5 1 * *")
+TIMEZONE = os.environ.get("ALLIANCE_TIMEZONE", "UTC")
+
+
+def _status() -> dg.DefaultScheduleStatus:
+    return (dg.DefaultScheduleStatus.RUNNING if automation_enabled()
+            else dg.DefaultScheduleStatus.STOPPED)
+
+
+nightly_rebuild_schedule = dg.ScheduleDefinition(
+    name="nightly_rebuild_schedule",
+    job=nightly_rebuild_job,
+    cron_schedule=NIGHTLY_CRON,
+    execution_timezone=TIMEZONE,
+    default_status=_status(),
+    description=(
+        "Nightly full rebuild (02:00 by default): ingest leftovers, rebuild every projection from "
+        "the event log, run all checks, publish the snapshot."
+    ),
+)
+
+
+def _dims(pdef: dg.MultiPartitionsDefinition) -> tuple[str, str]:
+    """(clinic dimension name, month dimension name)."""
+    clinic = month = None
+    for d in pdef.partitions_defs:
+        if isinstance(d.partitions_def, dg.DynamicPartitionsDefinition):
+            clinic = d.name
+        else:
+            month = d.name
+    if clinic is None or month is None:
+        raise ValueError("report partitions need a dynamic clinic and a time month dimension")
+    return clinic, month
+
+
+def previous_month(today: dt.date) -> dt.date:
+    """The first day of the month before `today`'s month."""
+    first = today.replace(day=1)
+    return (first - dt.timedelta(days=1)).replace(day=1)
+
+
+def monthly_report_requests(
+    pdef: dg.MultiPartitionsDefinition, clinics: list[str], when: dt.datetime
+) -> list[dg.RunRequest]:
+    """One run per clinic for the month before `when` (run_key makes re-ticks no-ops)."""
+    clinic_dim, month_dim = _dims(pdef)
+    month_def = next(d.partitions_def for d in pdef.partitions_defs if d.name == month_dim)
+    month_start = previous_month(when.date())
+    fmt = getattr(month_def, "fmt", "%Y-%m-%d")
+    month_key = month_start.strftime(fmt)
+    requests = []
+    for clinic in clinics:
+        key = dg.MultiPartitionKey({clinic_dim: clinic, month_dim: month_key})
+        requests.append(dg.RunRequest(run_key=f"report:{clinic}:{month_key}", partition_key=key))
+    return requests
+
+
+@dg.schedule(
+    name="monthly_reports_schedule",
+    job=reports_job,
+    cron_schedule=REPORTS_CRON,
+    execution_timezone=TIMEZONE,
+    default_status=_status(),
+    description=(
+        "On the 1st (05:00 by default) render last month's report for every clinic partition; "
+        "clinics are added from the data by the publish step and clinic_partitions_sensor."
+    ),
+)
+def monthly_reports_schedule(context: dg.ScheduleEvaluationContext):  # noqa: ANN202
+    pdef = report_partitions()
+    if pdef is None:
+        return dg.SkipReason("no report partitions defined")
+    clinic_dim, _ = _dims(pdef)
+    clinic_def = next(d.partitions_def for d in pdef.partitions_defs if d.name == clinic_dim)
+    clinics = list(context.instance.get_dynamic_partitions(clinic_def.name))
+    if not clinics:
+        return dg.SkipReason("no clinics known yet (nothing published)")
+    when = context.scheduled_execution_time or dt.datetime.now(dt.UTC)
+    return monthly_report_requests(pdef, clinics, when)
+
+
+SCHEDULES = [nightly_rebuild_schedule, monthly_reports_schedule]
+
+
+def defs() -> dg.Definitions:
+    return dg.Definitions(schedules=SCHEDULES)
