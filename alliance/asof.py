@@ -135,9 +135,9 @@ def build_as_of(
         # date truncations agree with the original tables.)
         con.execute(f"set variable as_of = '{cutoff.isoformat()}'::timestamptz")
         results = sqlrunner.run_models(con, select, sql_dir=sql_dir, upstream=select is not None)
-        con.execute("create schema if not exists asof")
+        con.execute("create schema if not exists meta")
         con.execute(
-            "create or replace table asof.build as select ?::timestamptz as as_of, "
+            "create or replace table meta.as_of_build as select ?::timestamptz as as_of, "
             "now() as built_at",
             [cutoff],
         )
@@ -154,10 +154,10 @@ def read_as_of(path: Path | str) -> datetime | None:
     con = duckdb.connect(str(path), read_only=True)
     try:
         has_build = con.execute(
-            "select count(*) from duckdb_tables() where schema_name = 'asof' "
-            "and table_name = 'build'"
+            "select count(*) from duckdb_tables() where schema_name = 'meta' "
+            "and table_name = 'as_of_build'"
         ).fetchone()[0]
-        row = con.execute("select as_of from asof.build limit 1").fetchone() if has_build else None
+        row = con.execute("select as_of from meta.as_of_build limit 1").fetchone() if has_build else None
     finally:
         con.close()
     return row[0] if row else None

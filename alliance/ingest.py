@@ -26,6 +26,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from alliance.contract import Contract, FieldSpec, load_contract
 from alliance.pseudonyms import pseudonym
@@ -105,7 +106,7 @@ TABLE_COMMENTS = {
 COLUMN_COMMENTS = {
     "raw.events": {
         "event_id": "Producer's unique event id (UUID or producer key).",
-        "content_hash": "sha256 of the minified source line: tells exact duplicates from conflicts.",
+        "content_hash": "md5 of the source line: tells exact duplicates (same event_id, same bytes) from conflicts.",
         "event_type": "Event type from the contract (schemas/events.yaml).",
         "schema_version": "Version of the event type's payload schema.",
         "occurred_at": "When it happened, from the source.",
@@ -205,14 +206,19 @@ def _list_lit(items: Iterable[str]) -> str:
     return "[" + ", ".join(_lit(i) for i in items) + "]::varchar[]"
 
 
+def _json_path(key: str) -> str:
+    """SQL literal of the JSONPath of one top-level key."""
+    return _lit('$."' + key + '"')
+
+
 def _col(name: str, prefix: str) -> str:
     return f"{prefix}{name.replace('.', '_')}"
 
 
-def _type_violation(expr: str, spec: FieldSpec) -> str | None:
-    """SQL that is true when a present, non-null JSON value has the wrong JSON type."""
+def _type_violation(name: str, spec: FieldSpec) -> str | None:
+    """SQL true when a present, non-null value has the wrong JSON type (over jt_<name>)."""
+    jt = f"jt_{name}"
     t = spec.type
-    jt = f"json_type({expr})"
     if t in ("string", "timestamp", "date", "enum"):
         return f"{jt} <> 'VARCHAR'"
     if t == "integer":
@@ -226,9 +232,9 @@ def _type_violation(expr: str, spec: FieldSpec) -> str | None:
     return None
 
 
-def _value_violation(expr: str, spec: FieldSpec) -> tuple[str, str] | None:
-    """(SQL true when the value is not allowed, message SQL) for a value of the right type."""
-    s = f"({expr}->>'$')"
+def _value_violation(name: str, spec: FieldSpec) -> tuple[str, str] | None:
+    """(SQL true when a value of the right type is not allowed, message SQL), over sv_<name>."""
+    s = f"sv_{name}"
     if spec.type == "timestamp":
         return (
             f"not regexp_full_match({s}, {_lit(TIMESTAMP_RE)}) or try_cast({s} as timestamptz) is null",
@@ -253,14 +259,18 @@ def _value_violation(expr: str, spec: FieldSpec) -> tuple[str, str] | None:
         lo = spec.minimum if spec.minimum is not None else "-infinity"
         hi = spec.maximum if spec.maximum is not None else "infinity"
         return (
-            f"not (({expr})::double between '{lo}'::double and '{hi}'::double)",
+            f"not (try_cast({s} as double) between '{lo}'::double and '{hi}'::double)",
             _lit(f"is outside {spec.minimum}..{spec.maximum}"),
         )
     return None
 
 
-def _validation_sql(contract: Contract) -> str:
-    """One SELECT over _lines that extracts the envelope and names the first violation per line."""
+def _validation_sql(contract: Contract) -> list[str]:
+    """Statements that turn _lines into _checked: envelope extracted, first violation named.
+
+    Each stage is materialised so every JSON value is parsed once; the rules then compare plain
+    columns (jt_* = JSON type, sv_* = value as text), which keeps a million lines to seconds.
+    """
     env = contract.envelope
     env_names = list(env)
     payload_fields: dict[str, FieldSpec] = {}
@@ -269,131 +279,151 @@ def _validation_sql(contract: Contract) -> str:
             payload_fields.setdefault(name, spec)
     pay_names = list(payload_fields)
 
-    env_paths = ", ".join(_lit(f'$."{n}"') for n in env_names)
-    pay_paths = ", ".join(_lit(f'$."{n}"') for n in pay_names)
-
-    # (condition, reason_code, field, message-sql) in precedence order; first true wins.
+    # (condition, reason_code, field, message-sql) in precedence order; the first true one wins.
+    # Type-specific rules go to typed_rules so a line is only tested against its own type's rules.
+    typed_rules: dict[str, list[tuple[str, str, str, str]]] = {t: [] for t in contract.event_types}
     rules: list[tuple[str, str, str, str]] = [
         ("not is_json", "malformed_json", "", _lit("is not valid JSON")),
-        ("json_type(doc) <> 'OBJECT'", "not_an_object", "", _lit("is JSON but not an object")),
+        ("not is_object", "not_an_object", "", _lit("is JSON but not an object")),
     ]
 
-    def missing(col: str) -> str:
-        return f"({col} is null or json_type({col}) = 'NULL')"
+    def missing(n: str) -> str:
+        return f"(jt_{n} is null or jt_{n} = 'NULL')"
 
-    def present(col: str) -> str:
-        return f"({col} is not null and json_type({col}) <> 'NULL')"
+    def present(n: str) -> str:
+        return f"(jt_{n} is not null and jt_{n} <> 'NULL')"
+
+    def got(n: str) -> str:
+        return f" || lower(jt_{n})"
 
     for name, spec in env.items():
-        col = _col(name, "e_")
+        n = _col(name, "e_")
         if spec.required:
-            rules.append((missing(col), "missing_field", name, _lit("is required but missing")))
-        tv = _type_violation(col, spec)
+            rules.append((missing(n), "missing_field", name, _lit("is required but missing")))
+        tv = _type_violation(n, spec)
         if tv:
-            rules.append((f"{present(col)} and {tv}", "wrong_type", name,
-                          _lit(f"must be a JSON {spec.type}, got ") + f" || lower(json_type({col}))"))
+            rules.append((f"{present(n)} and {tv}", "wrong_type", name,
+                          _lit(f"must be a JSON {spec.type}, got ") + got(n)))
     types = list(contract.event_types)
-    rules.append((f"not list_contains({_list_lit(types)}, e_event_type->>'$')", "unknown_event_type",
-                  "event_type", "'''' || (e_event_type->>'$') || ''' is not a known event type'"))
+    quote = _lit("'")
+    rules.append((f"not list_contains({_list_lit(types)}, sv_e_event_type)", "unknown_event_type",
+                  "event_type",
+                  f"{quote} || sv_e_event_type || {quote} || {_lit(' is not a known event type')}"))
     version_cases = " ".join(
         f"when {_lit(n)} then list_contains([{', '.join(str(v) for v in et.schema_versions)}], "
-        f"(e_schema_version)::bigint)"
+        f"try_cast(sv_e_schema_version as bigint))"
         for n, et in contract.event_types.items()
     )
-    rules.append((f"not (case e_event_type->>'$' {version_cases} else false end)",
+    rules.append((f"not (case sv_e_event_type {version_cases} else false end)",
                   "unsupported_schema_version", "schema_version",
-                  "'version ' || e_schema_version::varchar || ' is not supported for ' || (e_event_type->>'$')"))
+                  f"{_lit('version ')} || sv_e_schema_version || {_lit(' is not supported for ')} "
+                  "|| sv_e_event_type"))
     for name, spec in env.items():
-        col = _col(name, "e_")
-        vv = _value_violation(col, spec)
+        n = _col(name, "e_")
+        vv = _value_violation(n, spec)
         if vv:
-            rules.append((f"{present(col)} and ({vv[0]})", "invalid_value", name, vv[1]))
+            rules.append((f"{present(n)} and ({vv[0]})", "invalid_value", name, vv[1]))
     for tname, et in contract.event_types.items():
-        is_type = f"e_event_type->>'$' = {_lit(tname)}"
+        tr = typed_rules[tname]
         for req in et.requires:
-            col = _col(req, "e_")
-            rules.append((f"{is_type} and {missing(col)}", "missing_field", req,
-                          _lit(f"is required for {tname} but missing")))
+            tr.append((missing(_col(req, "e_")), "missing_field", req,
+                       _lit(f"is required for {tname} but missing")))
         for pname, spec in et.payload.items():
-            col = _col(pname, "p_")
+            n = _col(pname, "p_")
             fname = f"payload.{pname}"
             if spec.required:
-                rules.append((f"{is_type} and {missing(col)}", "missing_field", fname,
-                              _lit(f"is required for {tname} but missing")))
-            tv = _type_violation(col, spec)
+                tr.append((missing(n), "missing_field", fname,
+                           _lit(f"is required for {tname} but missing")))
+            tv = _type_violation(n, spec)
             if tv:
-                rules.append((f"{is_type} and {present(col)} and {tv}", "wrong_type", fname,
-                              _lit(f"must be a JSON {spec.type}, got ") + f" || lower(json_type({col}))"))
-            vv = _value_violation(col, spec)
+                tr.append((f"{present(n)} and {tv}", "wrong_type", fname,
+                           _lit(f"must be a JSON {spec.type}, got ") + got(n)))
+            vv = _value_violation(n, spec)
             if vv:
-                rules.append((f"{is_type} and {present(col)} and ({vv[0]})", "invalid_value", fname,
-                              vv[1]))
-    q_types = _list_lit(QUESTIONNAIRE_TYPES)
-    rules.append((f"list_contains({q_types}, e_event_type->>'$') and {missing('p_answers')} "
-                  f"and {missing('p_total')}", "missing_answers", "payload.answers",
-                  _lit("and payload.total are both missing: one is required")))
+                tr.append((f"{present(n)} and ({vv[0]})", "invalid_value", fname, vv[1]))
+        if tname in QUESTIONNAIRE_TYPES:
+            tr.append((f"{missing('p_answers')} and {missing('p_total')}", "missing_answers",
+                       "payload.answers", _lit("and payload.total are both missing: one is required")))
 
-    reason = "case " + " ".join(f"when {c} then {_lit(r)}" for c, r, _, _ in rules) + " end"
-    fieldx = "case " + " ".join(f"when {c} then {_lit(f)}" for c, _, f, _ in rules) + " end"
-    message = "case " + " ".join(
-        f"when {c} then " + (f"{_lit('field ' + repr(f) + ' ')} || {m}" if f else m)
-        for c, _, f, m in rules
+    generic = len(rules)
+    per_type = []
+    for tname, tr in typed_rules.items():
+        if not tr:
+            continue
+        whens = []
+        for c, r, f, m in tr:
+            rules.append((c, r, f, m))
+            whens.append(f"when {c} then {len(rules)}")
+        per_type.append(f"when {_lit(tname)} then case {' '.join(whens)} end")
+    rule_idx = "case " + " ".join(
+        f"when {c} then {i + 1}" for i, (c, _, _, _) in enumerate(rules[:generic])
+    ) + f" else case sv_e_event_type {' '.join(per_type)} end end"
+    reasons = _list_lit(r for _, r, _, _ in rules)
+    fields = _list_lit(f for _, _, f, _ in rules)
+    message = "case rule_idx " + " ".join(
+        f"when {i + 1} then " + (f"{_lit('field ' + repr(f) + ' ')} || {m}" if f else m)
+        for i, (_, _, f, m) in enumerate(rules)
     ) + " end"
-
-    allowed = "map {" + ", ".join(
-        f"{_lit(n)}: {_list_lit(et.payload)}" for n, et in contract.event_types.items()
-    ) + "}"
-    env_cols = ",\n        ".join(f"env[{i + 1}] as {_col(n, 'e_')}" for i, n in enumerate(env_names))
-    pay_cols = ",\n        ".join(f"pay[{i + 1}] as {_col(n, 'p_')}" for i, n in enumerate(pay_names))
-    env_list = _list_lit(env_names)
-    # Rebuild the payload from allow-listed fields only; merge_patch drops the absent (null) ones.
-    kept = "case e_event_type->>'$' " + " ".join(
+    allowed = "case sv_e_event_type " + " ".join(
+        f"when {_lit(n)} then {_list_lit(et.payload)}" for n, et in contract.event_types.items()
+    ) + " else []::varchar[] end"
+    # Rebuild the payload from allow-listed fields only where it has others (merge_patch drops
+    # the absent, null ones); most payloads are kept as they are.
+    kept = "case sv_e_event_type " + " ".join(
         f"when {_lit(n)} then "
         + (("json_merge_patch('{}', json_object(" + ", ".join(
-            f"{_lit(k)}, {_col(k, 'p_')}" for k in et.payload) + "))") if et.payload else "'{}'::json")
+            f"{_lit(k)}, json_extract(e_payload, {_json_path(k)})" for k in et.payload)
+            + "))") if et.payload else "'{}'::json")
         for n, et in contract.event_types.items()
     ) + " end"
-    return f"""
-with
-lines as (select file_id, line_number, line, json_valid(line) as is_json from _lines),
-docs as (
-    select *, case when is_json then line::json end as doc from lines
-),
-env as (
-    select *, json_extract(doc, [{env_paths}]) as env from docs
-),
-pay as (
-    select *, json_extract(env[{env_names.index('payload') + 1}], [{pay_paths}]) as pay from env
-),
-cols as (
-    select file_id, line_number, line, is_json, doc,
-        {env_cols},
-        {pay_cols}
-    from pay
-)
-select
-    file_id, line_number, line, is_json,
-    {reason} as reason_code,
-    {fieldx} as field,
-    {message} as message,
-    e_event_id->>'$' as event_id,
-    e_event_type->>'$' as event_type,
-    e_clinic_id->>'$' as clinic_id,
-    e_event_id, e_event_type, e_clinic_id,
-    e_schema_version, e_occurred_at, e_source, e_patient_id, e_therapist_id, e_episode_id,
-    e_session_id, e_payload, p_instrument, p_instrument_version, p_answers, p_total,
-    case when is_json and json_type(doc) = 'OBJECT'
-        then sha256(json(line)) end as content_hash,
-    case when is_json and json_type(doc) = 'OBJECT' then
-        len(list_filter(json_keys(doc), k -> not list_contains({env_list}, k)))
-        + coalesce(len(list_filter(json_keys(e_payload),
-            k -> not list_contains(coalesce({allowed}[e_event_type->>'$'], []::varchar[]), k))), 0)
-    end as dropped_fields,
-    case when json_type(e_payload) = 'OBJECT' then
-        json_keys(e_payload) end as payload_keys,
-    {kept} as kept_payload
-from cols
-"""
+    all_fields = [(n, _col(n, "e_"), f'$."{n}"') for n in env_names] + [
+        (n, _col(n, "p_"), f'$.payload."{n}"') for n in pay_names]
+    paths = ", ".join(_lit(p) for _, _, p in all_fields)
+    typed = ",\n            ".join(
+        f"jt[{i + 1}] as jt_{c}, sv[{i + 1}] as sv_{c}" for i, (_, c, _) in enumerate(all_fields))
+    starts_obj = "starts_with(ltrim(line), '{')"
+    return [
+        # One pass over the text: types, string values and the few JSON values needed later.
+        f"""create or replace temp table _parsed as
+        select file_id, line_number, is_json, is_object,
+            case when is_object then json_type(line, [{paths}]) end as jt,
+            case when is_object then json_extract_string(line, [{paths}]) end as sv,
+            case when is_object then json_extract(line, ['$.payload', '$.payload.answers',
+                '$.payload.total']) end as pj,
+            case when is_object then md5(line) end as content_hash
+        from (select *, is_json and {starts_obj} as is_object
+              from (select *, json_valid(line) as is_json from _lines))""",
+        # Materialised apart from _checked: DuckDB would otherwise inline rule_idx (a long CASE)
+        # into each of its references.
+        f"""create or replace temp table _ruled as
+        select *, {rule_idx} as rule_idx from (
+            select file_id, line_number, content_hash, is_json, is_object,
+                pj[1] as e_payload, pj[2] as p_answers, pj[3] as p_total,
+                {typed}
+            from _parsed)""",
+        f"""create or replace temp table _checked as
+        select *, case when rule_idx is null then
+                case when dropped_fields = 0 then e_payload else {kept} end end as kept_payload
+        from (select file_id, line_number, content_hash, is_json, is_object, rule_idx,
+            ({reasons})[rule_idx] as reason_code,
+            nullif(({fields})[rule_idx], '') as field,
+            case when rule_idx is not null then {message} end as message,
+            sv_e_event_id as event_id, sv_e_event_type as event_type, sv_e_clinic_id as clinic_id,
+            jt_e_event_id, jt_e_event_type, jt_e_clinic_id, e_payload, sv_e_event_type,
+            sv_e_schema_version, sv_e_occurred_at, sv_e_source,
+            case when jt_e_patient_id = 'VARCHAR' then sv_e_patient_id end as raw_patient_id,
+            case when jt_e_therapist_id = 'VARCHAR' then sv_e_therapist_id end as raw_therapist_id,
+            case when jt_e_episode_id = 'VARCHAR' then sv_e_episode_id end as raw_episode_id,
+            case when jt_e_session_id = 'VARCHAR' then sv_e_session_id end as raw_session_id,
+            sv_p_instrument as instrument, sv_p_instrument_version as instrument_version,
+            p_answers, jt_p_answers, p_total, jt_p_total,
+            case when jt_e_payload = 'OBJECT' then json_keys(e_payload) end as payload_keys,
+            coalesce(len(payload_keys) - len(list_intersect(payload_keys, {allowed})), 0)
+                as dropped_fields
+        from _ruled)""",
+        "drop table _parsed",
+        "drop table _ruled",
+    ]
 
 
 # --------------------------------------------------------------------------- reading files
@@ -404,43 +434,54 @@ class _ReadFile:
     path: Path
     sha256: str
     size: int
-    lines: list[tuple[int, str | None, bytes]]  # (line_number, text or None if not UTF-8, raw)
+    lines: pa.Table | None  # line_number, line (UTF-8 text; "" where the bytes were not UTF-8)
     blank: int
+    bad_encoding: list[int] = field(default_factory=list)  # line numbers that are not UTF-8
+    raw_lines: list[bytes] | None = None  # kept only for files with undecodable lines
     error: str | None = None
+
+    @property
+    def n_lines(self) -> int:
+        return 0 if self.lines is None else self.lines.num_rows
+
+    def raw_line(self, line_number: int) -> bytes:
+        if self.raw_lines is not None:
+            return self.raw_lines[line_number - 1]
+        idx = pc.index(self.lines["line_number"], line_number).as_py()
+        return self.lines["line"][idx].as_py().encode()
 
 
 def _read_file(path: Path) -> _ReadFile:
+    """Split a file into numbered lines without a Python loop per line (blank lines dropped)."""
     raw = path.read_bytes()
     sha = hashlib.sha256(raw).hexdigest()
     try:
         data = gzip.decompress(raw) if path.name.endswith(".gz") else raw
     except (OSError, EOFError) as e:
-        return _ReadFile(path, sha, len(raw), [], 0, f"{path}: cannot decompress ({e})")
-    parts = data.split(b"\n")
-    if parts and parts[-1] == b"":
-        parts.pop()
-    lines: list[tuple[int, str | None, bytes]] = []
-    blank = 0
+        return _ReadFile(path, sha, len(raw), None, 0, error=f"{path}: cannot decompress ({e})")
+    bad: list[int] = []
+    raw_lines: list[bytes] | None = None
     try:
-        text_parts = data.decode("utf-8").split("\n")
-        decoded: list[str | None] | None = text_parts
+        texts = data.decode("utf-8").split("\n")
     except UnicodeDecodeError:
-        decoded = None
-    for i, b in enumerate(parts):
-        if not b.strip():
-            blank += 1
-            continue
-        if decoded is not None:
-            t: str | None = decoded[i]
-        else:
+        raw_lines = data.split(b"\n")
+        texts = []
+        for i, b in enumerate(raw_lines):
             try:
-                t = b.decode("utf-8")
+                texts.append(b.decode("utf-8"))
             except UnicodeDecodeError:
-                t = None
-        if t is not None and t.endswith("\r"):
-            t = t[:-1]
-        lines.append((i + 1, t, b))
-    return _ReadFile(path, sha, len(raw), lines, blank)
+                texts.append("")
+                bad.append(i + 1)
+    if texts and texts[-1] == "":
+        texts.pop()
+    arr = pa.array(texts, pa.string())
+    numbers = pa.array(range(1, len(texts) + 1), pa.int64())
+    arr = pc.utf8_rtrim(arr, characters="\r")
+    keep = pc.invert(pc.equal(pc.utf8_trim_whitespace(arr), ""))
+    if bad:
+        keep = pc.or_(keep, pc.is_in(numbers, pa.array(bad, pa.int64())))
+    table = pa.table({"line_number": numbers, "line": arr}).filter(keep)
+    return _ReadFile(path, sha, len(raw), table, len(texts) - table.num_rows, bad, raw_lines)
 
 
 # --------------------------------------------------------------------------- ingest
@@ -460,8 +501,8 @@ def _already_ingested(con: duckdb.DuckDBPyConnection, shas: Sequence[str]) -> se
 ANSWER_RULES_SQL = """
 with
 q as (
-    select file_id, line_number, p_instrument->>'$' as instrument,
-        p_instrument_version->>'$' as instrument_version, p_answers, p_total
+    select file_id, line_number, instrument, instrument_version, p_answers, jt_p_answers, p_total,
+        jt_p_total
     from _checked
     where reason_code is null and list_contains(['questionnaire.submitted', 'questionnaire.amended'], event_type)
 ),
@@ -473,7 +514,7 @@ answers as (
     select file_id, line_number, instrument, instrument_version,
         unnest(json_keys(p_answers)) as item, p_answers
     from known
-    where known_instrument and json_type(p_answers) = 'OBJECT'
+    where known_instrument and jt_p_answers = 'OBJECT'
 ),
 answer_values as (
     select file_id, line_number, instrument, instrument_version, item,
@@ -522,13 +563,13 @@ instrument_violations as (
         'field ''payload.total'' is required for the total-only instrument ' || instrument
     from known
     where known_instrument and kind = 'total_only'
-        and (p_total is null or json_type(p_total) = 'NULL')
+        and (jt_p_total is null or jt_p_total = 'NULL')
     union all
     select file_id, line_number, 'answer_out_of_range', 'payload.total',
         'total ' || p_total::varchar || ' for ' || instrument || ' is outside '
             || total_min::varchar || '..' || total_max::varchar
     from known
-    where known_instrument and json_type(p_total) in ('BIGINT', 'UBIGINT', 'DOUBLE')
+    where known_instrument and jt_p_total in ('BIGINT', 'UBIGINT', 'DOUBLE')
         and total_min is not null
         and (p_total::double < total_min or p_total::double > total_max)
 )
@@ -609,12 +650,12 @@ def ingest_files(
                 log(rf.error)
             continue
         seen_in_call.add(rf.sha256)
-        if group and group_lines + len(rf.lines) > max_lines_per_transaction:
+        if group and group_lines + rf.n_lines > max_lines_per_transaction:
             results.extend(_ingest_group(con, group, key, validation_sql, answer_sql,
                                          quarantine_dir, recorded_at, log))
             group, group_lines = [], 0
         group.append(rf)
-        group_lines += len(rf.lines)
+        group_lines += rf.n_lines
     if group:
         results.extend(_ingest_group(con, group, key, validation_sql, answer_sql,
                                      quarantine_dir, recorded_at, log))
@@ -643,11 +684,9 @@ def _pseudonym_table(con: duckdb.DuckDBPyConnection, key: bytes) -> None:
         select distinct kind, clinic, raw from (
             select unnest(['patient', 'therapist', 'episode', 'session']) as kind,
                 coalesce(clinic_id, '') as clinic,
-                unnest([e_patient_id->>'$', e_therapist_id->>'$', e_episode_id->>'$', e_session_id->>'$']) as raw,
-                unnest([json_type(e_patient_id), json_type(e_therapist_id), json_type(e_episode_id),
-                        json_type(e_session_id)]) as jt
-            from _checked where is_json
-        ) where raw is not null and jt = 'VARCHAR'
+                unnest([raw_patient_id, raw_therapist_id, raw_episode_id, raw_session_id]) as raw
+            from _checked where is_object
+        ) where raw is not null
         """
     ).fetchall()
     kinds, clinics, raws, pseudos = [], [], [], []
@@ -677,28 +716,24 @@ def _ingest_group(
     t0 = time.perf_counter()
     next_id = con.execute("select coalesce(max(file_id), 0) + 1 from raw.ingested_files").fetchone()[0]
     file_ids = {rf.sha256: next_id + i for i, rf in enumerate(group)}
-    fid_col, ln_col, text_col, bad_enc = [], [], [], []
+    parts, bad_enc = [], []
     for rf in group:
         fid = file_ids[rf.sha256]
-        for ln, text, _raw in rf.lines:
-            fid_col.append(fid)
-            ln_col.append(ln)
-            text_col.append(text if text is not None else "")
-            if text is None:
-                bad_enc.append((fid, ln))
-    lines_tbl = pa.table({"file_id": pa.array(fid_col, pa.int64()),
-                          "line_number": pa.array(ln_col, pa.int64()),
-                          "line": pa.array(text_col, pa.string())})
+        parts.append(rf.lines.add_column(0, "file_id", pa.array([fid] * rf.n_lines, pa.int64())))
+        bad_enc.extend((fid, ln) for ln in rf.bad_encoding)
+    lines_tbl = pa.concat_tables(parts)
     con.register("_lines_arrow", lines_tbl)
     con.execute("create or replace temp table _lines as select * from _lines_arrow")
     con.unregister("_lines_arrow")
-    con.execute(f"create or replace temp table _checked as {validation_sql}")
+    for stmt in validation_sql:
+        con.execute(stmt)
     if bad_enc:
         enc = pa.table({"file_id": [f for f, _ in bad_enc], "line_number": [n for _, n in bad_enc]})
         con.register("_bad_enc", enc)
         con.execute("""
             update _checked set reason_code = 'invalid_encoding', field = null,
-                message = 'is not valid UTF-8', is_json = false, event_id = null, content_hash = null
+                message = 'is not valid UTF-8', is_json = false, is_object = false, event_id = null,
+                content_hash = null, kept_payload = null
             where (file_id, line_number) in (select (file_id, line_number) from _bad_enc)
         """)
         con.unregister("_bad_enc")
@@ -761,19 +796,18 @@ def _ingest_group(
             fid = file_ids[rf.sha256]
             if fid not in by_file:
                 continue
-            raw_by_line = {ln: raw for ln, _t, raw in rf.lines}
             tmp = quarantine_dir / f"{rf.sha256}.ndjson.tmp"
             with open(tmp, "w") as f:
                 for ln, reason, msg in by_file[fid]:
                     f.write(json.dumps({
                         "file": str(rf.path), "line_number": ln, "reason_code": reason,
                         "message": msg,
-                        "line_base64": base64.b64encode(raw_by_line[ln]).decode(),
+                        "line_base64": base64.b64encode(rf.raw_line(ln)).decode(),
                     }) + "\n")
             tmp.replace(quarantine_dir / f"{rf.sha256}.ndjson")
 
     pseudo = {k: f"(select pseudonym from _pseudonyms p where p.kind = '{k}' "
-                 f"and p.clinic = coalesce(c.clinic_id, '') and p.raw = (c.e_{k}_id->>'$'))"
+                 f"and p.clinic = coalesce(c.clinic_id, '') and p.raw = c.raw_{k}_id)"
               for k in ("patient", "therapist", "episode", "session")}
     ids_json = ", ".join(f"'{k}_id', {pseudo[k]}" for k in ("patient", "therapist", "episode", "session"))
     rec = "?::timestamptz" if recorded_at is not None else "now()"
@@ -782,36 +816,36 @@ def _ingest_group(
     try:
         con.execute(f"""
             insert into raw.events
-            select c.event_id, c.content_hash, c.event_type, (c.e_schema_version)::integer,
-                (c.e_occurred_at->>'$')::timestamptz, {rec}, c.e_source->>'$', c.clinic_id,
+            select c.event_id, c.content_hash, c.event_type, c.sv_e_schema_version::integer,
+                c.sv_e_occurred_at::timestamptz, {rec}, c.sv_e_source, c.clinic_id,
                 p1.pseudonym, p2.pseudonym, p3.pseudonym, p4.pseudonym,
                 c.kept_payload, c.file_id, n.source_file, c.line_number, c.dropped_fields
             from _checked c
             join _dedup d on d.file_id = c.file_id and d.line_number = c.line_number and d.outcome = 'accept'
             join _names n on n.file_id = c.file_id
-            left join _pseudonyms p1 on p1.kind = 'patient' and p1.clinic = c.clinic_id and p1.raw = (c.e_patient_id->>'$')
-            left join _pseudonyms p2 on p2.kind = 'therapist' and p2.clinic = c.clinic_id and p2.raw = (c.e_therapist_id->>'$')
-            left join _pseudonyms p3 on p3.kind = 'episode' and p3.clinic = c.clinic_id and p3.raw = (c.e_episode_id->>'$')
-            left join _pseudonyms p4 on p4.kind = 'session' and p4.clinic = c.clinic_id and p4.raw = (c.e_session_id->>'$')
+            left join _pseudonyms p1 on p1.kind = 'patient' and p1.clinic = c.clinic_id and p1.raw = c.raw_patient_id
+            left join _pseudonyms p2 on p2.kind = 'therapist' and p2.clinic = c.clinic_id and p2.raw = c.raw_therapist_id
+            left join _pseudonyms p3 on p3.kind = 'episode' and p3.clinic = c.clinic_id and p3.raw = c.raw_episode_id
+            left join _pseudonyms p4 on p4.kind = 'session' and p4.clinic = c.clinic_id and p4.raw = c.raw_session_id
             where c.reason_code is null
-            order by c.file_id, c.line_number
         """, params)
         con.execute(f"""
             insert into raw.quarantine
             select c.file_id, n.source_file, c.line_number, c.reason_code, nullif(c.field, ''),
                 n.source_file || ' line ' || c.line_number::varchar || ': ' || c.message,
-                case when json_type(c.e_event_id) = 'VARCHAR' then c.event_id end,
-                case when json_type(c.e_event_type) = 'VARCHAR' then c.event_type end,
-                case when json_type(c.e_clinic_id) = 'VARCHAR' then c.clinic_id end,
-                sha256(c.line),
-                case when c.is_json and json_type(c.line::json) = 'OBJECT' then json_object(
-                    'event_id', c.e_event_id, 'event_type', c.e_event_type,
-                    'schema_version', c.e_schema_version, 'occurred_at', c.e_occurred_at,
-                    'source', c.e_source, 'clinic_id', c.e_clinic_id, {ids_json},
+                case when c.jt_e_event_id = 'VARCHAR' then c.event_id end,
+                case when c.jt_e_event_type = 'VARCHAR' then c.event_type end,
+                case when c.jt_e_clinic_id = 'VARCHAR' then c.clinic_id end,
+                sha256(l.line),
+                case when c.is_object then json_object(
+                    'event_id', c.event_id, 'event_type', c.sv_e_event_type,
+                    'schema_version', c.sv_e_schema_version, 'occurred_at', c.sv_e_occurred_at,
+                    'source', c.sv_e_source, 'clinic_id', c.clinic_id, {ids_json},
                     'payload_keys', c.payload_keys) end,
                 {rec}
             from _checked c
             join _names n on n.file_id = c.file_id
+            join _lines l on l.file_id = c.file_id and l.line_number = c.line_number
             where c.reason_code is not null
         """, params)
         summary = con.execute("""
@@ -834,9 +868,9 @@ def _ingest_group(
         for rf in group:
             fid = file_ids[rf.sha256]
             lines_read, accepted, duplicates, quarantined, dropped = by_fid.get(fid, (0, 0, 0, 0, 0))
-            if lines_read != len(rf.lines) or lines_read != accepted + duplicates + quarantined:
+            if lines_read != rf.n_lines or lines_read != accepted + duplicates + quarantined:
                 raise IngestError(
-                    f"{rf.path}: line accounting failed (read {len(rf.lines)}, counted {lines_read} = "
+                    f"{rf.path}: line accounting failed (read {rf.n_lines}, counted {lines_read} = "
                     f"{accepted} accepted + {duplicates} duplicates + {quarantined} quarantined); "
                     "nothing was written"
                 )

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
-from alliance.config import SCHEMAS_DIR
+from alliance.config import REPO_ROOT, SCHEMAS_DIR
 
 INSTRUMENTS_DIR = SCHEMAS_DIR / "instruments"
 ENV_DIRS = "ALLIANCE_INSTRUMENTS_DIR"
@@ -758,7 +758,7 @@ def seed_rows(instruments: Mapping[tuple[str, str], Instrument]) -> dict[str, li
             json.dumps({f: inst.cite(f) for f in sorted(inst.citations)}),
             json.dumps([{"name": p.name, "default": p.default, "value": p.value}
                         for p in inst.parameters]),
-            inst.source_file,
+            _relpath(inst.source_file),
         ))
         for it in inst.items:
             t["instrument_items"].append((
@@ -782,8 +782,26 @@ def seed_rows(instruments: Mapping[tuple[str, str], Instrument]) -> dict[str, li
     return t
 
 
+def _relpath(path: str) -> str:
+    # Repo-relative for shipped files, so the seeds do not depend on the checkout location.
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return path
+
+
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def _insert(con: Any, table: str, columns: list[str], rows: list[tuple]) -> None:
+    # Through Arrow, because executemany costs a round trip per row.
+    data = pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)})
+    con.register("_seed_rows", data)
+    try:
+        con.execute(f"insert into {table} by name select * from _seed_rows")
+    finally:
+        con.unregister("_seed_rows")
 
 
 def write_seed_tables(con: Any, instruments: Mapping[tuple[str, str], Instrument]) -> dict[str, int]:
@@ -801,8 +819,7 @@ def write_seed_tables(con: Any, instruments: Mapping[tuple[str, str], Instrument
             con.execute(f"create or replace table {fq} ("
                         + ", ".join(f"{n} {t}" for n, t, _ in cols) + ")")
             if rows[table]:
-                con.executemany(f"insert into {fq} values ({', '.join('?' * len(cols))})",
-                                rows[table])
+                _insert(con, fq, [n for n, _, _ in cols], rows[table])
             con.execute(f"comment on table {fq} is {_quote(doc)}")
             for n, _, d in cols:
                 con.execute(f"comment on column {fq}.{n} is {_quote(d)}")
@@ -866,7 +883,7 @@ def write_parameters_table(con: Any, path: Path) -> int:
         con.execute("create or replace table seeds.parameters ("
                     + ", ".join(f"{n} {t}" for n, t, _ in PARAMETER_COLUMNS) + ")")
         if rows:
-            con.executemany("insert into seeds.parameters values (?, ?, ?, ?, ?)", rows)
+            _insert(con, "seeds.parameters", [n for n, _, _ in PARAMETER_COLUMNS], rows)
         con.execute("comment on table seeds.parameters is "
                     + _quote(f"Clinical rule parameters with citations, from {path.name}."))
         for n, _, d in PARAMETER_COLUMNS:

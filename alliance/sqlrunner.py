@@ -415,6 +415,19 @@ def topological_order(models: dict[str, Model]) -> list[str]:
 # ---------------------------------------------------------------- building
 
 
+def set_as_of(con: duckdb.DuckDBPyConnection, as_of: str | None) -> None:
+    """Make this connection's staging views show only events recorded by `as_of` (None: all)."""
+    if as_of is None:
+        con.execute("reset variable as_of")
+        return
+    try:
+        # validate first: the value is spliced into SET VARIABLE, which takes no parameters
+        con.execute("select ?::timestamptz", [as_of]).fetchone()
+    except duckdb.Error as e:
+        raise ValueError(f"as_of {as_of!r} is not a timestamp (e.g. 2026-02-01T00:00:00+00:00)") from e
+    con.execute(f"set variable as_of = {_sql_literal(as_of)}")
+
+
 _LINE_RE = re.compile(r"LINE (\d+):")
 
 

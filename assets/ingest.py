@@ -1,6 +1,5 @@
 """The ingest asset: new landing files into the append-only event log."""
 
-from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path

@@ -6,8 +6,6 @@ The copy itself is `alliance.snapshot.publish_from_connection`: checkpoint, copy
 verify, rename into place, keep `settings.snapshot_keep` older snapshots in serving/history/.
 """
 
-from __future__ import annotations
-
 import dagster as dg
 
 from alliance import snapshot

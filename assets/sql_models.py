@@ -14,6 +14,8 @@ from dagster_duckdb import DuckDBResource
 from alliance import sqlrunner
 from alliance.config import REPO_ROOT
 
+# A run tagged `alliance/as_of=<ISO timestamp>` rebuilds the models as they were at that time.
+AS_OF_TAG = "alliance/as_of"
 POOL = "duckdb_writer"  # DuckDB allows one writer per file: cap concurrent writers via this pool
 
 
@@ -71,7 +73,11 @@ def model_asset(model: sqlrunner.Model) -> dg.AssetsDefinition:
     )
     def _build(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> Iterator[object]:
         selected = {k.name for k in context.selected_asset_check_keys}
+        as_of = context.run.tags.get(AS_OF_TAG)
         with duckdb.get_connection() as con:
+            if as_of:
+                sqlrunner.set_as_of(con, as_of)
+                context.log.info(f"building {model.fqn} as of {as_of}")
             built = sqlrunner.build_model(con, model)
             results = sqlrunner.run_tests(con, model, selected)
         for w in built.warnings:

@@ -9,6 +9,10 @@ import sys
 # Each module exposes `register(subparsers)` and sets `func` on its parser. Add a module, add a line.
 COMMANDS = [
     "orchestration.cli_core",
+    "orchestration.cli_import",
+    "orchestration.cli_ops",
+    "orchestration.cli_report",
+    "orchestration.cli_simulate",
 ]
 
 

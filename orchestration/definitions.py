@@ -12,6 +12,14 @@ from orchestration.resources import default_resources
 MODULES = [
     "assets.ingest",
     "assets.sql_models",
+    "quality.checks",
+    "assets.seeds",
+    "assets.publish",
+    "assets.reports",
+    "assets.exports",
+    "orchestration.jobs",
+    "orchestration.sensors",
+    "orchestration.schedules",
 ]
 
 

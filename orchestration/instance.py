@@ -22,8 +22,10 @@ MANAGED_HEADER = "# Managed by orchestration/instance.py"
 # - pools.default_limit 1 + granularity op: every step tagged pool="duckdb_writer" (all steps that
 #   write the working DuckDB file) waits for the single slot, across runs and processes, so two
 #   runs never fight over DuckDB's one-writer lock.
-# - runs.max_concurrent_runs: runs may queue many at once (a folder of exports); their pool-bound
-#   steps serialise anyway, the limit just bounds memory on a 2-core machine.
+# - runs.tag_concurrency_limits alliance/writer = 1: queued runs of the writer jobs (ingest,
+#   nightly rebuild, publish, as-of) start one at a time, so a run's publish never copies a
+#   warehouse another run has half updated (the pool alone would interleave their steps).
+# - runs.max_concurrent_runs: bounds memory on a 2-core machine (reports may run alongside).
 # - telemetry off: clinics run this on machines that should not phone home.
 DAGSTER_YAML = f"""{MANAGED_HEADER} (delete this line to keep local edits).
 # Dagster instance for the alliance platform. Docs: docs/operations.md.
@@ -33,6 +35,9 @@ concurrency:
     granularity: op
   runs:
     max_concurrent_runs: 4
+    tag_concurrency_limits:
+      - key: "alliance/writer"
+        limit: 1
 run_monitoring:
   enabled: true
   free_slots_after_run_end_seconds: 30

@@ -7,11 +7,13 @@ instance limits to one run at a time (see orchestration/instance.py), so a run's
 copies a warehouse another run is half-way through updating.
 """
 
-from __future__ import annotations
-
 from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
+from dagster._core.definitions.unresolved_asset_job_definition import (
+    UnresolvedAssetJobDefinition,
+)
 
 from alliance import asof as asof_lib
 from orchestration.instance import WRITER_POOL
@@ -26,6 +28,13 @@ INGEST_KEYS = [dg.AssetKey(["raw", "events"]), dg.AssetKey(["raw", "ingested_fil
 WAREHOUSE_GROUPS = ("ingest", "seeds", "staging", "core", "marts", "publish")
 
 _writer_tags = {WRITER_TAG: "true"}
+INGEST_OP = "ingest"  # the op name of the ingest multi-asset (assets/ingest.py)
+
+
+def ingest_run_config(files: list) -> dict:  # list of str | Path
+    """Run config that makes the ingest asset read exactly these files (absolute paths)."""
+    return {"ops": {INGEST_OP: {"config": {"files": [str(Path(f).resolve()) for f in files]}}}}
+
 
 ingest_job = dg.define_asset_job(
     name="ingest_job",
@@ -71,7 +80,7 @@ def report_partitions() -> dg.MultiPartitionsDefinition | None:
     return None
 
 
-def reports_job_for(partitions_def: dg.PartitionsDefinition | None) -> dg.UnresolvedAssetJobDefinition:
+def reports_job_for(partitions_def: dg.PartitionsDefinition | None) -> UnresolvedAssetJobDefinition:
     """The clinic report job (clinic x month partitions; reads only the serving snapshot)."""
     return dg.define_asset_job(
         name="reports_job",
@@ -133,11 +142,11 @@ def asof_rebuild_op(context: dg.OpExecutionContext, config: AsOfConfig) -> str:
     return str(out)
 
 
-def render_asof_report(db_path, clinic: str, month: str, out_dir):  # noqa: ANN001, ANN201
-    """Render one clinic report from an as-of database (the reports module's own renderer)."""
-    from alliance.report import render  # the reports area; imported lazily (jinja, charts)
+def render_asof_report(db_path: Path, clinic: str, month: str, out_dir: Path) -> Path:
+    """Render one clinic report from an as-of database with the reports area's own renderer."""
+    from alliance.report import build_report  # imported lazily (jinja, charts)
 
-    return render.render_report_file(db_path, clinic, month, out_dir)
+    return build_report(db_path, out_dir / "reports", clinic, month).html_path
 
 
 @dg.job(

@@ -5,8 +5,6 @@ Times are in $ALLIANCE_TIMEZONE (default UTC); the cron strings can be moved wit
 $ALLIANCE_NIGHTLY_CRON and $ALLIANCE_REPORTS_CRON. See docs/operations.md.
 """
 
-from __future__ import annotations
-
 import datetime as dt
 import os
 
@@ -85,6 +83,7 @@ def monthly_report_requests(
     ),
 )
 def monthly_reports_schedule(context: dg.ScheduleEvaluationContext):  # noqa: ANN202
+    """Last month's report for every clinic partition known to the instance."""
     pdef = report_partitions()
     if pdef is None:
         return dg.SkipReason("no report partitions defined")

@@ -5,8 +5,6 @@ Both are on by default (DefaultSensorStatus.RUNNING) and run whenever the Dagste
 sensor in the UI (Automation page); see docs/operations.md.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import time
@@ -17,7 +15,7 @@ import dagster as dg
 
 from alliance.config import paths
 from alliance.ingest import file_sha256, landing_files
-from orchestration.jobs import LANDING_FILE_TAG, LANDING_SHA_TAG, ingest_job
+from orchestration.jobs import LANDING_FILE_TAG, LANDING_SHA_TAG, ingest_job, ingest_run_config
 
 AUTOMATION_ENV = "ALLIANCE_AUTOMATION"
 SETTLE_ENV = "ALLIANCE_LANDING_SETTLE_SECONDS"
@@ -50,7 +48,7 @@ class LandingState:
     pending: dict[str, list] = field(default_factory=dict)
 
     @classmethod
-    def from_cursor(cls, cursor: str | None) -> LandingState:
+    def from_cursor(cls, cursor: str | None) -> "LandingState":
         if not cursor:
             return cls()
         data = json.loads(cursor)
@@ -124,6 +122,7 @@ def landing_run_request(f: ReadyFile) -> dg.RunRequest:
     return dg.RunRequest(
         run_key=f"landing:{f.sha256}",
         job_name=ingest_job.name,
+        run_config=ingest_run_config([f.path]),
         tags={LANDING_FILE_TAG: f.relpath, LANDING_SHA_TAG: f.sha256},
     )
 

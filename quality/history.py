@@ -90,6 +90,8 @@ def _table_exists(con: duckdb.DuckDBPyConnection) -> bool:
 
 def latest_results(db: str | os.PathLike[str] | duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     """The latest evaluation of every (asset, check), with `failing_since` for failing ones."""
+    if not isinstance(db, duckdb.DuckDBPyConnection) and not Path(db).exists():
+        return []
     con, own = _connect(db)
     try:
         if not _table_exists(con):

@@ -20,7 +20,7 @@ from quality.gx_runner import CheckOutcome, ExpectationSpec, SuiteResult, valida
 
 MARTS_CONFIG_FILE = Path(__file__).resolve().parent / "suites" / "marts.yaml"
 TOTALS_CHECK = "totals_in_instrument_range"
-RATES_CHECK = "rates_within_0_100"
+RATES_CHECK = "rates_within_range"
 KEY_CHECK = "one_row_per_key"
 # Pseudonymous columns that may be shown as failing keys (never free text or raw identifiers).
 PSEUDONYM_COLUMNS = ("patient_id", "therapist_id", "episode_id", "session_id", "clinic_id")
@@ -35,8 +35,10 @@ class ModelSuite:
     totals: tuple[str, ...] = ()
     key: tuple[str, ...] = ()
     failing_keys: tuple[str, ...] = ()
-    rates: bool = False
-    rate_pattern: str = r"(_pct|_percent|_rate)$"
+    # (column regex, min, max): rate columns are found by name at run time
+    rate_ranges: tuple[tuple[str, float, float], ...] = ()
+    # total column -> instrument code, for totals of a fixed instrument (no instrument column)
+    total_instruments: tuple[tuple[str, str], ...] = ()
     checks: tuple[str, ...] = field(default=())
 
     @property
@@ -51,9 +53,11 @@ def _sidecar_tests_key(model: Any, key: Sequence[str]) -> bool:
         if test == "unique" and list(key) == [getattr(t, "column", None)]:
             return True
         if test == "unique_combination":
-            arg = getattr(t, "arg", None)
-            cols = arg.get("columns") if isinstance(arg, dict) else arg
-            if isinstance(cols, list) and sorted(cols) == sorted(key):
+            # the runner keeps the column list only in its compiled SQL (`group by "a", "b"`)
+            grouped = str(getattr(t, "failing_sql", "")).partition("group by")[2]
+            grouped = grouped.partition("having")[0]
+            cols = sorted(c.strip().strip('"') for c in grouped.split(","))
+            if cols == sorted(key):
                 return True
     return False
 
@@ -69,7 +73,11 @@ def model_suites(
     raw = yaml.safe_load(config_path.read_text()) or {}
     rates_cfg = raw.get("rates") or {}
     rate_schemas = set(rates_cfg.get("schemas") or [])
-    pattern = str(rates_cfg.get("column_pattern") or r"(_pct|_percent|_rate)$")
+    try:
+        ranges = tuple((str(r["column_pattern"]), float(r["min"]), float(r["max"]))
+                       for r in rates_cfg.get("ranges") or [])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{config_path}: rates.ranges entries need column_pattern, min, max ({e})") from e
     configured = raw.get("models") or {}
     suites = []
     for fqn, model in sorted(models.items()):
@@ -77,16 +85,21 @@ def model_suites(
         cfg = configured.get(f"{schema}/{name}") or {}
         if not isinstance(cfg, dict):
             raise ValueError(f"{config_path}: models.{schema}/{name} must be a mapping")
-        totals = tuple(cfg.get("totals") or ())
+        raw_totals = cfg.get("totals") or ()
+        fixed = tuple(raw_totals.items()) if isinstance(raw_totals, dict) else ()
+        totals = tuple(raw_totals)
         key = tuple(cfg.get("key") or ())
         if key and _sidecar_tests_key(model, key):
             key = ()
-        rates = schema in rate_schemas
+        rates = ranges if schema in rate_schemas else ()
+        documented = [c.name for c in getattr(model, "columns", ())]
+        if documented and not any(re.search(p, c) for p, _, _ in rates for c in documented):
+            rates = ()  # the sidecar lists every column and none is a rate
         checks = tuple(c for c, on in ((TOTALS_CHECK, totals), (RATES_CHECK, rates),
                                        (KEY_CHECK, key)) if on)
         if checks:
             suites.append(ModelSuite(schema, name, totals, key, tuple(cfg.get("failing_keys") or ()),
-                                     rates, pattern, checks))
+                                     rates, tuple((str(k), str(v)) for k, v in fixed), checks))
     return suites
 
 
@@ -123,35 +136,48 @@ def validate_model(con: duckdb.DuckDBPyConnection, suite: ModelSuite) -> dict[st
     if missing:
         notes[TOTALS_CHECK] = f"columns not in {suite.table}: {missing}"
     has_ranges = bool(_columns(con, "seeds", "instruments"))
-    if totals and "instrument" in cols and has_ranges:
-        if "instrument_version" in cols:
+    fixed = dict(suite.total_instruments)
+    row_instrument = "instrument" in cols
+    if totals and has_ranges:
+        if row_instrument and "instrument_version" in cols:
             joins = ("left join seeds.instruments as r on r.instrument = m.instrument"
                      " and r.instrument_version = m.instrument_version::varchar")
-            ranges = "r.total_min as range_min, r.total_max as range_max"
-        else:
+        elif row_instrument:
             joins = ("left join (select instrument, min(total_min) as total_min,"
                      " max(total_max) as total_max from seeds.instruments group by all) as r"
                      " on r.instrument = m.instrument")
-            ranges = "r.total_min as range_min, r.total_max as range_max"
-        select += [ranges] + [_q(t) for t in totals]
         for t in totals:
+            code = fixed.get(t)
+            if code is not None:
+                lit = "'" + code.replace("'", "''") + "'"
+                lo = f"(select min(total_min) from seeds.instruments where instrument = {lit})"
+                hi = f"(select max(total_max) from seeds.instruments where instrument = {lit})"
+            elif row_instrument:
+                lo, hi = "r.total_min", "r.total_max"
+            else:
+                notes[TOTALS_CHECK] = f"{suite.table}.{t}: no instrument column and none configured"
+                continue
+            select += [f"{lo} as {_q(t + '__min')}", f"{hi} as {_q(t + '__max')}", _q(t)]
             specs.append(ExpectationSpec(TOTALS_CHECK, "ExpectColumnPairValuesAToBeGreaterThanB",
-                                         {"column_A": t, "column_B": "range_min", "or_equal": True,
+                                         {"column_A": t, "column_B": f"{t}__min", "or_equal": True,
                                           "ignore_row_if": "either_value_is_missing"}))
             specs.append(ExpectationSpec(TOTALS_CHECK, "ExpectColumnPairValuesAToBeGreaterThanB",
-                                         {"column_A": "range_max", "column_B": t, "or_equal": True,
+                                         {"column_A": f"{t}__max", "column_B": t, "or_equal": True,
                                           "ignore_row_if": "either_value_is_missing"}))
     elif suite.totals:
-        notes[TOTALS_CHECK] = "no instrument column or no seeds.instruments: totals not checked"
+        notes[TOTALS_CHECK] = "seeds.instruments not found: totals not checked"
 
-    if suite.rates:
-        rate_cols = [c for c in cols if re.search(suite.rate_pattern, c)]
-        select += [_q(c) for c in rate_cols if c not in select]
-        for c in rate_cols:
-            specs.append(ExpectationSpec(RATES_CHECK, "ExpectColumnValuesToBeBetween",
-                                         {"column": c, "min_value": 0, "max_value": 100}))
-        if not rate_cols:
-            notes[RATES_CHECK] = f"no column of {suite.table} matches {suite.rate_pattern!r}"
+    if suite.rate_ranges:
+        found = []
+        for pattern, lo, hi in suite.rate_ranges:
+            for c in cols:
+                if re.search(pattern, c) and c not in found:
+                    found.append(c)
+                    select.append(_q(c))
+                    specs.append(ExpectationSpec(RATES_CHECK, "ExpectColumnValuesToBeBetween",
+                                                 {"column": c, "min_value": lo, "max_value": hi}))
+        if not found:
+            notes[RATES_CHECK] = f"no rate column in {suite.table}"
 
     if suite.key:
         key = [k for k in suite.key if k in cols]
@@ -165,8 +191,7 @@ def validate_model(con: duckdb.DuckDBPyConnection, suite: ModelSuite) -> dict[st
 
     result: SuiteResult | None = None
     if specs:
-        select_sql = ", ".join(f"m.{c}" if not c.startswith("r.") and " as " not in c else c
-                               for c in dict.fromkeys(select))
+        select_sql = ", ".join(c if " as " in c else f"m.{c}" for c in dict.fromkeys(select))
         df = con.execute(f"select {select_sql} from {suite.schema}.{_q(suite.name)} as m {joins}").df()
         result = validate_frame(df, f"{suite.schema}_{suite.name}", specs, key_cols)
     out = result.checks(suite.checks) if result else {

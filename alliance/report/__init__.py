@@ -66,6 +66,18 @@ def render_html(ctx: dict[str, object]) -> str:
     return _env().get_template("template.html.j2").render(**ctx)
 
 
+def platform_version() -> str:
+    """The platform version printed in the report header (alliance.__version__)."""
+    v = getattr(alliance, "__version__", None)
+    if v:
+        return str(v)
+    # An editable install made before alliance/__init__.py existed maps `alliance` as a namespace
+    # package (no __version__); the installed distribution's version is the same number.
+    from importlib.metadata import version
+
+    return version("alliance-platform")
+
+
 def _count_suppressed(html: str) -> int:
     return html.count("[s]")
 
@@ -92,7 +104,7 @@ def build_report(
     ctx = _context.build(raw, options)
     inst_cols = [c for c in INSTRUMENT_COLS if raw.instruments and c in raw.instruments[0]]
     ctx.update(
-        clinic=clinic, version=alliance.__version__, jt_categories=JT_CATEGORIES,
+        clinic=clinic, version=platform_version(), jt_categories=JT_CATEGORIES,
         instrument_cols=inst_cols,
         generated_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )

@@ -31,7 +31,7 @@ class Options:
     """Report settings: the small-cell threshold and whether rate numerators are protected too."""
 
     min_cell: int = 11
-    protect_numerators: bool = False
+    protect_numerators: bool = True
 
 
 def fmt(v: Shown | float | int | None, kind: str = "n", digits: int = 1) -> str:
@@ -72,8 +72,8 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
             "sessions": suppress_value(a["sessions"], a["active_patients"], mc),
             "attendance": suppress_rate(a["sessions"], a["appointments"], mc, opts.protect_numerators)
             if a["booked_patients"] >= mc else Shown(None, a["booked_patients"], PRIMARY),
-            "with_alliance": _rate_over_patients(a["with_alliance"], a["sessions"], a["active_patients"], mc),
-            "with_outcome": _rate_over_patients(a["with_outcome"], a["sessions"], a["active_patients"], mc),
+            "with_alliance": _completeness(a, "alliance", mc),
+            "with_outcome": _completeness(a, "outcome", mc),
         }
 
     # Alliance trend: one point per month of the window, each resting on that month's patients.
@@ -227,6 +227,12 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
             def cell(v: Any, reason: str | None = reason, t: dict[str, Any] = t) -> Shown:
                 return Shown(v, int(t["patients"] or 0), reason)
             ri_base = int(t.get("outcome_patients") or 0)
+            pct = t["pct_reliable_improvement"]
+            if opts.protect_numerators and pct is not None and ri_base:
+                # rate x n gives the count back: a small count (or complement) hides the rate.
+                k = round(pct * ri_base / 100)
+                if 0 < k < mc or 0 < ri_base - k < mc:
+                    ri_base = 0
             rows.append({
                 "therapist": t["therapist_id"],
                 "patients": cell(t["patients"]),
@@ -260,3 +266,11 @@ def _rate_over_patients(k: int, n: int, patients: int, mc: int) -> Shown:
     if not n:
         return Shown(None, patients)
     return Shown(100.0 * k / n, patients, PRIMARY if patients < mc else None)
+
+
+def _completeness(a: dict[str, Any], kind: str, mc: int) -> Shown:
+    """% of attended sessions with a score: the mart's fraction when present, else counted."""
+    frac = a.get(f"{kind}_completeness")
+    if frac is not None:
+        return Shown(100.0 * float(frac), a["active_patients"], PRIMARY if a["active_patients"] < mc else None)
+    return _rate_over_patients(a[f"with_{kind}"], a["sessions"], a["active_patients"], mc)

@@ -153,7 +153,13 @@ def extract(
         rep.data_as_of = r[0].strftime("%Y-%m-%d %H:%M %Z").strip() if r and r[0] else None
     rep.srs_cutoff = float(parameter(con, "srs_alliance_concern_cutoff", 36.0))
     rep.srs_operator = str(parameter(con, "srs_alliance_concern_operator", "<"))
-    concern_sql = f"srs_total {'<=' if rep.srs_operator == '<=' else '<'} {rep.srs_cutoff}"
+    if {"alliance_concern_cutoff", "alliance_concern_operator"} <= columns(con, "seeds", "instruments"):
+        r = con.execute("select alliance_concern_cutoff, alliance_concern_operator from seeds.instruments "
+                        "where instrument = 'SRS' order by instrument_version desc limit 1").fetchone()
+        if r and r[0] is not None:
+            rep.srs_cutoff, rep.srs_operator = float(r[0]), str(r[1] or "<")
+    # The mart's own flag, so the report's % concern is the mart's number.
+    concern_sql = "coalesce(srs_concern, false)"
 
     if columns(con, "core", "sessions"):
         a = _rows(con, """
@@ -174,6 +180,20 @@ def extract(
             from s left join q using (session_id)
         """, [clinic, m0, clinic])[0]
         rep.activity = a
+
+    cm = columns(con, "marts", "clinic_monthly")
+    if cm and rep.activity is not None:
+        # The headline figures are the mart's own numbers for the clinic and month.
+        r = _rows(con, """
+            select patients, sessions_attended, mean_alliance, srs_concern_rate,
+                   alliance_completeness, outcome_completeness
+            from marts.clinic_monthly where scope = 'clinic' and clinic_id = ? and month = ?
+        """, [clinic, m0])
+        if r:
+            rep.activity["active_patients"] = r[0]["patients"]
+            rep.activity["sessions"] = r[0]["sessions_attended"]
+            rep.activity["alliance_completeness"] = r[0]["alliance_completeness"]
+            rep.activity["outcome_completeness"] = r[0]["outcome_completeness"]
 
     fas = columns(con, "marts", "fct_alliance_sessions")
     if fas:
@@ -232,27 +252,27 @@ def extract(
             by_inst.setdefault(r["instrument"], dict.fromkeys(JT_CATEGORIES, 0))[r["category"]] = r["patients"]
         rep.jt = [{"instrument": k, "counts": v} for k, v in sorted(by_inst.items())]
         rep.pre_post = _rows(con, f"""
-            select instrument, avg(first_score) as pre, avg(last_score) as post,
+            select instrument, avg(first_total) as pre, avg(last_total) as post,
                    count(distinct patient_id) as patients
-            {closed} and first_score is not null and last_score is not null
+            {closed} and first_total is not null and last_total is not null
             group by 1 order by 1
         """, args)
         if {"nhstt_eligible", "nhstt_case_at_start", "nhstt_recovered",
                 "nhstt_reliable_improvement", "nhstt_reliable_deterioration"} <= feo:
             rep.nhstt = _rows(con, f"""
                 select
-                    count(distinct patient_id) filter (where nhstt_eligible) as eligible,
-                    count(distinct patient_id) filter (where nhstt_eligible and nhstt_case_at_start) as cases,
-                    count(distinct patient_id) filter (where nhstt_eligible and nhstt_case_at_start and nhstt_recovered) as recovered,
-                    count(distinct patient_id) filter (where nhstt_eligible and nhstt_reliable_improvement) as improved,
-                    count(distinct patient_id) filter (where nhstt_eligible and nhstt_reliable_deterioration) as deteriorated
+                    count(distinct episode_id) filter (where nhstt_eligible) as eligible,
+                    count(distinct episode_id) filter (where nhstt_eligible and nhstt_case_at_start) as cases,
+                    count(distinct episode_id) filter (where nhstt_eligible and nhstt_case_at_start and nhstt_recovered) as recovered,
+                    count(distinct episode_id) filter (where nhstt_eligible and nhstt_reliable_improvement) as improved,
+                    count(distinct episode_id) filter (where nhstt_eligible and nhstt_reliable_deterioration) as deteriorated
                 {closed} and instrument = 'PHQ-9'
             """, args)[0]
-        if "early_alliance" in feo and "reliable_improvement" in feo:
+        if {"early_alliance", "reliably_improved"} <= feo:
             edges = early_alliance_edges(rep.srs_cutoff)
             rows = _rows(con, f"""
-                select patient_id, early_alliance, reliable_improvement, change
-                {closed} and early_alliance is not null and reliable_improvement is not null
+                select patient_id, early_alliance, reliably_improved as reliable_improvement, change
+                {closed} and early_alliance is not null and reliably_improved is not null
                     and instrument = (
                         select instrument {closed} and early_alliance is not null
                         group by 1 order by count(*) desc, 1 limit 1)
@@ -277,25 +297,32 @@ def extract(
             sg as (select * from marts.fct_sudden_gains where clinic_id = ?)
             select
                 (select count(distinct patient_id) from ep) as patients,
-                count(distinct sg.patient_id) filter (where sg.kind = 'gain') as with_gain,
-                count(distinct sg.patient_id) filter (where sg.kind = 'loss') as with_loss
+                count(distinct sg.patient_id) filter (where sg.sg_type = 'gain') as with_gain,
+                count(distinct sg.patient_id) filter (where sg.sg_type = 'loss') as with_loss
             from ep left join sg using (episode_id)
         """, [clinic, w0, m1, clinic])[0]
 
     aoa = columns(con, "marts", "alliance_outcome_association")
     if aoa:
-        where = "clinic_id = ?" if "clinic_id" in aoa else "true"
-        rep.association = _rows(
-            con,
-            f"select * from marts.alliance_outcome_association where {where}",
-            [clinic] if "clinic_id" in aoa else [],
-        )
+        if {"scope", "part"} <= aoa:
+            rep.association = _rows(con, """
+                select scope || ': ' || replace(part, '_', '-') as scope, r, ci_low, ci_high, n
+                from marts.alliance_outcome_association
+                where (scope = 'clinic' and clinic_id = ?) or (scope = 'network' and part = 'overall')
+                order by scope, case part when 'overall' then 0 when 'within_therapist' then 1 else 2 end
+            """, [clinic])
+        else:
+            rep.association = _rows(con, "select * from marts.alliance_outcome_association "
+                                         "where clinic_id = ?", [clinic])
 
     ts = columns(con, "marts", "therapist_summary")
     if ts:
+        # The mart's own figures (all time to the snapshot), rates turned into percentages.
         rep.therapists = _rows(con, """
-            select therapist_id, patients, sessions, mean_alliance,
-                   pct_reliable_improvement, outcome_patients, severity_adjusted_es
+            select therapist_id, patients, sessions_attended as sessions, mean_alliance,
+                   100.0 * reliable_improvement_rate as pct_reliable_improvement,
+                   episodes_paired as outcome_patients,
+                   severity_adjusted_effect_size as severity_adjusted_es
             from marts.therapist_summary where clinic_id = ? order by therapist_id
         """, [clinic])
 
@@ -326,12 +353,12 @@ def extract(
             rep.failing_checks = _rows(con, f"""
                 with latest as (
                     select {asset_col} as asset, "{name_col}" as check_name, passed,
-                           {sev} as severity, {unexp} as unexpected_count, {time_col} as at,
+                           {sev} as severity, {unexp} as unexpected_count, {time_col} as evaluated_at,
                            row_number() over (partition by {asset_col}, "{name_col}"
                                               order by {time_col} desc) as rn
                     from quality.check_results where {time_col} < ?
                 )
-                select asset, check_name, severity, unexpected_count, at
+                select asset, check_name, severity, unexpected_count, evaluated_at
                 from latest where rn = 1 and not passed order by asset, check_name
             """, [m1])
 

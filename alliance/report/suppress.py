@@ -73,7 +73,9 @@ def suppress_groups(
     changed = True
     while changed:
         changed = False
-        for g, members in enumerate(groups):
+        # Smallest groups first: a complement chosen there often protects the larger ones too.
+        for g in sorted(range(len(groups)), key=lambda g: (len(groups[g]), g)):
+            members = groups[g]
             hidden = [i for i in members if reasons[i]]
             if len(hidden) != 1:
                 continue

@@ -11,15 +11,21 @@ assignments as (select * from staging.stg_therapist_assigned),
 
 status_events as (
     select session_id, episode_id, patient_id, therapist_id, clinic_id,
-           'attended' as status, attended_at as status_at, recorded_at, event_id
+           'attended' as status, attended_at as status_at, recorded_at, event_id,
+           modality, duration_minutes,
+           null::varchar as cancelled_by, null::boolean as is_late
     from attended
     union all
     select session_id, episode_id, patient_id, therapist_id, clinic_id,
-           'cancelled' as status, cancelled_at as status_at, recorded_at, event_id
+           'cancelled' as status, cancelled_at as status_at, recorded_at, event_id,
+           null as modality, null as duration_minutes,
+           cancelled_by, is_late
     from cancelled
     union all
     select session_id, episode_id, patient_id, therapist_id, clinic_id,
-           'no_show' as status, no_show_at as status_at, recorded_at, event_id
+           'no_show' as status, no_show_at as status_at, recorded_at, event_id,
+           null as modality, null as duration_minutes,
+           null as cancelled_by, null as is_late
     from no_shows
 ),
 
@@ -31,15 +37,10 @@ latest_status as (
     ) = 1
 ),
 
-all_sessions as (
-    select session_id from scheduled
-    union
-    select session_id from status_events
-),
-
 joined as (
+    -- a session may be booked without an outcome yet, or have an outcome without a booking
     select
-        all_sessions.session_id,
+        coalesce(latest_status.session_id, scheduled.session_id) as session_id,
         coalesce(latest_status.episode_id, scheduled.episode_id) as episode_id,
         coalesce(latest_status.patient_id, scheduled.patient_id) as patient_id,
         coalesce(latest_status.therapist_id, scheduled.therapist_id) as event_therapist_id,
@@ -47,19 +48,13 @@ joined as (
         coalesce(latest_status.status, 'scheduled') as status,
         latest_status.status_at,
         scheduled.scheduled_for,
-        case when latest_status.status = 'attended' then attended.attended_at end as attended_at,
-        case
-            when latest_status.status = 'attended' then coalesce(attended.modality, scheduled.modality)
-            else scheduled.modality
-        end as modality,
-        case when latest_status.status = 'attended' then attended.duration_minutes end as duration_minutes,
-        case when latest_status.status = 'cancelled' then cancelled.cancelled_by end as cancelled_by,
-        case when latest_status.status = 'cancelled' then cancelled.is_late end as is_late_cancellation
-    from all_sessions
-    left join latest_status using (session_id)
-    left join scheduled using (session_id)
-    left join attended using (session_id)
-    left join cancelled using (session_id)
+        case when latest_status.status = 'attended' then latest_status.status_at end as attended_at,
+        coalesce(latest_status.modality, scheduled.modality) as modality,
+        latest_status.duration_minutes,
+        latest_status.cancelled_by,
+        latest_status.is_late as is_late_cancellation
+    from latest_status
+    full outer join scheduled on latest_status.session_id = scheduled.session_id
 ),
 
 timed as (
@@ -106,16 +101,19 @@ with_therapist as (
 ),
 
 numbered as (
+    -- both numbers share one window (one sort): session_number is the running count of
+    -- attended sessions, kept only on attended rows
     select
         *,
         case
-            when status = 'attended' then row_number() over (
-                partition by episode_id, status = 'attended' order by session_at, session_id
-            )
+            when status = 'attended' then count(*) filter (where status = 'attended') over episode_order
         end as session_number,
-        row_number() over (partition by episode_id order by session_at, session_id)
-            as appointment_number
+        row_number() over episode_order as appointment_number
     from with_therapist
+    window episode_order as (
+        partition by episode_id order by session_at, session_id
+        rows between unbounded preceding and current row
+    )
 ),
 
 final as (

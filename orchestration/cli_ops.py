@@ -1,0 +1,307 @@
+"""`alliance run`, `alliance ingest`, `alliance status`, `alliance dev`: the operator's commands.
+
+Thin wrappers over the same Dagster definitions the UI shows: each command executes a job from
+orchestration.definitions in this process against the persistent instance under data/dagster, so
+its run, logs and check results appear in `dg dev` and it waits for the same duckdb_writer pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alliance.config import paths
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser(
+        "run",
+        help="run the pipeline (or a selection) now, or an as-of rebuild",
+        description="Without options: the nightly full rebuild (ingest, seeds, staging, core, "
+        "marts, checks, publish, exports). --select takes Dagster's asset selection syntax, "
+        "e.g. 'group:marts', 'key:\"core/sessions\"+', '+key:\"serving/snapshot\"'. --as-of "
+        "rebuilds every model from events recorded up to that time into data/asof/<time>/.",
+    )
+    r.add_argument("--select", help="asset selection (Dagster selection syntax)")
+    r.add_argument("--as-of", dest="as_of", help="recorded_at cutoff, ISO-8601 (e.g. 2026-03-01)")
+    r.add_argument("--clinic", default="", help="with --as-of and --month: render that report")
+    r.add_argument("--month", default="", help="YYYY-MM, with --as-of and --clinic")
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser(
+        "ingest",
+        help="copy export files into landing/ and ingest them (then rebuild and publish)",
+        description="Copies each PATH into data/landing/ (atomically: never visible half-copied) "
+        "and runs ingest_job for it: ingest, rebuild, checks, publish. Re-ingesting a file already "
+        "ingested changes nothing.",
+    )
+    i.add_argument("paths", nargs="+", metavar="PATH")
+    i.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("status", help="last runs, row counts, failing checks, snapshot age")
+    s.add_argument("--runs", type=int, default=8, help="how many recent runs to list")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+
+    d = sub.add_parser(
+        "dev",
+        help="start the Dagster UI and daemon (dg dev) on the persistent instance",
+        description="Writes data/dagster/dagster.yaml, sets DAGSTER_HOME=data/dagster and runs "
+        "`dg dev`; extra arguments are passed on (e.g. alliance dev -- --port 3001).",
+    )
+    d.add_argument("dg_args", nargs=argparse.REMAINDER)
+    d.set_defaults(func=cmd_dev)
+
+
+# ------------------------------------------------------------------ execution
+
+
+def _defs():  # noqa: ANN202
+    from orchestration.definitions import build_definitions
+
+    return build_definitions()
+
+
+def execute_job(
+    job_name: str,
+    *,
+    select: str | None = None,
+    run_config: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+    log=print,  # noqa: ANN001
+) -> dict[str, Any]:
+    """Execute one job of the code location in-process on the persistent instance."""
+    import dagster as dg
+
+    from orchestration.instance import get_instance
+
+    instance = get_instance()
+    defs = _defs()
+    # A free selection runs in the implicit asset job (the one the UI's "Materialize" uses).
+    job = (defs.resolve_implicit_global_asset_job_def() if select
+           else defs.resolve_job_def(job_name))
+    asset_selection = None
+    if select:
+        graph = defs.resolve_asset_graph()
+        try:
+            keys = dg.AssetSelection.from_string(select).resolve(graph)
+        except Exception as e:  # noqa: BLE001 - any selection error goes back to the user
+            raise SystemExit(f"alliance run --select {select!r}: {e}") from e
+        if not keys:
+            raise SystemExit(f"alliance run --select {select!r} matches no asset")
+        asset_selection = sorted(keys, key=lambda k: k.to_user_string())
+        log(f"selected {len(asset_selection)} assets")
+    result = job.execute_in_process(
+        run_config=run_config,
+        instance=instance,
+        tags={"alliance/trigger": "cli", **(tags or {})},
+        asset_selection=asset_selection,
+        raise_on_error=False,
+    )
+    failed_checks = [
+        e.asset_check_evaluation_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        and not e.asset_check_evaluation_data.passed
+    ]
+    for ev in failed_checks:
+        log(f"  check failed: {ev.asset_key.to_user_string()} {ev.check_name} "
+            f"({ev.severity.value})")
+    skipped = [e.step_key for e in result.all_events if e.event_type_value == "STEP_SKIPPED"]
+    if skipped:
+        log(f"  skipped (upstream failed or a blocking check failed): {', '.join(skipped[:8])}"
+            + (" ..." if len(skipped) > 8 else ""))
+    log(f"run {result.run_id[:8]} ({job_name}) {'succeeded' if result.success else 'FAILED'}")
+    return {"success": result.success, "run_id": result.run_id,
+            "failed_checks": len(failed_checks), "skipped_steps": skipped}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestration.jobs import nightly_rebuild_job
+
+    if args.as_of:
+        from alliance.asof import AsOfError, parse_as_of
+
+        try:
+            cutoff = parse_as_of(args.as_of)
+        except AsOfError as e:
+            print(f"alliance run --as-of: {e}", file=sys.stderr)
+            return 2
+        if bool(args.clinic) != bool(args.month):
+            print("alliance run --as-of: give both --clinic and --month, or neither",
+                  file=sys.stderr)
+            return 2
+        config = {"ops": {"asof_rebuild": {"config": {
+            "as_of": cutoff.isoformat(), "clinic": args.clinic, "month": args.month}}}}
+        out = execute_job("asof_job", run_config=config, tags={"alliance/as_of": cutoff.isoformat()})
+        if out["success"]:
+            from alliance.asof import as_of_dir
+
+            print(as_of_dir(paths().root, cutoff) / "alliance.duckdb")
+        return 0 if out["success"] else 1
+    out = execute_job(nightly_rebuild_job.name, select=args.select,
+                      tags={"alliance/writer": "true"})
+    return 0 if out["success"] else 1
+
+
+def copy_into_landing(src: Path, landing: Path) -> Path:
+    """Copy a file into landing/ so that no reader ever sees it half-copied; returns the target.
+
+    The copy is written under a `.partial` name (which the landing sensor and the ingest ignore)
+    and renamed into place. A file already in landing/ is used where it is.
+    """
+    src = src.resolve()
+    landing = landing.resolve()
+    if landing in src.parents:
+        return src
+    target = landing / src.name
+    if target.exists() and target.read_bytes() == src.read_bytes():
+        return target
+    if target.exists():  # a different file with the same name: keep both
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        target = landing / f"{src.stem.split('.')[0]}-{stamp}{''.join(src.suffixes)}"
+    partial = target.with_name(target.name + ".partial")
+    landing.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, partial)
+    os.replace(partial, target)
+    return target
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from alliance.ingest import file_sha256
+    from orchestration.jobs import LANDING_FILE_TAG, LANDING_SHA_TAG, ingest_job, ingest_run_config
+
+    p = paths().ensure()
+    targets = []
+    for raw in args.paths:
+        src = Path(raw)
+        if not src.is_file():
+            print(f"alliance ingest: {src}: no such file", file=sys.stderr)
+            return 2
+        targets.append(copy_into_landing(src, p.landing))
+    ok = True
+    for t in targets:
+        rel = t.relative_to(p.landing.resolve()).as_posix()
+        print(f"ingesting {rel}")
+        out = execute_job(
+            ingest_job.name,
+            run_config=ingest_run_config([t]),
+            tags={LANDING_FILE_TAG: rel, LANDING_SHA_TAG: file_sha256(t)},
+        )
+        ok = ok and out["success"]
+    return 0 if ok else 1
+
+
+# ------------------------------------------------------------------ status
+
+
+def _fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never published"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def collect_status(n_runs: int = 8) -> dict[str, Any]:
+    """Everything `alliance status` shows, as data (the snapshot is opened read-only)."""
+    import duckdb
+
+    from alliance import snapshot
+    from alliance.ingest import landing_files
+    from orchestration.instance import get_instance
+
+    p = paths()
+    instance = get_instance(p)
+    runs = []
+    for r in instance.get_runs(limit=n_runs):
+        stats = instance.get_run_stats(r.run_id)
+        start, end = stats.start_time, stats.end_time
+        runs.append({
+            "run_id": r.run_id[:8],
+            "job": r.job_name,
+            "status": r.status.value,
+            "started": datetime.fromtimestamp(start, UTC).isoformat(timespec="seconds")
+            if start else None,
+            "seconds": round(end - start, 1) if start and end else None,
+            "landing_file": r.tags.get("alliance/landing_file"),
+        })
+    out: dict[str, Any] = {
+        "data_dir": str(p.root),
+        "runs": runs,
+        "snapshot": {
+            "path": str(p.serving),
+            "age_seconds": snapshot.snapshot_age_seconds(p.serving),
+            "history": [h.name for h in snapshot.list_history(p.serving)],
+        },
+        "landing_files": len(landing_files(p.landing)),
+        "row_counts": {},
+        "failing_checks": [],
+    }
+    if p.serving.exists():
+        con = duckdb.connect(str(p.serving), read_only=True)
+        try:
+            out["row_counts"] = snapshot.table_row_counts(con)
+        finally:
+            con.close()
+        try:
+            from quality.history import failing_checks
+
+            out["failing_checks"] = [
+                {k: str(v) for k, v in f.items() if k in
+                 ("asset", "check_name", "severity", "unexpected_count", "evaluated_at")}
+                for f in failing_checks(p.serving)
+            ]
+        except ImportError:
+            pass
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = collect_status(args.runs)
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+        return 0
+    print(f"data directory: {st['data_dir']}")
+    snap = st["snapshot"]
+    print(f"serving snapshot: {snap['path']} (age {_fmt_age(snap['age_seconds'])}, "
+          f"{len(snap['history'])} kept in history)")
+    print(f"files in landing/: {st['landing_files']}")
+    print("last runs:")
+    if not st["runs"]:
+        print("  (none yet)")
+    for r in st["runs"]:
+        extra = f"  file={r['landing_file']}" if r["landing_file"] else ""
+        secs = f"{r['seconds']}s" if r["seconds"] is not None else "-"
+        print(f"  {r['run_id']}  {r['job']:<22} {r['status']:<10} {r['started'] or '-':<26}"
+              f"{secs:>8}{extra}")
+    if st["row_counts"]:
+        print("row counts (serving snapshot):")
+        for name, n in st["row_counts"].items():
+            print(f"  {name:<45} {n:>12,}")
+    print(f"failing checks: {len(st['failing_checks'])}")
+    for f in st["failing_checks"]:
+        print(f"  {f.get('severity', '')}: {f.get('asset', '')} {f.get('check_name', '')} "
+              f"({f.get('unexpected_count', '')} rows, since {f.get('evaluated_at', '')})")
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from orchestration.instance import use_instance_home
+
+    home = use_instance_home()
+    print(f"DAGSTER_HOME={home}")
+    dg_bin = Path(sys.executable).with_name("dg")
+    extra = [a for a in args.dg_args if a != "--"]
+    os.execv(str(dg_bin), [str(dg_bin), "dev", *extra])
+    return 0  # not reached

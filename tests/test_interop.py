@@ -1,0 +1,419 @@
+"""Interoperability: FHIR R4, REDCap and research-CSV imports into canonical events; Parquet export."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from alliance.importers.common import Quarantined
+from alliance.importers.fhir import import_fhir, import_fhir_to_landing
+from alliance.importers.redcap import import_redcap
+from alliance.importers.wide_csv import import_wide_csv, import_wide_csv_to_landing
+
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
+needs_ref = pytest.mark.skipif(
+    not REF.exists(), reason=f"reference data folder {REF} is absent (only in the team workspace)"
+)
+PHQ9_LOINC = ["44250-9", "44255-8", "44259-0", "44254-1", "44251-7", "44258-2", "44252-5",
+              "44253-3", "44260-8"]
+LA = {0: "LA6568-5", 1: "LA6569-3", 2: "LA6570-1", 3: "LA6571-9"}
+
+
+def by_type(events: list[dict], t: str) -> list[dict]:
+    return [e for e in events if e["event_type"] == t]
+
+
+# --------------------------------------------------------------------------- reference data
+
+
+@needs_ref
+def test_hl7_sdc_phq9_scores_with_the_questionnaires_own_weights() -> None:
+    res = import_fhir(REF / "fhir" / "hl7_sdc_phq9", "fhir.yaml")
+    assert res.balanced and not res.quarantine
+    [sub] = by_type(res.events, "questionnaire.submitted")
+    p = sub["payload"]
+    assert p["instrument"] == "PHQ-9"
+    # By hand from the response's codes and the contained ValueSet's ordinalValue weights:
+    # Q1-3 Not-at-all (0), Q4 Several-days (1), Q5 More than half (2), Q6 Several (1),
+    # Q7 Nearly every day (3), Q8 More than half (2), Q9 Several (1).
+    assert p["answers"] == {"1": 0, "2": 0, "3": 0, "4": 1, "5": 2, "6": 1, "7": 3, "8": 2, "9": 1}
+    assert sum(p["answers"].values()) == 10
+    # The example reports 13 (item H1/TS, LOINC 44261-6): carried so scoring flags the mismatch.
+    assert p["total"] == 13
+    assert sub["occurred_at"] == "2019-08-21T20:36:57.544000+00:00"
+    assert "proband" not in sub["event_id"]
+    assert len(by_type(res.events, "episode.opened")) == 1
+
+
+@pytest.fixture(scope="module")
+def synthea():
+    return import_fhir(REF / "fhir" / "synthea_10_patients", "fhir.yaml")
+
+
+@needs_ref
+def test_synthea_encounters_become_sessions_and_every_line_is_accounted_for(synthea) -> None:
+    folder = REF / "fhir" / "synthea_10_patients"
+    lines = {str(p): sum(1 for _ in open(p)) for p in folder.glob("*.ndjson")}
+    summary = synthea.summary()
+    for f in summary["files"]:
+        assert f["records_read"] == lines[f["path"]]
+        assert f["records_read"] == (f["produced_events_from"] + sum(f["skipped"].values())
+                                     + sum(f["quarantined"].values()))
+    enc = lines[str(folder / "Encounter.000.ndjson")]
+    attended = by_type(synthea.events, "session.attended")
+    assert len(attended) == enc  # all Synthea encounters are 'finished'
+    assert {e["payload"].get("modality") for e in attended} <= {"in_person", "video", None}
+    patients = {e["patient_id"] for e in attended}
+    opened = by_type(synthea.events, "episode.opened")
+    assert {e["patient_id"] for e in opened} == patients
+    # Each synthesised episode opens at its patient's first encounter (compare as instants).
+    from datetime import datetime
+
+    for o in opened:
+        first = min(datetime.fromisoformat(a["occurred_at"]) for a in attended
+                    if a["patient_id"] == o["patient_id"])
+        assert datetime.fromisoformat(o["occurred_at"]) == first
+
+
+@needs_ref
+def test_synthea_output_holds_no_names_or_addresses(synthea, tmp_path) -> None:
+    folder = REF / "fhir" / "synthea_10_patients"
+    res = import_fhir_to_landing(folder, "fhir.yaml", tmp_path)
+    text = res.events_path.read_text() + res.quarantine_path.read_text()
+    for line in open(folder / "Patient.000.ndjson"):
+        pat = json.loads(line)
+        for n in pat.get("name", []):
+            assert n["family"] not in text
+        for a in pat.get("address", []):
+            assert a["line"][0] not in text
+        assert pat["id"] not in "".join(e["event_id"] for e in res.events)
+
+
+def _non_missing(path: Path, cols: list[str], where=lambda r: True) -> int:
+    with open(path) as f:
+        return sum(1 for r in csv.DictReader(f) if where(r)
+                   for c in cols if r[c].strip() not in ("", "NA"))
+
+
+@needs_ref
+def test_sgdata_wide_csv_imports_one_event_per_score() -> None:
+    path = REF / "suddengains" / "sgdata.csv"
+    res = import_wide_csv(path, "sgdata.yaml")
+    subs = by_type(res.events, "questionnaire.submitted")
+    assert len(subs) == _non_missing(path, [f"bdi_s{i}" for i in range(13)])
+    assert {e["payload"]["instrument"] for e in subs} == {"BDI-II"}
+    assert res.balanced and not res.quarantine
+    assert len(by_type(res.events, "episode.opened")) == 43
+    # Patient 1 baseline is 33 (s0), placed at the anchor as intake.
+    s0 = next(e for e in subs if e["patient_id"] == "1" and e["payload"]["timing"] == "intake")
+    assert s0["payload"]["total"] == 33
+
+
+@needs_ref
+def test_claus_2020_long_csv_imports_one_event_per_score() -> None:
+    path = REF / "clinicalsignificance" / "claus_2020.csv"
+    res = import_wide_csv(path, "claus_2020.yaml")
+    subs = by_type(res.events, "questionnaire.submitted")
+    assert len(subs) == _non_missing(path, ["bdi"])
+    assert res.files[str(path)].records_read == 172
+    assert res.balanced and not res.quarantine
+
+
+# --------------------------------------------------------------------------- synthetic FHIR
+
+
+def _phq9_qr(qid: str, pid: str, scores: list[int], total: int | None, status="completed") -> dict:
+    items = [{"linkId": f"/{code}", "answer": [{"valueCoding": {"system": "http://loinc.org",
+                                                                "code": LA[s]}}]}
+             for code, s in zip(PHQ9_LOINC, scores, strict=True)]
+    items.append({"linkId": "/69722-7", "answer": [{"valueCoding": {"code": "LA6572-7"}}]})
+    if total is not None:
+        items.append({"linkId": "/44261-6", "answer": [{"valueDecimal": total}]})
+    return {"resourceType": "QuestionnaireResponse", "id": qid, "status": status,
+            "questionnaire": "http://loinc.org/q/44249-1", "subject": {"reference": f"Patient/{pid}"},
+            "encounter": {"reference": "Encounter/e1"},
+            "authored": "2024-03-01T10:00:00+01:00", "item": [{"linkId": "/44249-1", "item": items}]}
+
+
+def _write_ndjson(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_fhir_loinc_coded_resources_encounter_statuses_and_quarantine(tmp_path) -> None:
+    patient = {"resourceType": "Patient", "id": "p1", "name": [{"family": "Secretname"}],
+               "identifier": [{"system": "urn:mrn", "value": "MRN-77"},
+                              {"system": "urn:ssn", "value": "123-45-6789"}],
+               "address": [{"line": ["1 Hidden Street"]}]}
+    enc = lambda i, st: {"resourceType": "Encounter", "id": i, "status": st,  # noqa: E731
+                         "class": {"code": "VR"}, "subject": {"reference": "Patient/p1"},
+                         "period": {"start": f"2024-03-0{i[-1]}T10:00:00+01:00",
+                                    "end": f"2024-03-0{i[-1]}T10:50:00+01:00"}}
+    obs_total = {"resourceType": "Observation", "id": "o1", "status": "final",
+                 "code": {"coding": [{"system": "http://loinc.org", "code": "70274-6"}]},
+                 "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2024-03-02",
+                 "valueQuantity": {"value": 12}}
+    panel = {"resourceType": "Observation", "id": "o2", "status": "final",
+             "code": {"coding": [{"system": "http://loinc.org", "code": "44249-1"}]},
+             "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2024-03-03T09:00:00Z",
+             "component": [{"code": {"coding": [{"code": c}]}, "valueInteger": 1}
+                           for c in PHQ9_LOINC]
+             + [{"code": {"coding": [{"code": "44261-6"}]}, "valueInteger": 9}]}
+    vitals = {"resourceType": "Observation", "id": "o3", "status": "final",
+              "code": {"coding": [{"code": "8867-4"}]}, "subject": {"reference": "Patient/p1"}}
+    f = _write_ndjson(tmp_path / "export.ndjson", [
+        patient, enc("e1", "finished"), enc("e2", "cancelled"), enc("e3", "noshow"),
+        enc("e4", "planned"), enc("e5", "in-progress"),
+        _phq9_qr("q1", "p1", [0, 1, 2, 3, 0, 1, 2, 3, 1], 13),
+        _phq9_qr("q2", "p1", [0] * 9, None, status="in-progress"),
+        {**_phq9_qr("q3", "p1", [0] * 9, None), "item": [{"linkId": "/44250-9", "answer": [
+            {"valueCoding": {"code": "LA-unknown"}}]}]},
+        obs_total, panel, vitals, "{not json", "",
+    ])
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:q9", "resource": {k: v for k, v in _phq9_qr("x", "p1", [3] * 9, 27)
+                                                .items() if k != "id"}}]}
+    b = tmp_path / "bundle.json"
+    b.write_text(json.dumps(bundle))
+    m = {"kind": "fhir", "clinic_id": "c1", "patient_identifier_system": "urn:mrn",
+         "encounter": {"status": {"finished": "session.attended", "cancelled": "session.cancelled",
+                                  "noshow": "session.no_show", "planned": "session.scheduled"},
+                       "class_modality": {"VR": "video"}},
+         "answer_weights": {"http://loinc.org|LA6568-5": 0, "http://loinc.org|LA6569-3": 1,
+                            "http://loinc.org|LA6570-1": 2, "http://loinc.org|LA6571-9": 3}}
+    res = import_fhir([tmp_path / "export.ndjson", b], m)
+    assert res.balanced
+    acc = res.files[str(f)]
+    assert acc.records_read == 14
+    types = [e["event_type"] for e in res.events]
+    assert types.count("session.attended") == 1 and types.count("session.cancelled") == 1
+    assert types.count("session.no_show") == 1 and types.count("session.scheduled") == 1
+    att = by_type(res.events, "session.attended")[0]
+    assert att["payload"] == {"modality": "video", "duration_minutes": 50}
+    assert att["patient_id"] == "MRN-77"  # the configured identifier, nothing else
+    subs = {e["payload"].get("total"): e for e in by_type(res.events, "questionnaire.submitted")}
+    assert subs[13]["payload"]["answers"] == {str(i + 1): v for i, v in
+                                              enumerate([0, 1, 2, 3, 0, 1, 2, 3, 1])}
+    assert subs[13]["session_id"] == "fhir:Encounter/e1"
+    assert subs[12]["payload"] == {"instrument": "GAD-7", "instrument_version": "1",
+                                   "respondent": "patient", "total": 12,
+                                   "administered_at": "2024-03-02T00:00:00+00:00"}
+    assert subs[9]["payload"]["answers"] == {str(i): 1 for i in range(1, 10)}
+    assert subs[27]["payload"]["answers"]["9"] == 3  # from the Bundle
+    reasons = {(q["reason"], q["line"]) for q in res.quarantine}
+    assert reasons == {("unmapped_status", 6), ("unmapped_answer", 9), ("malformed_json", 13)}
+    assert acc.skipped["Patient: identifier only, no event"] == 1
+    assert acc.skipped["blank line"] == 1
+    text = json.dumps(res.events) + json.dumps(res.quarantine)
+    for secret in ("Secretname", "123-45-6789", "Hidden Street"):
+        assert secret not in text
+
+
+def test_questionnaire_retraction_and_amendment(tmp_path) -> None:
+    qr = _phq9_qr("q1", "p1", [1] * 9, None)
+    f = _write_ndjson(tmp_path / "a.ndjson", [
+        qr, {**qr, "status": "amended", "meta": {"versionId": "2"}},
+        {**qr, "status": "entered-in-error"}])
+    res = import_fhir(f, {"kind": "fhir", "clinic_id": "c1", "answer_weights": {"LA6569-3": 1}})
+    sub = by_type(res.events, "questionnaire.submitted")[0]
+    assert by_type(res.events, "questionnaire.amended")[0]["payload"]["amends_event_id"] == sub["event_id"]
+    assert by_type(res.events, "questionnaire.retracted")[0]["payload"]["retracts_event_id"] == sub["event_id"]
+
+
+# --------------------------------------------------------------------------- REDCap
+
+
+def _redcap_fixture(tmp_path: Path) -> tuple[Path, Path]:
+    """A small longitudinal REDCap project: PHQ-9 per event, GAD-7 as a repeating instrument."""
+    choices = "0, Not at all | 1, Several days | 2, More than half the days | 3, Nearly every day"
+    dd = [["Variable / Field Name", "Form Name", "Section Header", "Field Type", "Field Label",
+           "Choices, Calculations, OR Slider Labels"],
+          ["record_id", "demographics", "", "text", "Record ID", ""],
+          ["phq9_date", "phq9", "", "text", "Date", ""]]
+    dd += [[f"phq9_{i}", "phq9", "", "checkbox" if i == 9 else "radio", f"Item {i}", choices]
+           for i in range(1, 10)]
+    dd += [["phq9_total", "phq9", "", "calc", "Total", "sum(...)"],
+           ["gad7_date", "gad7", "", "text", "Date", ""]]
+    dd += [[f"gad7_{i}", "gad7", "", "dropdown", f"Item {i}", choices] for i in range(1, 8)]
+    dd += [["gad7_total", "gad7", "", "calc", "Total", ""]]
+    d = tmp_path / "dictionary.csv"
+    with open(d, "w", newline="") as f:
+        csv.writer(f).writerows(dd)
+    cols = (["record_id", "redcap_event_name", "redcap_repeat_instrument", "redcap_repeat_instance",
+             "phq9_date"] + [f"phq9_{i}" for i in range(1, 9)]
+            + [f"phq9_9___{c}" for c in range(4)] + ["phq9_total", "phq9_complete", "gad7_date"]
+            + [f"gad7_{i}" for i in range(1, 8)] + ["gad7_total", "gad7_complete"])
+
+    def row(rec, event, rinst="", rn="", phq=None, tick=None, ptot="", pc="", gad=None, gd="",
+            gc=""):
+        phq = phq or [""] * 8
+        boxes = ["1" if tick == c else "0" for c in range(4)] if tick is not None else ["0"] * 4
+        if isinstance(tick, list):
+            boxes = ["1" if c in tick else "0" for c in range(4)]
+        gad = gad or [""] * 7
+        return ([rec, event, rinst, rn, "2024-01-10" if pc else ""] + phq + boxes + [ptot, pc, gd]
+                + gad + [sum(int(x) for x in gad if x) if gc else "", gc])
+
+    rows = [
+        row("101", "baseline_arm_1", phq=list("01230123"), tick=2, ptot="14", pc="2"),
+        row("101", "week_4_arm_1", phq=list("00000000"), tick=None, ptot="0", pc="2"),
+        row("101", "week_4_arm_1", "gad7", "1", gad=list("1111111"), gd="2024-02-01", gc="2"),
+        row("101", "week_4_arm_1", "gad7", "2", gad=list("2222222"), gd="2024-02-08", gc="2"),
+        row("102", "baseline_arm_1", phq=list("11111111"), tick=[1, 2], ptot="10", pc="2"),
+        row("103", "baseline_arm_1", phq=list("11111111"), tick=1, ptot="9", pc="1"),
+        row("104", "baseline_arm_1", phq=list("1111111") + ["7"], tick=1, ptot="9", pc="2"),
+    ]
+    e = tmp_path / "export.csv"
+    with open(e, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerows(rows)
+    return e, d
+
+
+def test_redcap_export_with_dictionary_checkboxes_events_and_repeats(tmp_path) -> None:
+    export, dictionary = _redcap_fixture(tmp_path)
+    res = import_redcap(export, dictionary, "redcap.yaml", clinic_id="rc1")
+    assert res.balanced
+    acc = res.files[str(export)]
+    assert acc.records_read == 7 and acc.produced == 4
+    subs = by_type(res.events, "questionnaire.submitted")
+    phq = [e for e in subs if e["payload"]["instrument"] == "PHQ-9"]
+    gad = [e for e in subs if e["payload"]["instrument"] == "GAD-7"]
+    assert len(phq) == 2 and len(gad) == 2
+    base = next(e for e in phq if e["payload"]["timing"] == "intake")
+    assert base["payload"]["answers"] == {"1": 0, "2": 1, "3": 2, "4": 3, "5": 0, "6": 1, "7": 2,
+                                          "8": 3, "9": 2}  # item 9 from the ticked checkbox
+    assert base["payload"]["total"] == 14
+    assert base["session_id"] == "redcap:101:baseline_arm_1"
+    week4 = next(e for e in phq if e is not base)
+    assert week4["payload"]["answers"]["9"] is None  # no box ticked: a missing item
+    assert {e["session_id"] for e in gad} == {"redcap:101:week_4_arm_1:1", "redcap:101:week_4_arm_1:2"}
+    assert len({e["event_id"] for e in gad}) == 2
+    reasons = {(q["line"], q["reason"]) for q in res.quarantine}
+    assert reasons == {(6, "multiple_answers"), (8, "invalid_value")}  # 7 is not a choice
+    assert acc.skipped == {"no complete mapped form on the row": 1}  # 103: form not complete
+    assert by_type(res.events, "episode.opened")[0]["patient_id"] == "101"
+
+
+# --------------------------------------------------------------------------- CLI and landing
+
+
+def test_cli_writes_canonical_ndjson_into_landing_reproducibly(tmp_path, monkeypatch) -> None:
+    from orchestration.cli import main
+
+    monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path / "data"))
+    src = _write_ndjson(tmp_path / "in.ndjson", [_phq9_qr("q1", "p1", [1] * 9, 9)])
+    assert main(["import", "fhir", str(src), "--mapping", "fhir.yaml", "--clinic", "c-1"]) == 0
+    landing = tmp_path / "data" / "landing"
+    [out] = list(landing.glob("*.ndjson"))
+    first = out.read_bytes()
+    assert main(["import", "fhir", str(src), "--mapping", "fhir.yaml", "--clinic", "c-1"]) == 0
+    assert out.read_bytes() == first  # same input -> same file -> the ingest sees no change
+    events = [json.loads(x) for x in first.decode().splitlines()]
+    assert {e["clinic_id"] for e in events} == {"c-1"}
+    summary = json.loads(next(landing.glob("*.summary.json")).read_text())
+    assert summary["balanced"] and summary["events_written"] == 2
+    bad = tmp_path / "bad.ndjson"
+    bad.write_text("{oops\n")
+    assert main(["import", "fhir", str(bad), "--mapping", "fhir.yaml", "--strict",
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "malformed_json" in next((tmp_path / "o").glob("*.quarantine.tsv")).read_text()
+    assert main(["import", "wide-csv", str(src), "--mapping", "nope.yaml"]) == 2
+
+
+def test_mapping_errors_name_file_and_key(tmp_path) -> None:
+    from alliance.importers.common import MappingError
+
+    p = tmp_path / "m.yaml"
+    p.write_text("kind: wide_csv\nclinic_id: x\nid_column: id\nscores: [{instrument: NOPE, "
+                 "column_pattern: 'a(\\d+)'}]\n")
+    with pytest.raises(MappingError, match=r"m\.yaml.*scores\[0\]\.instrument"):
+        import_wide_csv(p, p)
+    assert isinstance(Quarantined("x"), Exception)
+
+
+# --------------------------------------------------------------------------- ingest integration
+
+
+@needs_ref
+def test_imported_files_ingest_without_quarantine_and_phq9_scores(tmp_path) -> None:
+    ingest = pytest.importorskip("alliance.ingest", reason="the ingest engine is not there yet")
+    landing = tmp_path / "landing"
+    results = [
+        import_fhir_to_landing(REF / "fhir" / "hl7_sdc_phq9", "fhir.yaml", landing),
+        import_fhir_to_landing(REF / "fhir" / "synthea_10_patients", "fhir.yaml", landing),
+        import_wide_csv_to_landing(REF / "suddengains" / "sgdata.csv", "sgdata.yaml", landing),
+        import_wide_csv_to_landing(REF / "clinicalsignificance" / "claus_2020.csv",
+                                   "claus_2020.yaml", landing),
+    ]
+    con = duckdb.connect(str(tmp_path / "wh.duckdb"))
+    files = ingest.ingest_files(con, [r.events_path for r in results], b"k" * 32,
+                                quarantine_dir=tmp_path / "q")
+    for fr in files:
+        assert fr.status == "ingested", fr
+        assert fr.quarantined == 0, (fr.path, fr.quarantine_reasons)
+    expected = sum(len(r.events) for r in results)
+    assert con.execute("select count(*) from raw.events").fetchone()[0] == expected
+    # No raw identifier reaches the warehouse.
+    assert con.execute("select count(*) from raw.events where patient_id = 'proband' "
+                       "or patient_id not like 'pt_%'").fetchone()[0] == 0
+
+    from alliance import instruments as ins
+    from alliance.sqlrunner import discover_models, run_models
+
+    if "core.questionnaire_scores" not in discover_models():
+        pytest.skip("core.questionnaire_scores model not there yet")
+    ins.write_seed_tables(con, ins.load_instruments())
+    from alliance.config import SQL_DIR
+    if (SQL_DIR / "parameters.yml").exists():
+        ins.write_parameters_table(con, SQL_DIR / "parameters.yml")
+    run_models(con, "core.questionnaire_scores", upstream=True)
+    row = con.execute("""select total, total_reported, total_mismatch from core.questionnaire_scores
+                         where instrument = 'PHQ-9'""").fetchall()
+    assert row == [(10.0, 13.0, True)]
+
+
+# --------------------------------------------------------------------------- Parquet export
+
+
+def test_parquet_export_asset_partitions_by_clinic_and_month(tmp_path) -> None:
+    from assets.exports import parquet_export
+    from orchestration.resources import AllianceSettings
+
+    data = tmp_path / "data"
+    serving = data / "serving" / "alliance.duckdb"
+    serving.parent.mkdir(parents=True)
+    con = duckdb.connect(str(serving))
+    con.execute("create schema marts; create schema core; create schema raw")
+    con.execute("""create table marts.clinic_monthly as select * from (values
+        ('c1', date '2024-01-01', 5), ('c1', date '2024-02-01', 7), ('c2', date '2024-01-01', 3))
+        t(clinic_id, month, sessions)""")
+    con.execute("create table core.sessions as select 'c1' as clinic_id, 's' as session_id")
+    con.execute("create table marts.instrument_summary as select 'PHQ-9' as instrument, 2 as n")
+    con.execute("create table raw.events as select 1 as x")
+    con.close()
+    result = dg.materialize([parquet_export],
+                            resources={"settings": AllianceSettings(data_dir=str(data))})
+    assert result.success
+    out = data / "exports" / "parquet"
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet"))
+    assert any(f.startswith("marts/clinic_monthly/clinic_id=c1/month=2024-02-01/") for f in files)
+    assert any(f.startswith("marts/clinic_monthly/clinic_id=c2/month=2024-01-01/") for f in files)
+    assert "marts/instrument_summary/data.parquet" in files
+    assert not any(f.startswith("raw/") for f in files)
+    back = duckdb.sql(f"select clinic_id, sum(sessions)::int from read_parquet('{out}/marts/"
+                      "clinic_monthly/**/*.parquet', hive_partitioning = true) group by 1 order by 1"
+                      ).fetchall()
+    assert back == [("c1", 12), ("c2", 3)]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert {t["table"] for t in manifest["tables"]} == {
+        "marts.clinic_monthly", "marts.instrument_summary", "core.sessions"}
+    [mat] = [e.materialization for e in result.get_asset_materialization_events()]
+    assert mat.asset_key == dg.AssetKey(["exports", "parquet"])
+    assert mat.metadata["rows"].value == 5

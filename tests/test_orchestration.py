@@ -1,0 +1,308 @@
+"""Orchestration: landing sensor, pools, the atomic serving snapshot, as-of rebuilds, the web UI.
+
+Real components only: a simulated clinic network, the production ingest and SQL models, the real
+Dagster definitions executed in-process on a persistent instance in a temporary data directory,
+a second Python process holding the old snapshot open, and a real webserver answering GraphQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from alliance.config import REPO_ROOT, SQL_DIR
+
+KEY = "orchestration-test-key-0123456789abcdef"
+# Tables compared in the as-of test: every table a report or analyst reads.
+COMPARED = ("core.sessions", "core.episodes", "core.questionnaire_scores", "marts.clinic_monthly",
+            "marts.fct_alliance_sessions", "marts.fct_episode_outcomes")
+
+
+def _fast_tmp(factory: pytest.TempPathFactory, name: str) -> Path:
+    # Dagster's SQLite event log writes one row per event; on tmpfs a run is twice as fast.
+    if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK):
+        return Path(tempfile.mkdtemp(prefix=f"alliance-{name}-", dir="/dev/shm"))
+    return factory.mktemp(name)
+
+
+def _rows(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple]:
+    return con.execute(f"select * from {table} order by all").fetchall()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    """A data directory whose warehouse knows the early files, with later files waiting.
+
+    The early state is built with the library (ingest, seeds, models) and published as snapshot
+    v1; its tables and its last recorded_at are kept as "the original output".
+    """
+    from alliance.ingest import ingest_files, landing_files
+    from alliance.instruments import load_instruments, write_parameters_table, write_seed_tables
+    from alliance.simulation import simulate
+    from alliance.snapshot import publish_from_connection
+    from alliance.sqlrunner import run_models
+
+    root = _fast_tmp(tmp_path_factory, "orch")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ALLIANCE_DATA_DIR", str(root))
+    mp.setenv("ALLIANCE_PSEUDONYM_KEY", KEY)
+    mp.setenv("ALLIANCE_AUTOMATION", "off")
+    from alliance.config import paths
+
+    p = paths().ensure()
+    export = root / "export"
+    simulate(export, clinics=2, patients=50, months=4, therapists_per_clinic=3, seed=7,
+             truth_path=root / "truth.json")
+    files = landing_files(export)
+    cut = int(len(files) * 0.6)
+    early, late = files[:cut], files[cut:]
+    for f in early:
+        shutil.copy(f, p.landing / f.name)
+
+    con = duckdb.connect(str(p.warehouse))
+    ingest_files(con, [p.landing / f.name for f in early], KEY.encode(),
+                 quarantine_dir=p.quarantine)
+    write_seed_tables(con, load_instruments())
+    write_parameters_table(con, SQL_DIR / "parameters.yml")
+    run_models(con)
+    original = {t: _rows(con, t) for t in COMPARED}
+    cutoff = con.execute("select max(recorded_at) from raw.events").fetchone()[0]
+    publish_from_connection(con, p.warehouse, p.serving, keep=3)
+    con.close()
+    try:
+        yield {"paths": p, "late": late, "original": original, "cutoff": cutoff}
+    finally:
+        mp.undo()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ landing sensor
+
+
+def _write(path: Path, text: str, age: float | None = 60.0) -> Path:
+    path.write_text(text)
+    if age is not None:
+        t = time.time() - age
+        os.utime(path, (t, t))
+    return path
+
+
+def test_landing_sensor_one_run_per_new_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import dagster as dg
+
+    from orchestration.sensors import landing_sensor
+
+    monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("ALLIANCE_LANDING_SETTLE_SECONDS", "10")
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    a = _write(landing / "a.ndjson", '{"n": 1}\n')
+    (landing / "sub").mkdir()
+    _write(landing / "sub" / "b.ndjson", '{"n": 2}\n')
+    _write(landing / "c.ndjson.part", '{"n": 3}\n')  # temporary suffix: still being copied
+    growing = _write(landing / "d.ndjson", '{"n": 4', age=None)  # just written
+
+    def tick(cursor: str | None) -> dg.SensorResult:
+        with dg.instance_for_test() as instance:
+            ctx = dg.build_sensor_context(instance=instance, cursor=cursor)
+            return landing_sensor(ctx)
+
+    r1 = tick(None)
+    files1 = sorted(r.tags["alliance/landing_file"] for r in r1.run_requests)
+    assert files1 == ["a.ndjson", "sub/b.ndjson"]
+    sha_a = r1.run_requests[0].tags["alliance/sha256"]
+    assert r1.run_requests[0].run_key == f"landing:{sha_a}"
+    assert r1.run_requests[0].run_config["ops"]["ingest"]["config"]["files"] == [str(a.resolve())]
+
+    # Repeat tick: nothing new. The growing file was seen once and is left alone while it changes.
+    growing.write_text('{"n": 4, "more": true}\n')
+    r2 = tick(r1.cursor)
+    assert r2.run_requests == []
+    # Unchanged since the previous tick: now it is complete.
+    r3 = tick(r2.cursor)
+    assert [r.tags["alliance/landing_file"] for r in r3.run_requests] == ["d.ndjson"]
+
+    # A finished rename, a re-drop of known content under a new name, and a changed file.
+    (landing / "c.ndjson.part").rename(landing / "c.ndjson")
+    os.utime(landing / "c.ndjson", (time.time() - 60, time.time() - 60))
+    _write(landing / "a-copy.ndjson", '{"n": 1}\n')
+    _write(a, '{"n": 1}\n{"n": 5}\n')
+    r4 = tick(r3.cursor)
+    got = sorted(r.tags["alliance/landing_file"] for r in r4.run_requests)
+    assert got == ["a.ndjson", "c.ndjson"]
+    assert len({r.run_key for r in r4.run_requests} | {r.run_key for r in r1.run_requests}) == 4
+    assert tick(r4.cursor).run_requests == []
+
+
+# ------------------------------------------------------------------ pool, publish, as-of
+
+
+def test_definitions_wire_pool_jobs_schedules_and_sensors(world):
+    import dagster as dg
+
+    from orchestration.definitions import build_definitions
+    from orchestration.instance import get_instance
+
+    defs = build_definitions()
+    graph = defs.resolve_asset_graph()
+    writers = [k for k in graph.materializable_asset_keys
+               if graph.get(k).group_name in ("ingest", "seeds", "staging", "core", "marts",
+                                              "publish")]
+    assert dg.AssetKey(["serving", "snapshot"]) in writers
+    assert all(graph.get(k).pools == {"duckdb_writer"} for k in writers), \
+        [k for k in writers if graph.get(k).pools != {"duckdb_writer"}]
+    snap = graph.get(dg.AssetKey(["serving", "snapshot"]))
+    assert dg.AssetKey(["marts", "clinic_monthly"]) in snap.parent_keys
+    assert {s.name for s in defs.sensors} >= {"landing_sensor", "clinic_partitions_sensor"}
+    assert {s.name for s in defs.schedules} >= {"nightly_rebuild_schedule",
+                                                "monthly_reports_schedule"}
+    for job in ("ingest_job", "nightly_rebuild_job", "asof_job", "reports_job", "publish_job"):
+        assert defs.resolve_job_def(job).description
+    instance = get_instance()
+    assert {p.name: p.limit for p in instance.event_log_storage.get_pool_limits()} == {
+        "duckdb_writer": 1}
+    cfg = (world["paths"].dagster_home / "dagster.yaml").read_text()
+    assert "default_limit: 1" in cfg and "alliance/writer" in cfg
+
+
+READER = r"""
+import sys, duckdb
+con = duckdb.connect(sys.argv[1], read_only=True)
+q = "select count(*) from raw.events"
+print(con.execute(q).fetchone()[0], flush=True)
+sys.stdin.readline()          # wait while the pipeline runs and swaps the snapshot
+print(con.execute(q).fetchone()[0], flush=True)
+print(con.execute("select count(*) from marts.clinic_monthly").fetchone()[0], flush=True)
+"""
+
+
+def test_full_run_while_analyst_holds_snapshot(world):
+    from alliance.snapshot import list_history
+    from orchestration.cli_ops import execute_job
+    from orchestration.jobs import ingest_run_config
+
+    p = world["paths"]
+    inode_before = p.serving.stat().st_ino
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(p.serving)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        before = int(reader.stdout.readline())
+        for f in world["late"]:
+            shutil.copy(f, p.landing / f.name)
+        out = execute_job("ingest_job", run_config=ingest_run_config(
+            [p.landing / f.name for f in world["late"]]), log=lambda _m: None)
+        assert out["success"], out
+        assert reader.poll() is None, "the analyst's process died during the run"
+        reader.stdin.write("\n")
+        reader.stdin.flush()
+        still, marts_rows = int(reader.stdout.readline()), int(reader.stdout.readline())
+        assert reader.wait(timeout=30) == 0
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+    assert still == before, "the open snapshot changed under the analyst"
+    assert marts_rows > 0
+    assert p.serving.stat().st_ino != inode_before, "the snapshot was not swapped"
+    with duckdb.connect(str(p.serving), read_only=True) as con:
+        after = con.execute("select count(*) from raw.events").fetchone()[0]
+    assert after > before
+    assert len(list_history(p.serving)) == 2
+    assert not list((p.serving_dir / ".incoming").glob("*"))
+
+
+def test_asof_rebuild_equals_original_after_corrections(world):
+    from alliance.asof import as_of_dir
+    from orchestration.cli_ops import execute_job
+
+    p = world["paths"]
+    cutoff = world["cutoff"]
+    with duckdb.connect(str(p.serving), read_only=True) as con:
+        later = con.execute(
+            "select count(*) filter (where event_type in ('questionnaire.amended', "
+            "'questionnaire.retracted')), count(*) from raw.events where recorded_at > ?",
+            [cutoff]).fetchone()
+        now_rows = {t: _rows(con, t) for t in COMPARED}
+    assert later[0] > 0, "the late files should carry amendments or retractions"
+    assert any(now_rows[t] != world["original"][t] for t in COMPARED), "nothing changed later"
+
+    out = execute_job("asof_job", run_config={"ops": {"asof_rebuild": {"config": {
+        "as_of": cutoff.isoformat()}}}}, log=lambda _m: None)
+    assert out["success"], out
+    db = as_of_dir(p.root, cutoff) / "alliance.duckdb"
+    with duckdb.connect(str(db), read_only=True) as con:
+        for t in COMPARED:
+            assert _rows(con, t) == world["original"][t], f"{t} differs as of {cutoff}"
+        assert con.execute("select max(recorded_at) from raw.events").fetchone()[0] == cutoff
+
+
+def test_status_reports_runs_counts_and_snapshot_age(world, capsys):
+    from orchestration.cli import main
+
+    assert main(["status", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["snapshot"]["age_seconds"] is not None and st["snapshot"]["age_seconds"] < 600
+    assert {r["job"] for r in st["runs"]} >= {"ingest_job", "asof_job"}
+    assert st["row_counts"]["raw.events"] > 0
+    assert isinstance(st["failing_checks"], list)
+
+
+# ------------------------------------------------------------------ the UI
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_webserver_lists_assets_over_graphql(tmp_path: Path):
+    port = _free_port()
+    env = {**os.environ, "ALLIANCE_DATA_DIR": str(tmp_path), "DAGSTER_HOME": str(tmp_path),
+           "ALLIANCE_AUTOMATION": "off"}
+    web = Path(sys.executable).with_name("dagster-webserver")
+    proc = subprocess.Popen(
+        [str(web), "-m", "orchestration.definitions", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    query = json.dumps({"query": "{ assetNodes { assetKey { path } description } "
+                                 "sensorsOrError { ... on Sensors { results { name } } } }"})
+    data = None
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql",
+                                             data=query.encode(),
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    data = json.loads(resp.read())
+                if data.get("data", {}).get("assetNodes"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert data is not None, proc.stderr.read()[-2000:]
+    nodes = {"/".join(n["assetKey"]["path"]): n for n in data["data"]["assetNodes"]}
+    assert {"raw/events", "serving/snapshot", "marts/clinic_monthly"} <= set(nodes)
+    assert all(n["description"] for n in nodes.values()), \
+        [k for k, n in nodes.items() if not n["description"]]

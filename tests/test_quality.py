@@ -1,0 +1,309 @@
+"""Quality suites: each kind of violation fails its check with the right count and severity,
+blocking failures stop downstream assets while warnings do not, and history accumulates."""
+
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+from dagster_duckdb import DuckDBResource
+
+from quality.batch import pending_file_ids, validate_files
+from quality.checks import batch_checks, defs, marts_checks, relational_checks
+from quality.history import failing_checks, latest_results, record_check_result
+from quality.marts import ModelSuite, validate_model
+from quality.relational import CHECKS, run_check
+
+T0 = datetime(2024, 3, 1, 9, tzinfo=UTC)
+RAW_DDL = """
+create schema if not exists raw;
+create table if not exists raw.events (
+    event_id varchar primary key, content_hash varchar, event_type varchar, schema_version int,
+    occurred_at timestamptz, recorded_at timestamptz, source varchar, clinic_id varchar,
+    patient_id varchar, therapist_id varchar, episode_id varchar, session_id varchar,
+    payload json, file_id bigint, source_file varchar, line_number bigint, dropped_fields int);
+create table if not exists raw.ingested_files (
+    file_id bigint, path varchar, sha256 varchar, lines_read bigint, accepted bigint,
+    duplicates bigint, quarantined bigint, dropped_fields bigint, status varchar,
+    started_at timestamptz, finished_at timestamptz, recorded_at timestamptz);
+create schema if not exists seeds;
+create table if not exists seeds.instrument_items as
+    select 'PHQ-9' as instrument, '1' as instrument_version, i::varchar as item,
+           0.0 as min_value, 3.0 as max_value
+    from range(1, 10) as t(i);
+create table if not exists seeds.instruments as
+    select 'PHQ-9' as instrument, '1' as instrument_version, 0.0 as total_min, 27.0 as total_max;
+"""
+
+
+def _pid(kind: str, i: int) -> str:
+    return f"{kind}_{i:016x}"
+
+
+def add_file(con: duckdb.DuckDBPyConnection, file_id: int, n: int = 20) -> None:
+    """A clean file of n attended sessions and n PHQ-9 submissions (2n events)."""
+    con.execute(RAW_DDL)
+    rows = []
+    for i in range(n):
+        k = file_id * 1000 + i
+        ids = {"pt": _pid("pt", k), "th": _pid("th", k), "ep": _pid("ep", k), "se": _pid("se", k)}
+        at, rec = T0 + timedelta(days=i), T0 + timedelta(days=i, hours=1)
+        rows.append([f"a{k}", "h", "session.attended", 1, at, rec, "test", "c1", ids["pt"],
+                     ids["th"], ids["ep"], ids["se"],
+                     json.dumps({"duration_minutes": 50, "modality": "video"}),
+                     file_id, f"f{file_id}.ndjson", 2 * i + 1, 0])
+        rows.append([f"q{k}", "h", "questionnaire.submitted", 1, at, rec, "test", "c1", ids["pt"],
+                     None, ids["ep"], ids["se"],
+                     json.dumps({"instrument": "PHQ-9", "instrument_version": "1",
+                                 "respondent": "patient", "administered_at": at.isoformat(),
+                                 "answers": {str(j): 1 for j in range(1, 10)}}),
+                     file_id, f"f{file_id}.ndjson", 2 * i + 2, 0])
+    con.executemany("insert into raw.events values (" + ", ".join(["?"] * 17) + ")", rows)
+    con.execute("insert into raw.ingested_files values (?, ?, 'x', ?, ?, 0, 0, 0, 'ingested',"
+                " now(), now(), now())", [file_id, f"f{file_id}.ndjson", 2 * n, 2 * n])
+
+
+def inject(con: duckdb.DuckDBPyConnection, file_id: int, kind: str) -> None:
+    """Break some rows of a file in one way (see VIOLATIONS for the expected counts)."""
+    k = file_id * 1000
+    sql = {
+        # 2 attended sessions without their session
+        "missing_required": f"update raw.events set session_id = null where event_id in ('a{k}', 'a{k + 1}')",
+        # 1 raw identifier leaked instead of a pseudonym
+        "raw_identifier": f"update raw.events set patient_id = 'Jane Doe 1970' where event_id = 'a{k + 2}'",
+        # 3 unknown enum codes
+        "unknown_code": f"update raw.events set payload = json_object('modality', 'telepathy') where event_id in ('a{k + 3}', 'a{k + 4}', 'a{k + 5}')",
+        # 1 answer out of range and 1 unknown item
+        "answer_range": f"update raw.events set payload = json_object('instrument', 'PHQ-9', 'instrument_version', '1', 'respondent', 'patient', 'administered_at', 'x', 'answers', json_object('1', 7, '2', null, '12', 1)) where event_id = 'q{k + 6}'",
+        # 1 event far in the future (also after its recorded_at: 2 findings), 1 before the floor
+        "timestamps": f"update raw.events set occurred_at = case event_id when 'a{k + 7}' then '2099-01-01'::timestamptz else '1990-01-01'::timestamptz end where event_id in ('a{k + 7}', 'a{k + 8}')",
+    }[kind]
+    con.execute(sql)
+
+
+# kind -> (check, unexpected count, severity)
+VIOLATIONS = {
+    "missing_required": ("required_fields_present", 2, "ERROR"),
+    "raw_identifier": ("pseudonyms_well_formed", 1, "ERROR"),
+    "unknown_code": ("codes_known", 3, "ERROR"),
+    "answer_range": ("answers_in_range", 2, "ERROR"),
+    "timestamps": ("timestamps_plausible", 3, "WARN"),
+}
+
+
+def test_each_violation_fails_its_check_with_count_and_severity(tmp_path: Path) -> None:
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    add_file(con, 1)
+    for kind in VIOLATIONS:
+        inject(con, 1, kind)
+    add_file(con, 2)  # a clean file: only the batch asked for is read
+    assert pending_file_ids(con) == [1, 2]
+
+    v = validate_files(con, [1])
+    assert v.rows == 40
+    for kind, (check, count, severity) in VIOLATIONS.items():
+        outcome = v.checks[check]
+        assert not outcome.passed, kind
+        assert outcome.unexpected_count == count, (kind, outcome.failing_expectations)
+        assert v.severities[check] == severity
+        assert outcome.failing_keys and all(k.startswith("file_id=1 line_number=")
+                                            for k in outcome.failing_keys)
+    assert set(v.blocking_failures) == {c for c, _, s in VIOLATIONS.values() if s == "ERROR"}
+    # the leaked identifier is never repeated in what a check reports
+    assert "Jane" not in json.dumps([c.metadata() for c in v.checks.values()])
+
+    clean = validate_files(con, [2])
+    assert clean.passed and clean.rows == 40 and all(
+        c.expectations_evaluated for c in clean.checks.values())
+
+
+def test_empty_batch_passes_without_reading(tmp_path: Path) -> None:
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    v = validate_files(con, [])
+    assert v.passed and v.rows == 0 and v.notes == ["no new batch"]
+
+
+# ---------------------------------------------------------------- Dagster: blocking and history
+
+
+class Drop(dg.Config):
+    violation: str = ""
+
+
+def _graph(db: str) -> tuple[list[object], dict[str, object]]:
+    @dg.asset(key=["raw", "events"])
+    def raw_events(config: Drop, duckdb: DuckDBResource) -> dg.MaterializeResult:
+        with duckdb.get_connection() as con:
+            con.execute(RAW_DDL)
+            file_id = int(con.execute("select coalesce(max(file_id), 0) + 1 from raw.ingested_files")
+                          .fetchone()[0])
+            add_file(con, file_id, n=10)
+            if config.violation:
+                inject(con, file_id, config.violation)
+        return dg.MaterializeResult(metadata={"file_ids": dg.MetadataValue.json([file_id])})
+
+    @dg.asset(key=["serving", "snapshot_test"], deps=[raw_events])
+    def snapshot() -> None:
+        return None
+
+    return [raw_events, snapshot, batch_checks()], {"duckdb": DuckDBResource(database=db)}
+
+
+def _run(assets: list[object], resources: dict[str, object], instance: dg.DagsterInstance,
+         violation: str) -> dg.ExecuteInProcessResult:
+    return dg.materialize(assets, resources=resources, instance=instance, raise_on_error=False,
+                          run_config={"ops": {"raw__events": {"config": {"violation": violation}}}})
+
+
+def _materialized(result: dg.ExecuteInProcessResult) -> set[str]:
+    return {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+
+
+def _evaluations(result: dg.ExecuteInProcessResult) -> dict[str, tuple[bool, str]]:
+    return {e.check_name: (e.passed, e.severity.value)
+            for e in (ev.event_specific_data for ev in result.all_events
+                      if ev.event_type_value == "ASSET_CHECK_EVALUATION")}
+
+
+def test_blocking_failure_stops_downstream_warning_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path / "data"))
+    db = str(tmp_path / "w.duckdb")
+    assets, resources = _graph(db)
+    instance = dg.DagsterInstance.ephemeral()
+
+    warn = _run(assets, resources, instance, "timestamps")
+    assert _evaluations(warn)["timestamps_plausible"] == (False, "WARN")
+    assert warn.success and "serving/snapshot_test" in _materialized(warn)
+
+    block = _run(assets, resources, instance, "raw_identifier")
+    assert _evaluations(block)["pseudonyms_well_formed"] == (False, "ERROR")
+    assert _evaluations(block)["timestamps_plausible"] == (True, "WARN")  # only the new batch
+    assert not block.success
+    assert _materialized(block) == {"raw/events"}
+
+    # history: 5 checks x 2 runs; what is failing now is the latest evaluation only
+    with duckdb.connect(db, read_only=True) as con:
+        per_run = con.execute("select run_id, count(*) from quality.check_results group by all"
+                              ).fetchall()
+        validated = con.execute("select file_id, passed from quality.validated_batches"
+                                " order by file_id").fetchall()
+    assert sorted(n for _, n in per_run) == [5, 5]
+    assert validated == [(1, True), (2, False)]  # a WARN failure does not fail the batch
+    failing = failing_checks(db)
+    assert [(f["check_name"], f["severity"], f["unexpected_count"]) for f in failing] == [
+        ("pseudonyms_well_formed", "ERROR", 1)]
+    assert failing[0]["run_id"] == block.run_id and failing[0]["failing_since"] is not None
+    assert "Jane" not in json.dumps(failing, default=str)
+
+    # Data Docs were rendered under <data dir>/quality-docs, without the leaked identifier
+    index = tmp_path / "data" / "quality-docs" / "site" / "index.html"
+    assert index.exists()
+    site = "".join(p.read_text(errors="ignore") for p in index.parent.rglob("*.html"))
+    assert "raw_events_batch" in site and "Jane Doe" not in site
+
+
+def test_history_failing_since_and_recovery(tmp_path: Path) -> None:
+    con = duckdb.connect(str(tmp_path / "h.duckdb"))
+    t = datetime(2025, 1, 1, tzinfo=UTC)
+    for i, passed in enumerate([True, False, False]):
+        record_check_result(con, run_id=f"r{i}", asset=["core", "sessions"], check_name="c",
+                            passed=passed, severity="WARN", unexpected_count=0 if passed else 4,
+                            details={"failing_keys": "se_00"}, evaluated_at=t + timedelta(days=i))
+    (row,) = failing_checks(con)
+    assert row["failing_since"] == t + timedelta(days=1) and row["run_id"] == "r2"
+    assert row["details"] == {"failing_keys": "se_00"}
+    record_check_result(con, run_id="r3", asset="core/sessions", check_name="c", passed=True,
+                        severity=dg.AssetCheckSeverity.WARN, evaluated_at=t + timedelta(days=3))
+    assert failing_checks(con) == []
+    assert len(latest_results(con)) == 1
+    assert failing_checks(tmp_path / "missing.duckdb") == []
+
+
+# ---------------------------------------------------------------- marts and relational checks
+
+
+MARTS_DDL = """
+create schema if not exists core; create schema if not exists marts; create schema if not exists staging;
+create table core.sessions as
+    select 'se_' || lpad(i::varchar, 16, '0') as session_id, 'ep_' || lpad((i % 5)::varchar, 16, '0') as episode_id,
+           'attended' as status, timestamptz '2024-03-01 10:00:00+00' + to_days(i::int) as session_at
+    from range(10) as t(i);
+create table core.episodes as
+    select 'ep_' || lpad(i::varchar, 16, '0') as episode_id,
+           case when i = 0 then timestamptz '2024-03-03 00:00:00+00' end as closed_at
+    from range(5) as t(i);
+create table core.questionnaire_scores as
+    select 'r' || i as response_id, 'pt_' || lpad(i::varchar, 16, '0') as patient_id,
+           'ep_' || lpad((i % 5)::varchar, 16, '0') as episode_id,
+           case when i = 3 then 'se_ffffffffffffffff' else 'se_' || lpad(i::varchar, 16, '0') end as session_id,
+           'PHQ-9' as instrument, '1' as instrument_version,
+           case when i = 1 then 31.0 when i = 2 then -1.0 else 10.0 end as total
+    from range(10) as t(i);
+create table marts.fct_test as
+    select 'c1' as clinic_id, date '2024-03-01' + to_months(i::int) as month,
+           case when i = 0 then 120.0 else 50.0 end as completion_pct,
+           case when i = 1 then 1.5 else 0.5 end as dropout_rate,
+           case when i = 2 then 28.0 else 9.0 end as phq_total
+    from range(4) as t(i)
+    union all select 'c1', date '2024-03-01', 10.0, 0.1, 3.0;
+create view staging.stg_events as select * from raw.events where event_id <> 'a1000';
+"""
+
+
+def test_marts_and_relational_checks(tmp_path: Path) -> None:
+    con = duckdb.connect(str(tmp_path / "m.duckdb"))
+    add_file(con, 1, n=5)
+    con.execute(MARTS_DDL)
+
+    scores = validate_model(con, ModelSuite("core", "questionnaire_scores", totals=("total",),
+                                            failing_keys=("patient_id",),
+                                            checks=("totals_in_instrument_range",)))
+    t = scores["totals_in_instrument_range"]
+    assert not t.passed and t.unexpected_count == 2
+    assert sorted(t.failing_keys) == [f"patient_id=pt_{i:016d}" for i in (1, 2)]
+
+    fct = validate_model(con, ModelSuite("marts", "fct_test", key=("clinic_id", "month"),
+                                         rate_ranges=(("_rate$", 0, 1), ("_pct$", 0, 100)),
+                                         total_instruments=(("phq_total", "PHQ-9"),),
+                                         totals=("phq_total",),
+                                         checks=("rates_within_range", "one_row_per_key",
+                                                 "totals_in_instrument_range")))
+    assert fct["rates_within_range"].unexpected_count == 2  # 120 % and a rate of 1.5
+    assert fct["totals_in_instrument_range"].unexpected_count == 1
+    assert fct["one_row_per_key"].unexpected_count == 2 and not fct["one_row_per_key"].passed
+
+    by_name = {c.name: c for c in CHECKS}
+    conserved = run_check(con, by_name["events_conserved"])
+    assert (conserved.passed, conserved.unexpected_count, conserved.failing_keys) == (
+        False, 1, ["session.attended"])
+    orphan = run_check(con, by_name["questionnaires_on_known_sessions"])
+    assert (orphan.unexpected_count, orphan.failing_keys) == (1, ["se_ffffffffffffffff"])
+    late = run_check(con, by_name["no_attended_session_after_episode_end"])
+    # episode 0 closed on 2024-03-03: its sessions 5 (03-06) is after, session 0 (03-01) is not
+    assert (late.unexpected_count, late.failing_keys) == (1, [f"se_{5:016d}"])
+
+
+def test_checks_attach_to_the_project_graph(tmp_path: Path) -> None:
+    from assets import ingest, sql_models
+    from orchestration.resources import AllianceSettings
+
+    resources = {"duckdb": DuckDBResource(database=str(tmp_path / "w.duckdb")),
+                 "settings": AllianceSettings(data_dir=str(tmp_path))}
+    merged = dg.Definitions.merge(ingest.defs(), sql_models.defs(), defs(),
+                                  dg.Definitions(resources=resources))
+    graph = merged.resolve_asset_graph()
+    check_keys = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
+    assert ("raw/events", "pseudonyms_well_formed") in check_keys
+    assert ("staging/stg_events", "events_conserved") in check_keys
+    specs = {s.name: s for c in [batch_checks()] for s in c.check_specs}
+    assert specs["pseudonyms_well_formed"].blocking and not specs["timestamps_plausible"].blocking
+    assert all(s.blocking for c in marts_checks([ModelSuite("marts", "x", rate_ranges=(("_rate$", 0, 1),),
+                                                            checks=("rates_within_range",))])
+               for s in c.check_specs)
+    assert {c.check_specs.__iter__().__next__().name for c in relational_checks()} == {
+        c.name for c in CHECKS}

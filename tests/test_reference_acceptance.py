@@ -1,0 +1,275 @@
+"""Acceptance of the outcome marts against published reference tools (R clinicalsignificance, suddengains).
+
+Reference CSVs are converted to canonical events and run through the same pipeline as clinic
+data: ingest -> staging -> core -> marts. Only parameters (seeds.parameters) change, never the
+code path. Skipped when ../shared/reference (next to the repository) is absent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from alliance.config import REPO_ROOT, SQL_DIR
+
+REFERENCE = (REPO_ROOT / ".." / "shared" / "reference").resolve()
+KEY = b"reference-acceptance-test-key-0123456789"
+START = datetime(2024, 1, 8, 9, 0, tzinfo=UTC)
+
+pytestmark = pytest.mark.skipif(
+    not REFERENCE.is_dir(),
+    reason=f"reference data folder {REFERENCE} is absent (it is not part of the repository)",
+)
+
+
+# ---------------------------------------------------------------- shared pipeline helpers
+
+
+def _ts(t: datetime) -> str:
+    return t.isoformat()
+
+
+def _envelope(event_id: str, event_type: str, at: datetime, clinic: str, payload: dict,
+              **ids: str) -> dict:
+    return {"event_id": event_id, "event_type": event_type, "schema_version": 1,
+            "occurred_at": _ts(at), "source": "reference-test", "clinic_id": clinic,
+            **ids, "payload": payload}
+
+
+def episode_events(clinic: str, pid: str, scores: dict[int, float | None], *,
+                   instrument: str, intake: float | None = None, close: bool = True) -> list[dict]:
+    """Canonical events for one patient: an episode with weekly attended sessions 1..n, the
+    outcome total at each session where given, an optional intake score, and a planned ending."""
+    ids = {"patient_id": f"p{pid}", "episode_id": f"e{pid}"}
+    ev = [
+        _envelope(f"{clinic}-{pid}-open", "episode.opened", START - timedelta(days=7), clinic,
+                  {"age_group": "adult"}, **ids),
+        _envelope(f"{clinic}-{pid}-th", "therapist.assigned", START - timedelta(days=7), clinic,
+                  {"role": "primary"}, therapist_id="t1", **ids),
+    ]
+    if intake is not None:
+        at = START - timedelta(days=3)
+        ev.append(_envelope(f"{clinic}-{pid}-q0", "questionnaire.submitted", at, clinic,
+                            {"instrument": instrument, "instrument_version": "1",
+                             "respondent": "patient", "administered_at": _ts(at),
+                             "timing": "intake", "total": intake}, **ids))
+    last = START
+    for n, total in sorted(scores.items()):
+        at = START + timedelta(weeks=n - 1)
+        last = at
+        sid = {"session_id": f"s{pid}-{n}", **ids}
+        ev.append(_envelope(f"{clinic}-{pid}-sch{n}", "session.scheduled", at - timedelta(days=6),
+                            clinic, {"scheduled_for": _ts(at)}, **sid))
+        ev.append(_envelope(f"{clinic}-{pid}-att{n}", "session.attended", at, clinic,
+                            {"duration_minutes": 50}, **sid))
+        if total is not None:
+            ev.append(_envelope(f"{clinic}-{pid}-q{n}", "questionnaire.submitted", at, clinic,
+                                {"instrument": instrument, "instrument_version": "1",
+                                 "respondent": "patient", "administered_at": _ts(at),
+                                 "timing": "pre_session", "total": total}, **sid))
+    if close:
+        ev.append(_envelope(f"{clinic}-{pid}-close", "episode.closed", last + timedelta(days=1),
+                            clinic, {"reason": "planned"}, **ids))
+    return ev
+
+
+def build_warehouse(tmp: Path, events: list[dict]) -> duckdb.DuckDBPyConnection:
+    """The production pipeline on a tmp DuckDB: ingest the NDJSON, write seeds, build every model."""
+    from alliance.ingest import ingest_files
+    from alliance.instruments import load_instruments, write_parameters_table, write_seed_tables
+    from alliance.sqlrunner import run_models
+
+    landing = tmp / "landing"
+    landing.mkdir(parents=True, exist_ok=True)
+    f = landing / "reference.ndjson"
+    f.write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
+    con = duckdb.connect(str(tmp / "warehouse.duckdb"))
+    [res] = ingest_files(con, [f], KEY, quarantine_dir=tmp / "quarantine")
+    assert res.quarantined == 0, con.sql("select reason_code, field, message from raw.quarantine").fetchall()
+    write_seed_tables(con, load_instruments())
+    write_parameters_table(con, SQL_DIR / "parameters.yml")
+    run_models(con)
+    return con
+
+
+def set_parameter(con: duckdb.DuckDBPyConnection, name: str, value: float | str | None) -> None:
+    """Override one row of seeds.parameters (what a clinic does by editing parameters.yml)."""
+    num = float(value) if isinstance(value, int | float) else None
+    con.execute("delete from seeds.parameters where name = ?", [name])
+    con.execute("insert into seeds.parameters values (?, ?, ?, 'test override', 'test')",
+                [name, num, None if value is None else str(value)])
+
+
+def rebuild(con: duckdb.DuckDBPyConnection, *models: str) -> None:
+    from alliance.sqlrunner import run_models
+
+    run_models(con, list(models))
+
+
+# ---------------------------------------------------------------- Jacobson-Truax (claus_2020)
+
+
+@pytest.fixture(scope="module")
+def claus(tmp_path_factory: pytest.TempPathFactory) -> duckdb.DuckDBPyConnection:
+    rows = list(csv.DictReader((REFERENCE / "clinicalsignificance" / "claus_2020.csv").open()))
+    by_id: dict[str, dict] = {}
+    for r in rows:
+        p = by_id.setdefault(r["id"], {"treatment": r["treatment"], "scores": {}})
+        p["scores"][int(r["time"])] = float(r["bdi"]) if r["bdi"] not in ("", "NA") else None
+    events: list[dict] = []
+    for pid, p in by_id.items():
+        # the treatment arm becomes the clinic, so the package's group rows are clinic rows
+        events += episode_events(p["treatment"], pid, p["scores"], instrument="BDI-II")
+    return build_warehouse(tmp_path_factory.mktemp("claus"), events)
+
+
+def _expected_bdi_rows() -> list[dict]:
+    path = REFERENCE / "clinicalsignificance" / "expected_jacobson_truax.csv"
+    return [r for r in csv.DictReader(path.open()) if r["outcome"] == "bdi"]
+
+
+def _count(con: duckdb.DuckDBPyConnection, group: str) -> dict[str, int]:
+    where = "" if not group else f"and clinic_id = '{group}'"
+    rows = con.execute(f"""
+        select jt_category, count(*) from marts.fct_episode_outcomes
+        where instrument = 'BDI-II' and jt_category is not null {where}
+        group by jt_category""").fetchall()
+    return dict(rows)
+
+
+@pytest.mark.parametrize("row", _expected_bdi_rows() if REFERENCE.is_dir() else [],
+                         ids=lambda r: f"{r['approach']}-{r['cutoff_type'] or 'none'}-r{r['reliability']}-{r['group'] or 'all'}")
+def test_jacobson_truax_matches_clinicalsignificance(claus, row):
+    con = claus
+    set_parameter(con, "jt_sd_source", "intake")
+    set_parameter(con, "jt_reference_scope", "network")  # groups are compared on one reference
+    set_parameter(con, "jt_reliability.BDI-II", float(row["reliability"]))
+    set_parameter(con, "jt_cutoff_type", row["cutoff_type"] or "instrument")
+    if row["m_functional"]:
+        set_parameter(con, "jt_functional_mean.BDI-II", float(row["m_functional"]))
+        set_parameter(con, "jt_functional_sd.BDI-II", float(row["sd_functional"]))
+    rebuild(con, "marts.fct_episode_outcomes")
+    counts = _count(con, row["group"])
+    assert sum(counts.values()) == int(row["n_used"])
+    if row["approach"] == "distribution":
+        got = {"improved": counts.get("recovered", 0) + counts.get("improved", 0),
+               "unchanged": counts.get("unchanged", 0),
+               "deteriorated": counts.get("deteriorated", 0) + counts.get("harmed", 0)}
+        want = {k: int(row[k]) for k in got}
+    else:
+        cats = ("recovered", "improved", "unchanged", "deteriorated", "harmed")
+        got = {k: counts.get(k, 0) for k in cats}
+        want = {k: int(row[k]) for k in cats}
+        # the cutoff and clinical-population figures the package reports
+        m, sd, cut = con.execute("""select any_value(intake_mean), any_value(intake_sd),
+            any_value(jt_cutoff) from marts.fct_episode_outcomes
+            where instrument = 'BDI-II' and is_paired""").fetchone()
+        assert round(m, 2) == float(row["m_clinical"])
+        assert round(sd, 2) == float(row["sd_clinical"])
+        assert round(cut, 2) == float(row["cutoff"])
+    assert got == want
+
+
+# ---------------------------------------------------------------- sudden gains (sgdata)
+
+SG_SESSIONS = range(1, 13)
+EXPECTED_GAINS, EXPECTED_LOSSES = 24, 3
+T_CRIT = {2: 4.302653, 3: 3.182446, 4: 2.776445}  # R: qt(.975, df)
+
+
+def reference_sudden_changes(rows: list[dict], cutoff: float = 7, pct: float = 0.25,
+                             first: int = 1) -> dict[tuple[str, int], dict]:
+    """An independent, plain reading of identify_sg / identify_sl / create_bysg (suddengains):
+    wide rows, columns bdi_s<first>..bdi_s12, NA = missing. Keyed by (id, pre-gain session)."""
+    out: dict[tuple[str, int], dict] = {}
+    cols = list(range(first, 13))
+    for r in rows:
+        x = [float(r[f"bdi_s{s}"]) if r[f"bdi_s{s}"] not in ("", "NA") else None for s in cols]
+        last = len(x) - 1
+        # the package's loop: pre index j-1 from 1 to ncol-3 (0-based), post index j
+        for j in range(2, last + 1):
+            pre, post = x[j - 1], x[j]
+            before = [v for v in x[max(0, j - 3):j] if v is not None]
+            after = [v for v in x[j:min(last, j + 2) + 1] if v is not None]
+            if pre is None or post is None or len(before) < 2 or len(after) < 2:
+                continue
+            n1, n2 = len(before), len(after)
+            pooled = math.sqrt(((n1 - 1) * statistics.variance(before)
+                                + (n2 - 1) * statistics.variance(after)) / (n1 + n2 - 2))
+            t = T_CRIT[n1 + n2 - 2]
+            m1, m2 = statistics.mean(before), statistics.mean(after)
+            kind = None
+            if pre - post >= cutoff and pre - post >= pct * pre and m1 - m2 > t * pooled:
+                kind = "gain"
+            elif pre - post <= -cutoff and pre - post <= pct * pre and m2 - m1 > t * pooled:
+                kind = "loss"
+            if kind is None:
+                continue
+            magnitude = pre - post
+            reversal_value = post + magnitude / 2
+            # create_bysg numbers the list from 0 and looks at index - session >= 2
+            later = [v for k, v in enumerate(x) if k - (cols[j - 1]) >= 2 and v is not None]
+            rev = any(v > reversal_value for v in later) if kind == "gain" else \
+                any(v < reversal_value for v in later)
+            out[(r["id"], cols[j - 1])] = {"type": kind, "magnitude": magnitude, "reversal": rev}
+    return out
+
+
+@pytest.fixture(scope="module")
+def sgdata(tmp_path_factory: pytest.TempPathFactory) -> tuple[duckdb.DuckDBPyConnection, list[dict]]:
+    rows = list(csv.DictReader((REFERENCE / "suddengains" / "sgdata.csv").open()))
+    events: list[dict] = []
+    for r in rows:
+        scores = {s: (float(r[f"bdi_s{s}"]) if r[f"bdi_s{s}"] not in ("", "NA") else None)
+                  for s in SG_SESSIONS}
+        intake = float(r["bdi_s0"]) if r["bdi_s0"] not in ("", "NA") else None
+        events += episode_events("sgclinic", r["id"], scores, instrument="BDI-II", intake=intake)
+    con = build_warehouse(tmp_path_factory.mktemp("sgdata"), events)
+    set_parameter(con, "sg_instrument", "BDI-II")
+    set_parameter(con, "sg_crit1_source", "fixed")
+    set_parameter(con, "sg_crit1_cutoff", 7)
+    set_parameter(con, "sg_identify_1to2", 0)
+    rebuild(con, "marts.fct_sudden_gains")
+    return con, rows
+
+
+def _mart_sudden_changes(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> dict:
+    from alliance.pseudonyms import pseudonym
+
+    back = {pseudonym(KEY, "episode", "sgclinic", f"e{r['id']}"): r["id"] for r in rows}
+    got = con.execute("""select episode_id, pre_position, sg_type, magnitude, is_reversal,
+                                n_pre, n_post from marts.fct_sudden_gains""").fetchall()
+    return {(back[e], p): {"type": t, "magnitude": m, "reversal": rv, "n": (a, b)}
+            for e, p, t, m, rv, a, b in got}
+
+
+def test_sudden_gains_match_suddengains_criteria(sgdata):
+    con, rows = sgdata
+    got = _mart_sudden_changes(con, rows)
+    want = reference_sudden_changes(rows)
+    assert {k: {f: v[f] for f in ("type", "magnitude", "reversal")} for k, v in got.items()} == want
+    gains = sorted(k for k, v in got.items() if v["type"] == "gain")
+    losses = sorted(k for k, v in got.items() if v["type"] == "loss")
+    # the numbers written down in docs/analytics.md; a change here must be explained there
+    assert (len(gains), len(losses)) == (EXPECTED_GAINS, EXPECTED_LOSSES), (gains, losses)
+
+
+def test_sudden_gains_session_1_to_2_is_a_parameter(sgdata):
+    con, rows = sgdata
+    set_parameter(con, "sg_identify_1to2", 1)
+    rebuild(con, "marts.fct_sudden_gains")
+    try:
+        got = _mart_sudden_changes(con, rows)
+        want = reference_sudden_changes(rows, first=0)
+        assert {k: {f: v[f] for f in ("type", "magnitude", "reversal")} for k, v in got.items()} == want
+        assert any(p == 1 for _, p in got)  # the 1-2 interval now examined, with s0 as baseline
+    finally:
+        set_parameter(con, "sg_identify_1to2", 0)
+        rebuild(con, "marts.fct_sudden_gains")
