@@ -74,12 +74,18 @@ def ingest(
     reasons: Counter[str] = Counter()
     for r in new:
         reasons.update(r.quarantine_reasons)
-        if r.quarantined:
-            context.log.warning(
-                f"{Path(r.path).name}: {r.quarantined} line(s) quarantined "
-                f"({', '.join(f'{k}={v}' for k, v in sorted(r.quarantine_reasons.items()))}); "
-                "see raw.quarantine"
-            )
+    with_rejects = [r for r in new if r.quarantined]
+    if with_rejects:
+        # One summary line, not one per file: a backfill can touch thousands of files.
+        examples = "; ".join(
+            f"{Path(r.path).name}: {', '.join(f'{k}={v}' for k, v in sorted(r.quarantine_reasons.items()))}"
+            for r in with_rejects[:5]
+        )
+        context.log.warning(
+            f"{sum(r.quarantined for r in with_rejects)} line(s) quarantined in {len(with_rejects)} "
+            f"file(s) ({', '.join(f'{k}={v}' for k, v in reasons.most_common())}), e.g. {examples}. "
+            "Details in raw.quarantine (file, line, field, reason)."
+        )
     for r in results:
         if r.status == "unreadable":
             context.log.error(f"{r.path}: {r.error}")

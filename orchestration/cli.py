@@ -13,6 +13,7 @@ COMMANDS = [
     "orchestration.cli_ops",
     "orchestration.cli_report",
     "orchestration.cli_simulate",
+    "orchestration.cli_bench",
 ]
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -272,16 +273,22 @@ def test_webserver_lists_assets_over_graphql(tmp_path: Path):
     env = {**os.environ, "ALLIANCE_DATA_DIR": str(tmp_path), "DAGSTER_HOME": str(tmp_path),
            "ALLIANCE_AUTOMATION": "off"}
     web = Path(sys.executable).with_name("dagster-webserver")
-    proc = subprocess.Popen(
-        [str(web), "-m", "orchestration.definitions", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    query = json.dumps({"query": "{ assetNodes { assetKey { path } description } "
-                                 "sensorsOrError { ... on Sensors { results { name } } } }"})
+    log = tmp_path / "webserver.log"
+    # Output to a file, not a pipe: an unread pipe fills up and blocks the server.
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(web), "-m", "orchestration.definitions", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    query = json.dumps({"query": (
+        "{ assetNodes { assetKey { path } description } "
+        "repositoriesOrError { ... on RepositoryConnection { nodes { "
+        "sensors { name description } schedules { name description } "
+        "jobs { name description } } } } }")})
     data = None
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + 60
         while time.time() < deadline and proc.poll() is None:
             try:
                 req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql",
@@ -291,6 +298,8 @@ def test_webserver_lists_assets_over_graphql(tmp_path: Path):
                     data = json.loads(resp.read())
                 if data.get("data", {}).get("assetNodes"):
                     break
+            except urllib.error.HTTPError as e:  # a malformed query: fail now, not in a minute
+                raise AssertionError(e.read()[:500]) from e
             except OSError:
                 pass
             time.sleep(0.5)
@@ -301,8 +310,19 @@ def test_webserver_lists_assets_over_graphql(tmp_path: Path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
-    assert data is not None, proc.stderr.read()[-2000:]
+    assert data is not None and data.get("data", {}).get("assetNodes"), \
+        log.read_text(errors="replace")[-3000:]
+    assert proc.returncode is not None, "the webserver did not stop"
     nodes = {"/".join(n["assetKey"]["path"]): n for n in data["data"]["assetNodes"]}
     assert {"raw/events", "serving/snapshot", "marts/clinic_monthly"} <= set(nodes)
     assert all(n["description"] for n in nodes.values()), \
         [k for k, n in nodes.items() if not n["description"]]
+    (repo,) = data["data"]["repositoriesOrError"]["nodes"]
+    named = {kind: {x["name"]: x["description"] for x in repo[kind]}
+             for kind in ("sensors", "schedules", "jobs")}
+    assert {"landing_sensor", "clinic_partitions_sensor"} <= set(named["sensors"])
+    assert {"nightly_rebuild_schedule", "monthly_reports_schedule"} <= set(named["schedules"])
+    assert {"ingest_job", "nightly_rebuild_job", "asof_job"} <= set(named["jobs"])
+    undocumented = [n for kind in named.values() for n, d in kind.items()
+                    if not d and not n.startswith("__")]
+    assert not undocumented

@@ -12,10 +12,10 @@ import numpy as np
 
 from alliance.simulation.model import (
     AGE_GROUPS,
-    R_AT_ZERO,
-    SLOPE,
     MODALITIES,
+    R_AT_ZERO,
     REFERRALS,
+    SLOPE,
     IdMaker,
     SimParams,
     _pick,
@@ -135,7 +135,8 @@ class Simulator:
         day = t // DAY
         fday = day
         if not protected and self.rng.random() < self.p.late_share:
-            fday = day + self.rng.randint(1, 10)
+            # the last export of the window carries everything still pending
+            fday = min(day + self.rng.randint(1, 10), max(day, self.n_days - 1))
         ev = Ev(day, fday, d, protected)
         self.evs.append(ev)
         return ev
@@ -253,8 +254,9 @@ class Simulator:
         srs_base = 32.0 + 3.8 * A
         wai_base = _clamp(3.7 + 0.55 * A + R.gauss(0, 0.15), 1.3, 4.9)
         rupt_k = None
-        if n_planned >= 7 and R.random() < p.rupture_share:
-            rupt_k = R.randint(4, n_planned - 3)
+        if n_planned >= 8 and R.random() < p.rupture_share:
+            # from session 5 on, so rule A has 3+ of the patient's own changes to compare with
+            rupt_k = R.randint(5, n_planned - 3)
             repaired_plan = R.random() < p.rupture_repair_share * (1.2 if A > 0 else 0.8)
             repair_r = R.randint(1, 3)
             damp = R.uniform(0.5, 0.8)
@@ -478,7 +480,7 @@ class Simulator:
                     answers[key] = v  # no correction within the window: keep the true answer
                     continue
                 self._same_stream(am, ev)
-                am.fday = max(am.fday, ev.fday + 1)
+                am.fday = max(am.fday, min(ev.fday + 1, self.n_days - 1))
                 self.truth["amendments"].append({"event_id": am.d["event_id"],
                                                   "amends_event_id": ev.d["event_id"]})
             elif x < p.amend_share + p.retract_share:
@@ -499,7 +501,7 @@ class Simulator:
                 if tr is None:
                     continue
                 self._same_stream(tr, ev)
-                tr.fday = max(tr.fday, err.fday + 1)
+                tr.fday = max(tr.fday, min(err.fday + 1, self.n_days - 1))
                 self.truth["retractions"].append({"event_id": tr.d["event_id"],
                                                    "retracts_event_id": err.d["event_id"]})
         for ev in self.qevs:
@@ -511,6 +513,7 @@ class Simulator:
                 total = round(total, 1) if isinstance(total, float) else total
                 if R.random() < p.wrong_total_share:
                     total = total + R.choice((-3, -2, 2, 3))
+                    total = round(total, 1) if isinstance(total, float) else total
                     self.truth["wrong_totals"].append(ev.d["event_id"])
                 pl["total"] = total
         for ev in self.evs:
@@ -542,8 +545,6 @@ class Simulator:
         R = self.rng
         types = self.truth["event_types"]
         for ev in self.evs:
-            if ev.fday >= self.n_days:
-                continue  # exported after the simulated window: not delivered yet
             d = ev.d
             line = _dumps(d)
             fname_day = ev.fday

@@ -20,7 +20,7 @@ import numpy as np
 # rho, measured at the default size and settings over several seeds: r_obs = R_AT_ZERO + SLOPE * rho.
 # Measurement noise, dropout and the PHQ-9 floor attenuate rho; dropout after poor alliance adds a
 # small positive link even at rho = 0 (drop-outs improve less).
-R_AT_ZERO = 0.032
+R_AT_ZERO = 0.026
 SLOPE = 0.863
 
 INSTRUMENT_ITEMS = {"SRS": 4, "ORS": 4, "WAI-SR": 12, "PHQ-9": 9, "GAD-7": 7}
@@ -51,7 +51,7 @@ class SimParams:
     therapist_alliance_share: float = 0.10  # share of alliance variance between therapists
     therapist_outcome_share: float = 0.05  # share of residual outcome variance between therapists
     second_episode_share: float = 0.10  # planned endings followed by a re-referral
-    rupture_share: float = 0.30  # of episodes planned for 7+ sessions
+    rupture_share: float = 0.35  # of episodes planned for 8+ sessions
     rupture_repair_share: float = 0.60
     sudden_gain_share: float = 0.35  # of eligible episodes (large planned improvement)
     late_share: float = 0.02  # events exported 1-10 days after their day
