@@ -37,9 +37,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/alliance bench --events $${EVENTS:-1000000}
 
-## The Dagster UI.
+## The Dagster UI (dg dev on the persistent instance under data/dagster).
 dev: $(STAMP)
-	$(BIN)/dg dev
+	$(BIN)/alliance dev
 
 clean:
 	rm -rf $(VENV) data

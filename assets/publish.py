@@ -9,31 +9,19 @@ verify, rename into place, keep `settings.snapshot_keep` older snapshots in serv
 import dagster as dg
 
 from alliance import snapshot
-from alliance.sqlrunner import discover_models
+from alliance.config import SQL_DIR
 from orchestration.instance import WRITER_POOL
+from orchestration.partitions import add_clinic_partitions
 
 
 def _upstream_keys() -> list[dg.AssetKey]:
+    # Model keys are `<schema>/<file name>` (assets/sql_models.py); listing the files is enough
+    # and avoids parsing every model's SQL a second time when the definitions load.
     keys = [dg.AssetKey(["raw", "events"])]
-    for model in discover_models().values():
-        if model.schema in ("core", "marts"):
-            keys.append(dg.AssetKey([model.schema, model.name]))
+    for schema in ("core", "marts"):
+        for sql in sorted((SQL_DIR / schema).glob("*.sql")):
+            keys.append(dg.AssetKey([schema, sql.stem.lower()]))
     return keys
-
-
-def _add_clinic_partitions(context: dg.AssetExecutionContext, serving) -> list[str]:  # noqa: ANN001
-    # Imported here: sensors imports jobs, which is cheap, but keeps this module light.
-    from orchestration.sensors import clinic_partitions_def, clinics_in_snapshot
-
-    pdef = clinic_partitions_def()
-    if pdef is None or pdef.name is None:
-        return []
-    found = clinics_in_snapshot(serving)
-    known = set(context.instance.get_dynamic_partitions(pdef.name))
-    new = [c for c in found if c not in known]
-    if new:
-        context.instance.add_dynamic_partitions(pdef.name, new)
-    return new
 
 
 @dg.asset(
@@ -64,7 +52,8 @@ def serving_snapshot(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         f"published {serving} ({info.bytes / 1e6:.1f} MB, {info.tables} tables); "
         f"history keeps {settings.snapshot_keep}, pruned {len(info.pruned)}"
     )
-    new_clinics = _add_clinic_partitions(context, serving)
+    # The report partitions follow the data: every clinic in the new snapshot gets a partition.
+    new_clinics = add_clinic_partitions(context.instance, serving)
     if new_clinics:
         context.log.info(f"new clinic report partitions: {new_clinics}")
     marts = {k: v for k, v in info.row_counts.items() if k.startswith(("marts.", "core."))}

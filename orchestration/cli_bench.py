@@ -1,9 +1,9 @@
 """`alliance bench`: time the real Dagster pipeline against same-run baselines (docs/benchmark.md).
 
 Also the worker for the Dagster scenario: `python -m orchestration.cli_bench pipeline SPEC OUT`
-runs, in its own process (so its peak RSS is its own), one full materialisation of every
-unpartitioned asset with its checks, exactly as `alliance run` does, then the clinic reports of
-the latest month, and reports per-stage seconds from Dagster's step statistics.
+runs, in its own process (so its peak RSS is its own), exactly what `alliance run` runs: the
+nightly rebuild job (every asset but the reports, with all checks), then each clinic's reports of
+its latest 3 months; per-stage seconds come from Dagster's step statistics.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-docs", action="store_true",
                    help="also build GX Data Docs during validation (off by default, as in operations "
                         "where $ALLIANCE_QUALITY_DOCS=0)")
+    p.add_argument("--profile", action="store_true",
+                   help="also time every ingest statement, model build and model test "
+                        "(writes profile-<size>.md)")
     p.add_argument("--skip", default="", metavar="NAME,NAME",
                    help="skip scenarios (floor, plain, gx, incremental), e.g. for a quick look")
     p.set_defaults(func=cmd_bench)
@@ -60,7 +63,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sizes = args.sizes or [args.events]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     doc = run_bench(sizes, Path(args.out), seed=args.seed, months=args.months,
-                    data_docs=args.data_docs, skip=skip)
+                    data_docs=args.data_docs, skip=skip, profile=args.profile)
     return 0 if all(r.get("ok") for r in doc["runs"]) else 1
 
 
@@ -86,56 +89,38 @@ def _step_seconds(instance: Any, run_id: str) -> dict[str, float]:
     return {s.step_key: (s.end_time or 0) - (s.start_time or 0) for s in stats if s.start_time}
 
 
-def _report_month(serving: Path) -> str | None:
-    """The last month with sessions in the snapshot, within the month partitions."""
-    import duckdb
-
-    from orchestration.partitions import month_partitions
-
-    with duckdb.connect(str(serving), read_only=True) as con:
-        month = con.execute("select strftime(max(session_month), '%Y-%m') from core.sessions").fetchone()[0]
-    keys = month_partitions.get_partition_keys()
-    if not month or not keys:
-        return None
-    return min(month, keys[-1])
-
-
 def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
-    """One Dagster run of every unpartitioned asset and check (as `alliance run`), then reports."""
-    t0 = time.perf_counter()
-    import dagster as dg
+    """`alliance run` on the given files: the nightly rebuild job, then recent clinic reports.
 
+    Uses the same calls as `alliance run` (orchestration/execution.py): `execute_job` of
+    nightly_rebuild_job (every asset except reports, with all checks) with the ingest reading
+    exactly `spec["files"]`, then `render_reports` for each clinic's latest months.
+    """
+    t0 = time.perf_counter()
     from alliance.config import paths
-    from assets.reports import clinic_report
-    from orchestration.definitions import build_definitions
-    from orchestration.execution import unpartitioned_selection
+    from orchestration import execution
     from orchestration.instance import get_instance
-    from orchestration.jobs import ingest_run_config
-    from orchestration.partitions import add_clinic_partitions, report_partition_key
-    from orchestration.resources import AllianceSettings
+    from orchestration.jobs import WRITER_TAG, ingest_run_config, nightly_rebuild_job
 
     p = paths().ensure()
-    defs = build_definitions()
+    defs = execution._defs()
     instance = get_instance()
     stage_of = _stage_of_steps(defs)
     load_s = time.perf_counter() - t0
 
     t = time.perf_counter()
-    result = dg.materialize(
-        [*(defs.assets or []), *(defs.asset_checks or [])],
-        selection=unpartitioned_selection(defs),
-        instance=instance,
-        resources=defs.resources,
-        run_config=ingest_run_config(spec["files"]),
-        tags={"alliance/trigger": "bench"},
-        raise_on_error=False,
-    )
+    out = execution.execute_job(nightly_rebuild_job.name, run_config=ingest_run_config(spec["files"]),
+                                tags={WRITER_TAG: "true", "alliance/trigger": "bench"},
+                                log=lambda m: print(m, flush=True))
     run_s = time.perf_counter() - t
-    steps = _step_seconds(instance, result.run_id)
+    steps = _step_seconds(instance, out["run_id"])
     failed_checks = sorted(
-        f"{e.asset_check_evaluation_data.asset_key.to_user_string()}:{e.asset_check_evaluation_data.check_name}"
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION" and not e.asset_check_evaluation_data.passed
+        f"{ev.dagster_event.asset_check_evaluation_data.asset_key.to_user_string()}:"
+        f"{ev.dagster_event.asset_check_evaluation_data.check_name}"
+        for ev in instance.all_logs(out["run_id"])
+        if ev.dagster_event is not None
+        and ev.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"
+        and not ev.dagster_event.asset_check_evaluation_data.passed
     )
     stages: dict[str, float] = {}
     for key, sec in steps.items():
@@ -143,20 +128,12 @@ def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         stages[stage] = stages.get(stage, 0.0) + sec
     stages["orchestration"] = max(0.0, run_s - sum(steps.values()))
 
-    # Reports: one Dagster run per clinic partition of the latest month, as the schedule launches.
+    # Reports: one Dagster run per clinic x month partition, as `alliance run` renders them.
     t = time.perf_counter()
-    reports: list[str] = []
-    month = _report_month(p.serving) if result.success and p.serving.exists() else None
-    if month:
-        add_clinic_partitions(instance, p.serving)
-        from orchestration.partitions import clinics_in_serving
-
-        for clinic in clinics_in_serving(p.serving):
-            r = dg.materialize([clinic_report], partition_key=report_partition_key(clinic, month),
-                               instance=instance, resources={"settings": AllianceSettings()},
-                               selection=[clinic_report], raise_on_error=False)
-            if r.success:
-                reports.append(f"{clinic}|{month}")
+    reports: list[dict[str, Any]] = []
+    if out["success"] and p.serving.exists():
+        months = execution.latest_report_months(spec.get("report_months", 3))
+        reports = execution.render_reports(months, log=lambda m: print(m, flush=True))
     stages["reports"] = time.perf_counter() - t
     events = 0
     if p.warehouse.exists():
@@ -165,9 +142,12 @@ def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         with duckdb.connect(str(p.warehouse), read_only=True) as con:
             events = con.execute("select count(*) from raw.events").fetchone()[0]
     return {
-        "success": bool(result.success), "run_id": result.run_id, "failed_checks": failed_checks,
+        "success": bool(out["success"]) and all(r["success"] for r in reports),
+        "run_id": out["run_id"], "failed_checks": failed_checks,
+        "skipped_steps": out.get("skipped_steps", []),
         "load_seconds": load_s, "run_seconds": run_s, "stages": stages,
-        "steps": {k: round(v, 3) for k, v in sorted(steps.items())}, "reports": reports,
+        "steps": {k: round(v, 3) for k, v in sorted(steps.items())},
+        "reports": [f"{r['clinic']}|{r['month']}" for r in reports if r["success"]],
         "events_in_log": int(events),
         "seconds": load_s + run_s + stages["reports"],
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 from alliance.config import paths
 
@@ -130,6 +131,7 @@ def _summary(p, outcome: dict, seconds: float) -> None:
     print(f"Warehouse (working): {p.warehouse}")
     print(f"Published snapshot for analysts: {db}")
     print("Query it:")
-    print("  " + QUERY_HINT.format(db=os.path.relpath(db)))
+    shown = os.path.relpath(db) if db.is_relative_to(Path.cwd()) else str(db)
+    print("  " + QUERY_HINT.format(db=shown))
     print("=" * 72)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from alliance.config import paths
+from orchestration.execution import execute_job
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,69 +58,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     d.add_argument("dg_args", nargs=argparse.REMAINDER)
     d.set_defaults(func=cmd_dev)
-
-
-# ------------------------------------------------------------------ execution
-
-
-def _defs():  # noqa: ANN202
-    from orchestration.definitions import build_definitions
-
-    return build_definitions()
-
-
-def execute_job(
-    job_name: str,
-    *,
-    select: str | None = None,
-    run_config: dict[str, Any] | None = None,
-    tags: dict[str, str] | None = None,
-    log=print,  # noqa: ANN001
-) -> dict[str, Any]:
-    """Execute one job of the code location in-process on the persistent instance."""
-    import dagster as dg
-
-    from orchestration.instance import get_instance
-
-    instance = get_instance()
-    defs = _defs()
-    # A free selection runs in the implicit asset job (the one the UI's "Materialize" uses).
-    job = (defs.resolve_implicit_global_asset_job_def() if select
-           else defs.resolve_job_def(job_name))
-    asset_selection = None
-    if select:
-        graph = defs.resolve_asset_graph()
-        try:
-            keys = dg.AssetSelection.from_string(select).resolve(graph)
-        except Exception as e:  # noqa: BLE001 - any selection error goes back to the user
-            raise SystemExit(f"alliance run --select {select!r}: {e}") from e
-        if not keys:
-            raise SystemExit(f"alliance run --select {select!r} matches no asset")
-        asset_selection = sorted(keys, key=lambda k: k.to_user_string())
-        log(f"selected {len(asset_selection)} assets")
-    result = job.execute_in_process(
-        run_config=run_config,
-        instance=instance,
-        tags={"alliance/trigger": "cli", **(tags or {})},
-        asset_selection=asset_selection,
-        raise_on_error=False,
-    )
-    failed_checks = [
-        e.asset_check_evaluation_data
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
-        and not e.asset_check_evaluation_data.passed
-    ]
-    for ev in failed_checks:
-        log(f"  check failed: {ev.asset_key.to_user_string()} {ev.check_name} "
-            f"({ev.severity.value})")
-    skipped = [e.step_key for e in result.all_events if e.event_type_value == "STEP_SKIPPED"]
-    if skipped:
-        log(f"  skipped (upstream failed or a blocking check failed): {', '.join(skipped[:8])}"
-            + (" ..." if len(skipped) > 8 else ""))
-    log(f"run {result.run_id[:8]} ({job_name}) {'succeeded' if result.success else 'FAILED'}")
-    return {"success": result.success, "run_id": result.run_id,
-            "failed_checks": len(failed_checks), "skipped_steps": skipped}
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -23,54 +23,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Add the clinic partition if needed, then materialise the one partition in-process."""
-    import dagster as dg
-
     from alliance.config import paths
     from alliance.report import report_path
     from alliance.report.data import parse_month
-    from assets.reports import clinic_report
-    from orchestration.partitions import (
-        add_clinic_partitions,
-        clinic_partitions,
-        report_partition_key,
-    )
-    from orchestration.resources import AllianceSettings
+    from orchestration.execution import render_reports
+    from orchestration.instance import get_instance
+    from orchestration.partitions import add_clinic_partitions, clinic_partitions
 
     month = f"{parse_month(args.month):%Y-%m}"
     data = paths()
     if not data.serving.exists():
         print(f"{data.serving}: no published snapshot yet; run `alliance run` first")
         return 1
-    instance = _instance()
+    instance = get_instance()
     add_clinic_partitions(instance, data.serving)
     if args.clinic not in instance.get_dynamic_partitions(clinic_partitions.name):
         print(f"clinic {args.clinic!r} is not in the snapshot {data.serving}")
         return 1
-    result = dg.materialize(
-        [clinic_report],
-        partition_key=report_partition_key(args.clinic, month),
-        instance=instance,
-        resources={"settings": AllianceSettings()},
-        run_config={"ops": {"reports__clinic_report": {"config": {
-            "min_cell": args.min_cell, "pdf": args.pdf}}}},
-        selection=[clinic_report],
-    )
-    if not result.success:
+    [res] = render_reports([(args.clinic, month)], min_cell=args.min_cell, pdf=args.pdf)
+    if not res["success"]:
         return 1
     print(report_path(data.reports, args.clinic, month))
     return 0
-
-
-def _instance():  # noqa: ANN202
-    """The project's Dagster instance (DAGSTER_HOME under the data directory), else ephemeral."""
-    import dagster as dg
-
-    try:
-        from orchestration.instance import get_instance  # type: ignore[attr-defined]
-
-        return get_instance()
-    except (ImportError, AttributeError):
-        pass
-    if os.environ.get("DAGSTER_HOME"):
-        return dg.DagsterInstance.get()
-    return dg.DagsterInstance.ephemeral()

@@ -1,46 +1,153 @@
-"""Run the platform's assets in-process against the persistent instance (CLI and demo share it)."""
+"""Run the code location's jobs in-process on the persistent instance (CLI, demo and tests).
+
+One path for every caller: the same jobs the sensors and schedules launch, on the same instance
+(DAGSTER_HOME under the data directory), so CLI runs show in the UI and respect the pool limits.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-import dagster as dg
-
-
-def _definitions() -> dg.Definitions:
-    from orchestration.definitions import build_definitions
-
-    return build_definitions()
+from alliance.config import paths
 
 
-def unpartitioned_selection(defs: dg.Definitions) -> list[dg.AssetKey]:
-    graph = defs.resolve_asset_graph()
-    return [k for k in graph.materializable_asset_keys if graph.get(k).partitions_def is None]
+def _defs():  # noqa: ANN202
+    """The code location's definitions, rebuilt if the data directory changed since import."""
+    from orchestration import definitions
+
+    db = getattr(definitions.defs.resources.get("duckdb"), "database", None)
+    if db == str(paths().warehouse):
+        return definitions.defs
+    return definitions.build_definitions()
 
 
-def run_all(log: Callable[[str], None] = print, tags: dict[str, str] | None = None) -> dict:
-    """Materialise every unpartitioned asset with its checks, then the latest report partitions."""
+def execute_job(
+    job_name: str,
+    *,
+    select: str | None = None,
+    run_config: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+    log=print,  # noqa: ANN001
+    log_level: str = "INFO",
+) -> dict[str, Any]:
+    """Execute one job of the code location in-process on the persistent instance."""
+    import dagster as dg
+
     from orchestration.instance import get_instance
 
-    defs = _definitions()
     instance = get_instance()
-    keys = unpartitioned_selection(defs)
-    log(f"materialising {len(keys)} assets and their checks in one Dagster run ...")
-    assets = [*(defs.assets or []), *(defs.asset_checks or [])]
-    result = dg.materialize(
-        assets,
-        selection=keys,
+    defs = _defs()
+    # A free selection runs in the implicit asset job (the one the UI's "Materialize" uses).
+    job = (defs.resolve_implicit_global_asset_job_def() if select
+           else defs.resolve_job_def(job_name))
+    asset_selection = None
+    if select:
+        graph = defs.resolve_asset_graph()
+        try:
+            keys = dg.AssetSelection.from_string(select).resolve(graph)
+        except Exception as e:  # noqa: BLE001 - any selection error goes back to the user
+            raise SystemExit(f"alliance run --select {select!r}: {e}") from e
+        if not keys:
+            raise SystemExit(f"alliance run --select {select!r} matches no asset")
+        asset_selection = sorted(keys, key=lambda k: k.to_user_string())
+        log(f"selected {len(asset_selection)} assets")
+    # Step-level DEBUG events belong in the UI; the terminal gets INFO and up unless asked.
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}, **(run_config or {})}
+    result = job.execute_in_process(
+        run_config=run_config,
         instance=instance,
-        resources=defs.resources,
         tags={"alliance/trigger": "cli", **(tags or {})},
+        asset_selection=asset_selection,
         raise_on_error=False,
     )
     failed_checks = [
         e.asset_check_evaluation_data
         for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION" and not e.asset_check_evaluation_data.passed
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        and not e.asset_check_evaluation_data.passed
     ]
     for ev in failed_checks:
-        log(f"  check failed: {ev.asset_key.to_user_string()} {ev.check_name} ({ev.severity.value})")
-    log(f"run {result.run_id[:8]} {'succeeded' if result.success else 'FAILED'}")
-    return {"success": result.success, "run_id": result.run_id, "failed_checks": len(failed_checks)}
+        log(f"  check failed: {ev.asset_key.to_user_string()} {ev.check_name} "
+            f"({ev.severity.value})")
+    skipped = [e.step_key for e in result.all_events if e.event_type_value == "STEP_SKIPPED"]
+    if skipped:
+        log(f"  skipped (upstream failed or a blocking check failed): {', '.join(skipped[:8])}"
+            + (" ..." if len(skipped) > 8 else ""))
+    log(f"run {result.run_id[:8]} ({job_name}) {'succeeded' if result.success else 'FAILED'}")
+    return {"success": result.success, "run_id": result.run_id,
+            "failed_checks": len(failed_checks), "skipped_steps": skipped}
+
+
+
+
+def render_reports(
+    clinic_months: Iterable[tuple[str, str]],
+    *,
+    min_cell: int | None = None,
+    pdf: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Materialise reports/clinic_report for each (clinic, YYYY-MM) partition, one run each."""
+    import dagster as dg
+
+    from assets.reports import clinic_report
+    from orchestration.instance import get_instance
+    from orchestration.partitions import add_clinic_partitions, report_partition_key
+    from orchestration.resources import AllianceSettings
+
+    instance = get_instance()
+    add_clinic_partitions(instance, paths().serving)
+    config: dict[str, Any] = {"pdf": pdf}
+    if min_cell is not None:
+        config["min_cell"] = min_cell
+    out = []
+    for clinic, month in clinic_months:
+        result = dg.materialize(
+            [clinic_report],
+            partition_key=report_partition_key(clinic, month),
+            instance=instance,
+            resources={"settings": AllianceSettings()},
+            run_config={"ops": {"reports__clinic_report": {"config": config}},
+                        "loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            selection=[clinic_report],
+            tags={"alliance/trigger": "cli"},
+            raise_on_error=False,
+        )
+        log(f"report {clinic} {month}: {'ok' if result.success else 'FAILED'}")
+        out.append({"clinic": clinic, "month": month, "success": result.success,
+                    "run_id": result.run_id})
+    return out
+
+
+def latest_report_months(n_months: int = 3) -> list[tuple[str, str]]:
+    """(clinic, month) for each clinic's last n months with attended sessions in the snapshot."""
+    import duckdb
+
+    with duckdb.connect(str(paths().serving), read_only=True) as con:
+        rows = con.execute(
+            """
+            select clinic_id, strftime(session_month, '%Y-%m') as month
+            from (
+                select clinic_id, session_month,
+                    row_number() over (partition by clinic_id order by session_month desc) as rn
+                from (select distinct clinic_id, session_month from core.sessions
+                      where status = 'attended')
+            )
+            where rn <= ? order by clinic_id, month
+            """,
+            [n_months],
+        ).fetchall()
+    return [(c, m) for c, m in rows]
+
+
+def run_all(log: Callable[[str], None] = print, report_months: int = 3) -> dict[str, Any]:
+    """Everything: the nightly rebuild job (ingest to publish), then recent clinic reports."""
+    from orchestration.jobs import WRITER_TAG, nightly_rebuild_job
+
+    out = execute_job(nightly_rebuild_job.name, tags={WRITER_TAG: "true"}, log=log)
+    if out["success"] and report_months and paths().serving.exists():
+        reports = render_reports(latest_report_months(report_months), log=log)
+        out["reports"] = reports
+        out["success"] = all(r["success"] for r in reports)
+    return out

@@ -17,6 +17,7 @@ from dagster._core.definitions.unresolved_asset_job_definition import (
 
 from alliance import asof as asof_lib
 from orchestration.instance import WRITER_POOL
+from orchestration.partitions import report_partitions
 
 WRITER_TAG = "alliance/writer"
 LANDING_FILE_TAG = "alliance/landing_file"
@@ -68,18 +69,6 @@ publish_job = dg.define_asset_job(
 )
 
 
-def report_partitions() -> dg.MultiPartitionsDefinition | None:
-    """The clinic x month partitions from orchestration/partitions.py (the reports area), if any."""
-    try:
-        from orchestration import partitions
-    except ImportError:
-        return None
-    for obj in vars(partitions).values():
-        if isinstance(obj, dg.MultiPartitionsDefinition):
-            return obj
-    return None
-
-
 def reports_job_for(partitions_def: dg.PartitionsDefinition | None) -> UnresolvedAssetJobDefinition:
     """The clinic report job (clinic x month partitions; reads only the serving snapshot)."""
     return dg.define_asset_job(
@@ -95,7 +84,7 @@ def reports_job_for(partitions_def: dg.PartitionsDefinition | None) -> Unresolve
     )
 
 
-reports_job = reports_job_for(report_partitions())
+reports_job = reports_job_for(report_partitions)
 
 
 class AsOfConfig(dg.Config):

@@ -10,7 +10,12 @@ import os
 
 import dagster as dg
 
-from orchestration.jobs import nightly_rebuild_job, report_partitions, reports_job
+from orchestration.jobs import nightly_rebuild_job, reports_job
+from orchestration.partitions import (
+    MONTH_FMT,
+    clinic_partitions,
+    report_partition_key,
+)
 from orchestration.sensors import automation_enabled
 
 NIGHTLY_CRON = os.environ.get("ALLIANCE_NIGHTLY_CRON", "0 2 * * *")
@@ -36,39 +41,21 @@ nightly_rebuild_schedule = dg.ScheduleDefinition(
 )
 
 
-def _dims(pdef: dg.MultiPartitionsDefinition) -> tuple[str, str]:
-    """(clinic dimension name, month dimension name)."""
-    clinic = month = None
-    for d in pdef.partitions_defs:
-        if isinstance(d.partitions_def, dg.DynamicPartitionsDefinition):
-            clinic = d.name
-        else:
-            month = d.name
-    if clinic is None or month is None:
-        raise ValueError("report partitions need a dynamic clinic and a time month dimension")
-    return clinic, month
-
-
 def previous_month(today: dt.date) -> dt.date:
     """The first day of the month before `today`'s month."""
     first = today.replace(day=1)
     return (first - dt.timedelta(days=1)).replace(day=1)
 
 
-def monthly_report_requests(
-    pdef: dg.MultiPartitionsDefinition, clinics: list[str], when: dt.datetime
-) -> list[dg.RunRequest]:
-    """One run per clinic for the month before `when` (run_key makes re-ticks no-ops)."""
-    clinic_dim, month_dim = _dims(pdef)
-    month_def = next(d.partitions_def for d in pdef.partitions_defs if d.name == month_dim)
-    month_start = previous_month(when.date())
-    fmt = getattr(month_def, "fmt", "%Y-%m-%d")
-    month_key = month_start.strftime(fmt)
-    requests = []
-    for clinic in clinics:
-        key = dg.MultiPartitionKey({clinic_dim: clinic, month_dim: month_key})
-        requests.append(dg.RunRequest(run_key=f"report:{clinic}:{month_key}", partition_key=key))
-    return requests
+def monthly_report_requests(clinics: list[str], when: dt.datetime) -> list[dg.RunRequest]:
+    """One report run per clinic for the month before `when` (run_key makes re-ticks no-ops)."""
+    month = previous_month(when.date()).strftime(MONTH_FMT)
+    return [
+        dg.RunRequest(run_key=f"report:{clinic}:{month}",
+                      partition_key=report_partition_key(clinic, month),
+                      tags={"alliance/clinic": clinic, "alliance/month": month})
+        for clinic in sorted(clinics)
+    ]
 
 
 @dg.schedule(
@@ -84,16 +71,11 @@ def monthly_report_requests(
 )
 def monthly_reports_schedule(context: dg.ScheduleEvaluationContext):  # noqa: ANN202
     """Last month's report for every clinic partition known to the instance."""
-    pdef = report_partitions()
-    if pdef is None:
-        return dg.SkipReason("no report partitions defined")
-    clinic_dim, _ = _dims(pdef)
-    clinic_def = next(d.partitions_def for d in pdef.partitions_defs if d.name == clinic_dim)
-    clinics = list(context.instance.get_dynamic_partitions(clinic_def.name))
+    clinics = list(context.instance.get_dynamic_partitions(clinic_partitions.name))
     if not clinics:
         return dg.SkipReason("no clinics known yet (nothing published)")
     when = context.scheduled_execution_time or dt.datetime.now(dt.UTC)
-    return monthly_report_requests(pdef, clinics, when)
+    return monthly_report_requests(clinics, when)
 
 
 SCHEDULES = [nightly_rebuild_schedule, monthly_reports_schedule]

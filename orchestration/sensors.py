@@ -16,6 +16,7 @@ import dagster as dg
 from alliance.config import paths
 from alliance.ingest import file_sha256, landing_files
 from orchestration.jobs import LANDING_FILE_TAG, LANDING_SHA_TAG, ingest_job, ingest_run_config
+from orchestration.partitions import clinic_partitions, clinics_in_serving
 
 AUTOMATION_ENV = "ALLIANCE_AUTOMATION"
 SETTLE_ENV = "ALLIANCE_LANDING_SETTLE_SECONDS"
@@ -157,41 +158,6 @@ def landing_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     return dg.SensorResult(run_requests=requests, cursor=new_state.to_cursor(), skip_reason=skip)
 
 
-def clinics_in_snapshot(serving: Path) -> list[str]:
-    """Distinct clinic ids in the published snapshot (read-only; never blocks the pipeline)."""
-    import duckdb
-
-    if not serving.exists():
-        return []
-    con = duckdb.connect(str(serving), read_only=True)
-    try:
-        has = con.execute(
-            "select count(*) from duckdb_tables() where schema_name = 'raw' "
-            "and table_name = 'events'"
-        ).fetchone()[0]
-        if not has:
-            return []
-        rows = con.execute(
-            "select distinct clinic_id from raw.events where clinic_id is not null order by 1"
-        ).fetchall()
-    finally:
-        con.close()
-    return [r[0] for r in rows]
-
-
-def clinic_partitions_def() -> dg.DynamicPartitionsDefinition | None:
-    """The clinics dimension of the report partitions (orchestration/partitions.py), if present."""
-    try:
-        from orchestration import partitions
-    except ImportError:
-        return None
-    for name in ("clinics_partitions", "clinic_partitions", "clinics"):
-        obj = getattr(partitions, name, None)
-        if isinstance(obj, dg.DynamicPartitionsDefinition):
-            return obj
-    return None
-
-
 @dg.sensor(
     name="clinic_partitions_sensor",
     minimum_interval_seconds=300,
@@ -204,16 +170,13 @@ def clinic_partitions_def() -> dg.DynamicPartitionsDefinition | None:
 )
 def clinic_partitions_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     """Keep the dynamic clinic partitions in step with the data."""
-    pdef = clinic_partitions_def()
-    if pdef is None or pdef.name is None:
-        return dg.SkipReason("no dynamic clinic partitions defined")
-    found = clinics_in_snapshot(paths().serving)
-    known = set(context.instance.get_dynamic_partitions(pdef.name))
+    found = clinics_in_serving(paths().serving)
+    known = set(context.instance.get_dynamic_partitions(clinic_partitions.name))
     new = [c for c in found if c not in known]
     if not new:
         return dg.SkipReason(f"all {len(found)} clinics already known")
     context.log.info(f"adding clinic partitions: {new}")
-    return dg.SensorResult(dynamic_partitions_requests=[pdef.build_add_request(new)])
+    return dg.SensorResult(dynamic_partitions_requests=[clinic_partitions.build_add_request(new)])
 
 
 SENSORS = [landing_sensor, clinic_partitions_sensor]

@@ -26,6 +26,7 @@ from alliance.ingest import landing_files
 __all__ = ["run_bench", "size_label", "result_paths"]
 
 BASELINE_MODULE = "alliance.bench.stages"
+PROFILE_MODULE = "alliance.bench.profile"
 PIPELINE_MODULE = "orchestration.cli_bench"  # the Dagster side lives outside alliance/
 
 
@@ -85,7 +86,7 @@ def _warm(files: list[Path]) -> None:
 
 def bench_size(n: int, *, data_root: Path, seed: int = 42, months: int = DEFAULT_MONTHS,
                data_docs: bool = False, skip: set[str] | frozenset[str] = frozenset(),
-               log=print) -> dict[str, Any]:
+               profile: bool = False, log=print) -> dict[str, Any]:
     """Every scenario for one size; returns its section of the results."""
     dataset = build_dataset(data_root, n, seed=seed, months=months, log=log)
     files = landing_files(Path(dataset["landing"]))
@@ -127,6 +128,10 @@ def bench_size(n: int, *, data_root: Path, seed: int = 42, months: int = DEFAULT
                  work / "logs" / "incremental")
         r["file"] = extra.name
         run["incremental"] = r
+    if profile:
+        run["profile"] = step("profile", PROFILE_MODULE,
+                              {"work_dir": str(work / "profile"), "files": file_args,
+                               "env": _env(work / "profile", data_docs)}, work / "logs")
     run["ok"] = bool(run["full"].get("success")) and not any(
         "error" in (run.get(k) or {}) for k in ("floor", "plain", "gx", "incremental"))
     run["ratios"] = res.ratios(run)
@@ -135,11 +140,14 @@ def bench_size(n: int, *, data_root: Path, seed: int = 42, months: int = DEFAULT
 
 def run_bench(sizes: list[int], out_dir: Path, *, seed: int = 42, months: int = DEFAULT_MONTHS,
               data_docs: bool = False, skip: set[str] | frozenset[str] = frozenset(),
-              data_root: Path | None = None, log=print) -> dict[str, Any]:
+              data_root: Path | None = None, profile: bool = False,
+              log=print) -> dict[str, Any]:
     """Benchmark every size, write `<out>/bench-<sizes>.json` and `.md`, return the document.
 
     `months` is the simulated window (one export file per day); `skip` names scenarios to leave
-    out (floor, plain, gx, incremental); `data_root` defaults to the data directory.
+    out (floor, plain, gx, incremental); `data_root` defaults to the data directory. With
+    `profile`, a last process times every ingest statement, model build and model test
+    (alliance/bench/profile.py) into `<out>/profile-<size>.md`.
     """
     root = Path(data_root) if data_root is not None else data_dir()
     doc: dict[str, Any] = {
@@ -155,7 +163,12 @@ def run_bench(sizes: list[int], out_dir: Path, *, seed: int = 42, months: int = 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     for n in sizes:
         doc["runs"].append(bench_size(int(n), data_root=root, seed=seed, months=months,
-                                      data_docs=data_docs, skip=skip, log=log))
+                                      data_docs=data_docs, skip=skip, profile=profile, log=log))
+        prof = doc["runs"][-1].get("profile")
+        if prof and "error" not in prof:
+            from alliance.bench.profile import markdown as profile_markdown
+
+            (json_path.parent / f"profile-{size_label(n)}.md").write_text(profile_markdown(prof))
         # Written after every size so a long multi-size run leaves usable partial results.
         json_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
         md_path.write_text(res.markdown(doc))

@@ -1,18 +1,13 @@
 """What the importers need to know about instruments: codes, item counts and ranges, LOINC codes.
 
-Read straight from schemas/instruments/*.yaml (the same files the ingest and scoring use), so a
-clinic that adds an instrument file can import it without code changes.
+Built from alliance.instruments.load_instruments (the same validated definitions the ingest and
+scoring use, including a clinic's own files), so importing needs no code per instrument.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
-
-import yaml
-
-from alliance.config import SCHEMAS_DIR
 
 
 @dataclass(frozen=True)
@@ -31,38 +26,24 @@ class InstrumentRef:
     loinc_items: dict[str, str] = field(default_factory=dict)  # LOINC code -> item "1".."n"
 
 
-def _num(v: object) -> float | None:
-    try:
-        return float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-
-
 @lru_cache(maxsize=4)
-def load_refs(directory: Path = SCHEMAS_DIR / "instruments") -> dict[str, InstrumentRef]:
-    """Instrument code -> reference, from every YAML file in the instruments folder."""
+def load_refs() -> dict[str, InstrumentRef]:
+    """Instrument code -> reference, from the validated definitions the ingest and scoring use."""
+    from alliance.instruments import load_instruments
+
     refs: dict[str, InstrumentRef] = {}
-    for p in sorted(directory.glob("*.y*ml")):
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError:
-            continue  # the instruments' own tests report broken files; importers just skip them
-        if not isinstance(d, dict) or "code" not in d:
-            continue
-        items = d.get("items") if isinstance(d.get("items"), dict) else {}
-        total = d.get("total") if isinstance(d.get("total"), dict) else {}
-        loinc = d.get("loinc") if isinstance(d.get("loinc"), dict) else {}
-        item_loinc = items.get("loinc") or {}
-        refs[str(d["code"])] = InstrumentRef(
-            code=str(d["code"]),
-            version=str(d.get("version", "1")),
-            item_count=int(items.get("count") or 0),
-            item_min=_num(items.get("min")),
-            item_max=_num(items.get("max")),
-            total_min=_num(total.get("min")),
-            total_max=_num(total.get("max")),
-            loinc_panel=str(loinc["panel"]) if loinc.get("panel") else None,
-            loinc_total=str(loinc["total"]) if loinc.get("total") else None,
-            loinc_items={str(code): str(item) for item, code in item_loinc.items()},
+    for inst in sorted(load_instruments().values(), key=lambda i: i.key):
+        items = inst.items
+        refs[inst.code] = InstrumentRef(
+            code=inst.code,
+            version=inst.version,
+            item_count=len(items),
+            item_min=min((it.min_value for it in items), default=None),
+            item_max=max((it.max_value for it in items), default=None),
+            total_min=inst.total_min,
+            total_max=inst.total_max,
+            loinc_panel=inst.loinc_panel,
+            loinc_total=inst.loinc_total,
+            loinc_items={it.loinc: str(it.number) for it in items if it.loinc},
         )
     return refs
