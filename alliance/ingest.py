@@ -17,9 +17,10 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import hmac
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from alliance.contract import Contract, FieldSpec, load_contract
-from alliance.pseudonyms import pseudonym
+from alliance.pseudonyms import DIGEST_CHARS, PREFIX
 
 LANDING_SUFFIXES = (".ndjson", ".jsonl", ".ndjson.gz", ".jsonl.gz")
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".writing")
@@ -381,26 +382,29 @@ def _validation_sql(contract: Contract) -> list[str]:
     paths = ", ".join(_lit(p) for _, _, p in all_fields)
     typed = ",\n            ".join(
         f"jt[{i + 1}] as jt_{c}, sv[{i + 1}] as sv_{c}" for i, (_, c, _) in enumerate(all_fields))
-    starts_obj = "starts_with(ltrim(line), '{')"
     return [
-        # One pass over the text: types, string values and the few JSON values needed later.
+        # Two passes over the text (types, values as text); try() turns invalid JSON into NULL,
+        # so no separate json_valid pass is needed.
         f"""create or replace temp table _parsed as
-        select file_id, line_number, is_json, is_object,
-            case when is_object then json_type(line, [{paths}]) end as jt,
-            case when is_object then json_extract_string(line, [{paths}]) end as sv,
-            case when is_object then json_extract(line, ['$.payload', '$.payload.answers',
-                '$.payload.total']) end as pj,
-            case when is_object then md5(line) end as content_hash
-        from (select *, is_json and {starts_obj} as is_object
-              from (select *, json_valid(line) as is_json from _lines))""",
+        select file_id, line_number, starts_with(ltrim(line), '{{') as starts_obj,
+            try(json_type(line, [{paths}])) as jt,
+            try(json_extract_string(line, [{paths}])) as sv,
+            md5(line) as content_hash
+        from _lines""",
         # Materialised apart from _checked: DuckDB would otherwise inline rule_idx (a long CASE)
         # into each of its references.
         f"""create or replace temp table _ruled as
         select *, {rule_idx} as rule_idx from (
             select file_id, line_number, content_hash, is_json, is_object,
-                pj[1] as e_payload, pj[2] as p_answers, pj[3] as p_total,
-                {typed}
-            from _parsed)""",
+                case when jt_e_payload = 'OBJECT' then sv_e_payload::json end as e_payload,
+                case when jt_p_answers = 'OBJECT' then sv_p_answers::json end as p_answers,
+                sv_p_total as p_total,
+                * exclude (file_id, line_number, content_hash, is_json, is_object)
+            from (
+                select file_id, line_number, content_hash, jt is not null as is_json,
+                    jt is not null and starts_obj as is_object,
+                    {typed}
+                from _parsed))""",
         f"""create or replace temp table _checked as
         select *, case when rule_idx is null then
                 case when dropped_fields = 0 then e_payload else {kept} end end as kept_payload
@@ -485,16 +489,6 @@ def _read_file(path: Path) -> _ReadFile:
 
 
 # --------------------------------------------------------------------------- ingest
-
-
-def _already_ingested(con: duckdb.DuckDBPyConnection, shas: Sequence[str]) -> set[str]:
-    if not shas:
-        return set()
-    rows = con.execute(
-        "select sha256 from raw.ingested_files where status = 'ingested' and list_contains(?, sha256)",
-        [list(shas)],
-    ).fetchall()
-    return {r[0] for r in rows}
 
 
 # Names the first answer-level violation of each questionnaire line.
@@ -638,7 +632,8 @@ def ingest_files(
     group: list[_ReadFile] = []
     group_lines = 0
     seen_in_call: set[str] = set()
-    done = _already_ingested(con, [file_sha256(p) for p in paths])
+    done = {r[0] for r in con.execute(
+        "select sha256 from raw.ingested_files where status = 'ingested'").fetchall()}
     for p in paths:
         rf = _read_file(p)
         if rf.sha256 in done or rf.sha256 in seen_in_call:
@@ -690,11 +685,14 @@ def _pseudonym_table(con: duckdb.DuckDBPyConnection, key: bytes) -> None:
         """
     ).fetchall()
     kinds, clinics, raws, pseudos = [], [], [], []
+    keyed = hmac.new(key, digestmod=hashlib.sha256)  # copying a keyed state skips the key setup
     for kind, clinic, raw in rows:
         kinds.append(kind)
         clinics.append(clinic)
         raws.append(raw)
-        pseudos.append(pseudonym(key, kind, clinic, raw))
+        h = keyed.copy()
+        h.update(f"{kind}|{clinic}|{raw}".encode())
+        pseudos.append(PREFIX[kind] + h.hexdigest()[:DIGEST_CHARS])
     tbl = pa.table({"kind": kinds, "clinic": clinics, "raw": raws, "pseudonym": pseudos},
                    schema=pa.schema([("kind", pa.string()), ("clinic", pa.string()),
                                      ("raw", pa.string()), ("pseudonym", pa.string())]))

@@ -20,39 +20,66 @@ class ReportConfig(dg.Config):
     pdf: bool = False
 
 
+def _keys_by_dimension(key: str | dg.MultiPartitionKey) -> dict[str, str]:
+    """{'clinic': ..., 'month': ...} of one partition key (a MultiPartitionKey or "C|YYYY-MM")."""
+    if isinstance(key, dg.MultiPartitionKey):
+        return dict(key.keys_by_dimension)
+    return dict(report_partitions.get_partition_key_from_str(key).keys_by_dimension)
+
+
 @dg.asset(
     key=["reports", "clinic_report"],
     group_name="reports",
     deps=[dg.AssetKey(["serving", "snapshot"])],
     partitions_def=report_partitions,
+    # A range of partitions (UI backfill from the asset page, `dg launch --partition-range`) runs
+    # as one run that renders every key in it: reports only read the snapshot, so one process
+    # renders them one after another far cheaper than one run (and one process) per report.
+    backfill_policy=dg.BackfillPolicy.single_run(),
     kinds={"html"},
     owners=["team:data-engineering"],
     required_resource_keys={"settings"},
     description=(
         "Monthly clinic report: data/reports/<clinic>/<YYYY-MM>.html, one self-contained printable "
         "file (inline CSS and SVG charts), built from the serving snapshot with small cells "
-        "(fewer than min_cell patients) suppressed, including secondary suppression."
+        "(fewer than min_cell patients) suppressed, including secondary suppression. A partition "
+        "range (backfill) renders every clinic x month in it in one run."
     ),
 )
 def clinic_report(context: dg.AssetExecutionContext, config: ReportConfig) -> dg.MaterializeResult:
-    """Render one clinic's report for one month from the published snapshot."""
-    keys = context.partition_key.keys_by_dimension  # type: ignore[union-attr]
-    clinic, month = keys[CLINIC_DIM], keys[MONTH_DIM]
+    """Render the report of every clinic x month partition in this run from the snapshot."""
     data = context.resources.settings.paths
-    res = build_report(
-        data.serving, data.reports, clinic, month,
-        Options(min_cell=config.min_cell, protect_numerators=config.protect_numerators),
-        pdf=config.pdf,
-    )
-    context.log.info(f"report for clinic {clinic}, {month}: {res.html_path}")
-    return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(res.html_path)),
-        "pdf": dg.MetadataValue.path(str(res.pdf_path)) if res.pdf_path else None,
-        "bytes": res.bytes,
-        "charts": res.charts,
-        "suppressed_cells": res.suppressed_cells,
+    options = Options(min_cell=config.min_cell, protect_numerators=config.protect_numerators)
+    # One key for a normal run; the whole (clinic range x month range) rectangle for a range run.
+    keys = list(context.partition_keys)
+    rendered = []
+    for key in keys:
+        dims = _keys_by_dimension(key)
+        clinic, month = dims[CLINIC_DIM], dims[MONTH_DIM]
+        res = build_report(data.serving, data.reports, clinic, month, options, pdf=config.pdf)
+        context.log.info(f"report for clinic {clinic}, {month}: {res.html_path}")
+        rendered.append((str(key), res))
+    # A range run records one materialization per partition, all with this metadata: the totals,
+    # and per partition its file, so each partition's page still says where its report is.
+    metadata: dict[str, object] = {
+        "partitions_rendered": len(rendered),
+        "bytes": sum(r.bytes for _, r in rendered),
+        "charts": sum(r.charts for _, r in rendered),
+        "suppressed_cells": sum(r.suppressed_cells for _, r in rendered),
         "min_cell": config.min_cell,
-    })
+    }
+    if len(rendered) == 1:
+        res = rendered[0][1]
+        metadata["path"] = dg.MetadataValue.path(str(res.html_path))
+        metadata["pdf"] = dg.MetadataValue.path(str(res.pdf_path)) if res.pdf_path else None
+    else:
+        metadata["path"] = dg.MetadataValue.path(str(data.reports))
+        metadata["reports"] = dg.MetadataValue.json({
+            k: {"path": str(r.html_path), "charts": r.charts,
+                "suppressed_cells": r.suppressed_cells}
+            for k, r in rendered
+        })
+    return dg.MaterializeResult(metadata=metadata)
 
 
 def defs() -> dg.Definitions:

@@ -225,3 +225,17 @@ def test_contract_docs_are_generated_from_the_contract():
     assert (REPO_ROOT / "docs" / "event-contract.md").read_text() == contract_markdown(), (
         "docs/event-contract.md is stale: run `alliance contract-docs`"
     )
+
+
+def test_invalid_utf8_line_is_quarantined_and_kept_verbatim(con, tmp_path):
+    import base64
+
+    bad = b'{"event_id": "\xff\xfe", "event_type": "session.no_show"}'
+    f = tmp_path / "enc.ndjson"
+    f.write_bytes(json.dumps(GOOD[0]).encode() + b"\n" + bad + b"\n\n")
+    [r] = ingest_files(con, [f], KEY, instruments=None, quarantine_dir=tmp_path / "q")
+    assert (r.accepted, r.quarantined, r.blank_lines) == (1, 1, 1)
+    assert con.execute("select line_number, reason_code from raw.quarantine").fetchall() == [
+        (2, "invalid_encoding")]
+    kept = json.loads((tmp_path / "q" / f"{r.sha256}.ndjson").read_text())
+    assert base64.b64decode(kept["line_base64"]) == bad
