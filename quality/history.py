@@ -74,6 +74,35 @@ def record_check_result(
     )
 
 
+def record_check_results(
+    con: duckdb.DuckDBPyConnection, run_id: str, results: Sequence[Mapping[str, Any]]
+) -> int:
+    """Append several check evaluations to quality.check_results in one transaction.
+
+    Each item holds the keyword arguments of `record_check_result` except `run_id` (asset,
+    check_name, passed, severity, and optionally unexpected_count, details, evaluated_at). All rows
+    land or none do, so a crash never leaves half of one step's checks recorded. When the caller
+    already has a transaction open, the rows join it (and commit or roll back with it).
+    """
+    if not results:
+        return 0
+    own = True
+    try:
+        con.execute("begin transaction")
+    except duckdb.TransactionException:  # the caller's transaction: ride along with it
+        own = False
+    try:
+        for r in results:
+            record_check_result(con, run_id=run_id, **dict(r))
+        if own:
+            con.execute("commit")
+    except BaseException:
+        if own:
+            con.execute("rollback")
+        raise
+    return len(results)
+
+
 def _connect(db: str | os.PathLike[str] | duckdb.DuckDBPyConnection) -> tuple[Any, bool]:
     if isinstance(db, duckdb.DuckDBPyConnection):
         return db, False

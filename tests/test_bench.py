@@ -33,7 +33,8 @@ def bench(tmp_path_factory: pytest.TempPathFactory):
         root = tmp_path_factory.mktemp("bench")
     out = root / "results"
     logs: list[str] = []
-    doc = run_bench([EVENTS], out, months=MONTHS, data_root=root / "data", log=logs.append)
+    doc = run_bench([EVENTS], out, months=MONTHS, report_months=1, data_root=root / "data",
+                    log=logs.append)
     yield doc, out, root, logs
     shutil.rmtree(root, ignore_errors=True)
 
@@ -47,7 +48,7 @@ def test_results_files_hold_every_stage_baseline_and_ratio(bench) -> None:
     for k in ("python", "duckdb", "dagster", "great_expectations", "memory_gb", "cpu_model"):
         assert saved["machine"][k], k
     (run,) = saved["runs"]
-    assert run["ok"], logs
+    assert run["ok"], "\n".join(logs)
     full = run["full"]
     assert full["success"] and not full["failed_checks"]
     for stage in ("ingest", "validation", "seeds", "sql_models", "model_checks", "publish",

@@ -86,7 +86,7 @@ def _warm(files: list[Path]) -> None:
 
 def bench_size(n: int, *, data_root: Path, seed: int = 42, months: int = DEFAULT_MONTHS,
                data_docs: bool = False, skip: set[str] | frozenset[str] = frozenset(),
-               profile: bool = False, log=print) -> dict[str, Any]:
+               profile: bool = False, report_months: int = 3, log=print) -> dict[str, Any]:
     """Every scenario for one size; returns its section of the results."""
     dataset = build_dataset(data_root, n, seed=seed, months=months, log=log)
     files = landing_files(Path(dataset["landing"]))
@@ -118,14 +118,16 @@ def bench_size(n: int, *, data_root: Path, seed: int = 42, months: int = DEFAULT
                              {"warehouse": str(wdir / "warehouse" / "alliance.duckdb")}, work / "logs")
     pdir = fresh_dir(work / "pipeline")
     run["full"] = step("pipeline", PIPELINE_MODULE,
-                       {"files": file_args, "env": _env(pdir, data_docs)}, work / "logs")
+                       {"files": file_args, "report_months": report_months,
+                        "env": _env(pdir, data_docs)}, work / "logs")
     if "incremental" not in skip and run["full"].get("success"):
         extra = followup_file(data_root, n, seed=seed, months=months, log=log)
         _warm([extra])
         # Same selection as the full run; the ingest reads only the new file, as the landing
         # sensor's run for that file would.
-        r = step("pipeline", PIPELINE_MODULE, {"files": [str(extra)], "env": _env(pdir, data_docs)},
-                 work / "logs" / "incremental")
+        r = step("pipeline", PIPELINE_MODULE,
+                 {"files": [str(extra)], "report_months": report_months,
+                  "env": _env(pdir, data_docs)}, work / "logs" / "incremental")
         r["file"] = extra.name
         run["incremental"] = r
     if profile:
@@ -140,21 +142,23 @@ def bench_size(n: int, *, data_root: Path, seed: int = 42, months: int = DEFAULT
 
 def run_bench(sizes: list[int], out_dir: Path, *, seed: int = 42, months: int = DEFAULT_MONTHS,
               data_docs: bool = False, skip: set[str] | frozenset[str] = frozenset(),
-              data_root: Path | None = None, profile: bool = False,
+              data_root: Path | None = None, profile: bool = False, report_months: int = 3,
               log=print) -> dict[str, Any]:
     """Benchmark every size, write `<out>/bench-<sizes>.json` and `.md`, return the document.
 
     `months` is the simulated window (one export file per day); `skip` names scenarios to leave
     out (floor, plain, gx, incremental); `data_root` defaults to the data directory. With
     `profile`, a last process times every ingest statement, model build and model test
-    (alliance/bench/profile.py) into `<out>/profile-<size>.md`.
+    (alliance/bench/profile.py) into `<out>/profile-<size>.md`. `report_months` is how many
+    recent months of clinic reports the run renders (3, as `alliance run`).
     """
     root = Path(data_root) if data_root is not None else data_dir()
     doc: dict[str, Any] = {
         "command": "alliance bench " + (f"--events {sizes[0]}" if len(sizes) == 1
                                         else "--sizes " + ",".join(map(str, sizes))),
         "machine": res.machine(),
-        "settings": {"seed": seed, "months": months, "gx_data_docs": data_docs, "skipped": sorted(skip),
+        "settings": {"seed": seed, "months": months, "report_months": report_months,
+                     "gx_data_docs": data_docs, "skipped": sorted(skip),
                      "data_root": str(root)},
         "targets": res.TARGETS,
         "runs": [],
@@ -163,7 +167,8 @@ def run_bench(sizes: list[int], out_dir: Path, *, seed: int = 42, months: int = 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     for n in sizes:
         doc["runs"].append(bench_size(int(n), data_root=root, seed=seed, months=months,
-                                      data_docs=data_docs, skip=skip, profile=profile, log=log))
+                                      data_docs=data_docs, skip=skip, profile=profile,
+                                      report_months=report_months, log=log))
         prof = doc["runs"][-1].get("profile")
         if prof and "error" not in prof:
             from alliance.bench.profile import markdown as profile_markdown

@@ -12,10 +12,24 @@ import numpy as np
 
 from alliance.simulation.model import (
     AGE_GROUPS,
+    DET_DROPOUT_HAZARD,
+    DET_LOGIT_A,
+    DET_LOGIT_G,
+    DET_NORM,
+    DET_RUPTURE_FACTOR,
+    DET_WORSENING,
+    IMPROVE_PER_INTAKE,
+    IMPROVE_SHIFT,
     MODALITIES,
+    ORS_AT_PHQ0,
     R_AT_ZERO,
     REFERRALS,
     SLOPE,
+    SRS_GAP_MEDIAN,
+    SRS_GAP_NARROWING,
+    SRS_GAP_SIGMA,
+    SRS_LEVEL_MAX,
+    SRS_LEVEL_MIN,
     IdMaker,
     SimParams,
     _pick,
@@ -227,19 +241,46 @@ class Simulator:
         self.emit(t_assign, "therapist.assigned", None, {"role": "primary"})
         n_planned = int(_clamp(round(math.exp(R.gauss(math.log(9), 0.4))), 4, 20))
 
-        # Outcome: intake PHQ-9, improvement by the end of planned treatment (linked to G).
+        # Alliance plan first: an unrepaired rupture makes deterioration likelier below.
+        wai_base = _clamp(3.7 + 0.55 * A + R.gauss(0, 0.15), 1.3, 4.9)
+        rupt_k = None
+        repaired_plan = True
+        if n_planned >= 8 and R.random() < p.rupture_share:
+            # from session 5 on, so rule A has 3+ of the patient's own changes to compare with
+            rupt_k = R.randint(5, n_planned - 3)
+            repaired_plan = R.random() < p.rupture_repair_share * (1.2 if A > 0 else 0.8)
+            repair_r = R.randint(1, 3)
+            damp = R.uniform(0.5, 0.8)
+        # SRS: 40 minus a log-normal distance from the ceiling (smaller with higher A) that narrows
+        # a little over the sessions: left-skewed totals with a ceiling effect (Duncan et al. 2003).
+        srs_gap = SRS_GAP_MEDIAN * math.exp(-SRS_GAP_SIGMA * A)
+
+        # Outcome: intake PHQ-9, improvement by the end of planned treatment (linked to G), or for
+        # a minority a gradual worsening (deteriorators: likelier with low G, poor alliance or an
+        # unrepaired rupture; Lambert 2013).
         p0 = _clamp(R.gauss(16.0, 4.5), 5.0, 27.0)
-        improve = 0.42 * p0 + 4.0 * G - 0.3
+        improve = IMPROVE_PER_INTAKE * p0 + 4.0 * G + IMPROVE_SHIFT
+        odds = math.exp(-DET_LOGIT_G * G - DET_LOGIT_A * A) / DET_NORM
+        if rupt_k is not None and not repaired_plan:
+            odds *= DET_RUPTURE_FACTOR
+        worsen = 0.0
+        if R.random() < min(0.6, p.deterioration_share * odds):
+            worsen = R.uniform(*DET_WORSENING)
+        worsen_rate = min(worsen / max(1, n_planned - 1), 2.0)
         lam = 0.45  # negatively accelerated: most change comes early (Howard et al. 1986)
         norm = 1 - math.exp(-lam * (n_planned - 1))
         gain_n = None
-        if (improve >= 9 and p0 >= 13.5 and n_planned >= 6 and R.random() < p.sudden_gain_share):
+        if (not worsen and improve >= 9 and p0 >= 13.5 and n_planned >= 6
+                and R.random() < p.sudden_gain_share):
             gain_n = R.randint(2, min(5, n_planned - 3))
             step = max(8.0, 0.7 * improve)
         gad0 = _clamp(0.72 * p0 * 21 / 27 + R.gauss(1.5, 2.5), 2.0, 21.0)
         ors_offset = R.gauss(0, 2.0)
 
         def phq_level(s: int) -> float:
+            if worsen:
+                # gradual (at most 2 points a session), so no sudden loss appears by construction
+                return _clamp(p0 + worsen_rate * (min(s, n_planned) - 1), 0.0, 27.0)
             if gain_n is None:
                 h = (1 - math.exp(-lam * (min(s, n_planned) - 1))) / norm
                 return _clamp(p0 - improve * h, 0.0, 27.0)
@@ -250,16 +291,6 @@ class Simulator:
             frac = min(1.0, (s - gain_n - 1) / max(1, n_planned - gain_n - 1))
             return _clamp(pre - step - rest * frac, 0.0, 27.0)
 
-        # Alliance: SRS level from A, a slow rise, and a rupture at a known session.
-        srs_base = 32.0 + 3.8 * A
-        wai_base = _clamp(3.7 + 0.55 * A + R.gauss(0, 0.15), 1.3, 4.9)
-        rupt_k = None
-        if n_planned >= 8 and R.random() < p.rupture_share:
-            # from session 5 on, so rule A has 3+ of the patient's own changes to compare with
-            rupt_k = R.randint(5, n_planned - 3)
-            repaired_plan = R.random() < p.rupture_repair_share * (1.2 if A > 0 else 0.8)
-            repair_r = R.randint(1, 3)
-            damp = R.uniform(0.5, 0.8)
         srs_noise = _Zigzag(R, 0.35, 0.9)
         phq_noise = _Zigzag(R, 0.3, 1.0)
         ors_noise = _Zigzag(R, 0.3, 1.0)
@@ -308,7 +339,7 @@ class Simulator:
                 dur = R.choice((45, 50, 50, 50, 55, 60))
                 # ---- outcome questionnaires before the session
                 level = phq_level(s)
-                ors_total = _clamp(40 - 1.15 * level + ors_offset + ors_noise(), 0.4, 39.6)
+                ors_total = _clamp(ORS_AT_PHQ0 - 1.15 * level + ors_offset + ors_noise(), 0.4, 39.6)
                 if R.random() >= p.missing_questionnaire_share:
                     self.questionnaire(t_app - 10, sid, "ORS", "pre_session",
                                        split_decimal(ors_total, 4, R), False)
@@ -324,14 +355,18 @@ class Simulator:
                         if ev is not None:
                             phq_obs[s], phq_ev[s] = obs, ev
                     if prot or R.random() >= p.missing_questionnaire_share:
-                        g = gad0 - (p0 - level) * (gad0 / p0) * 0.9
+                        if level > p0:  # worsening: anxiety rises with depression (21/27 scale)
+                            g = gad0 + (level - p0) * 0.78
+                        else:
+                            g = gad0 - (p0 - level) * (gad0 / p0) * 0.9
                         gobs = int(round(_clamp(g + R.uniform(-1, 1), 0, 21)))
                         self.questionnaire(t_app - 7, sid, "GAD-7", timing,
                                            split_integer(gobs, 7, 0, 3, R), False)
                 self.emit(t_app, "session.attended", sid,
                           {"duration_minutes": dur, "modality": mod})
                 # ---- alliance after the session
-                level_a = _clamp(srs_base + min(0.15 * (s - 1), 1.5), 6.0, 38.8)
+                level_a = _clamp(40.0 - srs_gap * (1 - min(SRS_GAP_NARROWING * (s - 1), 0.2)),
+                                 SRS_LEVEL_MIN, SRS_LEVEL_MAX)
                 noise = srs_noise()
                 total = level_a + noise
                 pre = srs_obs.get(s - 1)
@@ -377,6 +412,8 @@ class Simulator:
                 break
             if attended:
                 hazard = p.dropout_hazard * math.exp(-0.5 * A)
+                if worsen and level >= p0 + 3:
+                    hazard += DET_DROPOUT_HAZARD  # patients getting worse leave more often
                 if (rupt_k is not None and not repaired_plan and rupt_k <= s <= rupt_k + 2):
                     hazard += 0.3
                 if R.random() < hazard:

@@ -23,6 +23,29 @@ import numpy as np
 R_AT_ZERO = 0.026
 SLOPE = 0.863
 
+# SRS level = 40 - gap, gap log-normal (median, sigma on the alliance latent A), narrowing by
+# SRS_GAP_NARROWING a session (at most 20%). Tuned so session totals have mean ~36, SD ~3-4 and
+# ~30% below the 36 cutoff, as in published samples (Duncan et al. 2003; Campbell & Hemsley 2009).
+SRS_GAP_MEDIAN = 3.0
+SRS_GAP_SIGMA = 0.75
+SRS_GAP_NARROWING = 0.03
+SRS_LEVEL_MIN = 12.0
+SRS_LEVEL_MAX = 39.2  # below the ceiling so session noise still shows (a room for repairs)
+# PHQ-9 improvement by the planned end = IMPROVE_PER_INTAKE x intake + 4 G + IMPROVE_SHIFT.
+IMPROVE_PER_INTAKE = 0.5
+IMPROVE_SHIFT = 0.5
+# ORS = ORS_AT_PHQ0 - 1.15 x PHQ-9 level + offset: intake mean ~19-20 (Miller et al. 2003).
+ORS_AT_PHQ0 = 38.0
+# Deteriorators: P = deterioration_share x exp(-DET_LOGIT_G G - DET_LOGIT_A A) / DET_NORM (x
+# DET_RUPTURE_FACTOR after an unrepaired rupture); they worsen by U(DET_WORSENING) PHQ-9 points
+# over the planned course, and leave more often once 3+ points worse.
+DET_LOGIT_G = 0.6
+DET_LOGIT_A = 0.4
+DET_NORM = 1.4
+DET_RUPTURE_FACTOR = 2.0
+DET_WORSENING = (5.0, 12.0)
+DET_DROPOUT_HAZARD = 0.05
+
 INSTRUMENT_ITEMS = {"SRS": 4, "ORS": 4, "WAI-SR": 12, "PHQ-9": 9, "GAD-7": 7}
 AGE_GROUPS = (("adult", 0.85), ("adolescent", 0.10), ("child", 0.05))
 REFERRALS = (("gp", 0.55), ("self", 0.30), ("specialist", 0.10), ("other", 0.05))
@@ -62,7 +85,8 @@ class SimParams:
     reported_total_share: float = 0.20
     wrong_total_share: float = 0.05  # of reported totals
     free_text_share: float = 0.01  # events carrying a non-allow-listed clinician_note
-    dropout_hazard: float = 0.035  # per attended session, at average alliance
+    dropout_hazard: float = 0.022  # per attended session, at average alliance
+    deterioration_share: float = 0.12  # episodes that worsen, at average alliance and outcome
     utc_offsets: tuple[str, ...] = ("+00:00", "+01:00", "+02:00")
     extra: dict[str, Any] = field(default_factory=dict)
 
