@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import hmac
 import json
 import time
 from collections.abc import Iterable
@@ -30,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from alliance.contract import Contract, FieldSpec, load_contract
-from alliance.pseudonyms import DIGEST_CHARS, PREFIX
+from alliance.pseudonyms import pseudonymiser
 
 LANDING_SUFFIXES = (".ndjson", ".jsonl", ".ndjson.gz", ".jsonl.gz")
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".writing")
@@ -124,7 +123,32 @@ COLUMN_COMMENTS = {
         "line_number": "1-based line number in that file.",
         "dropped_fields": "Number of fields dropped because they are not in the contract (free text).",
     },
+    "raw.ingested_files": {
+        "file_id": "Identifier of the file's content in this warehouse (raw.events.file_id).",
+        "path": "Path the file was read from.",
+        "file_name": "File name (events and quarantine rows carry it as source_file).",
+        "sha256": "sha256 of the file's bytes: the same content is never ingested twice.",
+        "bytes": "Size of the file in bytes.",
+        "lines_read": "Non-blank lines read; = accepted + duplicates + quarantined.",
+        "blank_lines": "Blank lines (ignored).",
+        "accepted": "Lines appended to raw.events.",
+        "duplicates": "Lines skipped as exact duplicates of an event already logged.",
+        "quarantined": "Lines rejected to raw.quarantine.",
+        "dropped_fields": "Payload fields dropped because the contract does not allow them (free text).",
+        "status": "ingested, or unreadable (the file could not be decompressed).",
+        "error": "Why an unreadable file could not be read.",
+        "started_at": "When processing of the file's group started.",
+        "finished_at": "When its manifest row was written.",
+        "recorded_at": "Transaction time, the recorded_at of its events.",
+    },
     "raw.quarantine": {
+        "file_id": "raw.ingested_files.file_id of the file.",
+        "source_file": "Name of the file.",
+        "line_number": "1-based line number in the file.",
+        "event_id": "The line's event_id when it had one.",
+        "event_type": "The line's event_type when it had one.",
+        "clinic_id": "The line's clinic_id when it had one.",
+        "recorded_at": "When the line was rejected.",
         "reason_code": "Why the line was rejected (codes in schemas/events.yaml quarantine_reasons).",
         "field": "The offending field (dotted path), when there is one.",
         "message": "Human-readable explanation naming file, line and field.",
@@ -455,10 +479,8 @@ class _ReadFile:
         return self.lines["line"][idx].as_py().encode()
 
 
-def _read_file(path: Path) -> _ReadFile:
+def _read_file(path: Path, raw: bytes, sha: str) -> _ReadFile:
     """Split a file into numbered lines without a Python loop per line (blank lines dropped)."""
-    raw = path.read_bytes()
-    sha = hashlib.sha256(raw).hexdigest()
     try:
         data = gzip.decompress(raw) if path.name.endswith(".gz") else raw
     except (OSError, EOFError) as e:
@@ -632,13 +654,16 @@ def ingest_files(
     group: list[_ReadFile] = []
     group_lines = 0
     seen_in_call: set[str] = set()
-    done = {r[0] for r in con.execute(
-        "select sha256 from raw.ingested_files where status = 'ingested'").fetchall()}
+    # Any content seen before is a no-op (an unreadable file stays recorded once, not per run).
+    done = {r[0] for r in con.execute("select sha256 from raw.ingested_files").fetchall()}
     for p in paths:
-        rf = _read_file(p)
-        if rf.sha256 in done or rf.sha256 in seen_in_call:
-            results.append(FileResult(str(p), rf.sha256, "already_ingested"))
+        raw = p.read_bytes()
+        sha = hashlib.sha256(raw).hexdigest()
+        if sha in done or sha in seen_in_call:
+            results.append(FileResult(str(p), sha, "already_ingested"))
             continue
+        rf = _read_file(p, raw, sha)
+        del raw
         if rf.error:
             results.append(_record_unreadable(con, rf, recorded_at))
             if log:
@@ -685,14 +710,12 @@ def _pseudonym_table(con: duckdb.DuckDBPyConnection, key: bytes) -> None:
         """
     ).fetchall()
     kinds, clinics, raws, pseudos = [], [], [], []
-    keyed = hmac.new(key, digestmod=hashlib.sha256)  # copying a keyed state skips the key setup
+    to_pseudonym = pseudonymiser(key)
     for kind, clinic, raw in rows:
         kinds.append(kind)
         clinics.append(clinic)
         raws.append(raw)
-        h = keyed.copy()
-        h.update(f"{kind}|{clinic}|{raw}".encode())
-        pseudos.append(PREFIX[kind] + h.hexdigest()[:DIGEST_CHARS])
+        pseudos.append(to_pseudonym(kind, clinic, raw))
     tbl = pa.table({"kind": kinds, "clinic": clinics, "raw": raws, "pseudonym": pseudos},
                    schema=pa.schema([("kind", pa.string()), ("clinic", pa.string()),
                                      ("raw", pa.string()), ("pseudonym", pa.string())]))

@@ -10,10 +10,12 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 KEY_ENV = "ALLIANCE_PSEUDONYM_KEY"
 PREFIX = {"patient": "pt_", "therapist": "th_", "episode": "ep_", "session": "se_"}
+MIN_KEY_CHARS = 32
 DIGEST_CHARS = 16  # 64 bits: collision odds are negligible at 10^7 identifiers per kind
 
 
@@ -21,16 +23,32 @@ class MissingKeyError(RuntimeError):
     """Raised when no pseudonym key is configured outside demo mode."""
 
 
+def pseudonymiser(key: bytes) -> Callable[[str, str, str], str]:
+    """A fast pseudonym function for one key (the keyed HMAC state is built once and copied)."""
+    keyed = hmac.new(key, digestmod=hashlib.sha256)
+
+    def to_pseudonym(kind: str, clinic_id: str, raw_id: str) -> str:
+        h = keyed.copy()
+        h.update(f"{kind}|{clinic_id}|{raw_id}".encode())
+        return PREFIX[kind] + h.hexdigest()[:DIGEST_CHARS]
+
+    return to_pseudonym
+
+
 def pseudonym(key: bytes, kind: str, clinic_id: str, raw_id: str) -> str:
     """The pseudonym of one identifier; identifiers are scoped by clinic and kind."""
-    msg = f"{kind}|{clinic_id}|{raw_id}".encode()
-    return PREFIX[kind] + hmac.new(key, msg, hashlib.sha256).hexdigest()[:DIGEST_CHARS]
+    return pseudonymiser(key)(kind, clinic_id, raw_id)
 
 
 def load_key(demo_key_file: Path | None = None) -> bytes:
     """The key from $ALLIANCE_PSEUDONYM_KEY; in demo mode a local key file is created and used."""
     value = os.environ.get(KEY_ENV)
     if value:
+        if len(value) < MIN_KEY_CHARS:
+            raise MissingKeyError(
+                f"{KEY_ENV} is only {len(value)} characters; use a random secret of at least "
+                f"{MIN_KEY_CHARS} (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)"
+            )
         return value.encode()
     if demo_key_file is None:
         raise MissingKeyError(

@@ -10,6 +10,7 @@ from dagster_duckdb import DuckDBResource
 from alliance.ingest import COLUMN_COMMENTS, TABLE_COMMENTS, ingest_files, landing_files
 from alliance.pseudonyms import load_key
 from orchestration.resources import AllianceSettings
+from quality.history import record_check_results
 
 RAW_EVENTS = dg.AssetKey(["raw", "events"])
 RAW_FILES = dg.AssetKey(["raw", "ingested_files"])
@@ -113,7 +114,9 @@ def ingest(
 
 @dg.asset_check(asset=RAW_FILES, blocking=True,
                 description="Every file: lines read = accepted + duplicates + quarantined.")
-def line_conservation(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+def line_conservation(
+    context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource
+) -> dg.AssetCheckResult:
     with duckdb.get_connection() as con:
         bad = con.execute(
             "select file_name, lines_read, accepted, duplicates, quarantined from raw.ingested_files "
@@ -124,8 +127,16 @@ def line_conservation(duckdb: DuckDBResource) -> dg.AssetCheckResult:
             "left join raw.events e using (file_id) where f.status = 'ingested' "
             "group by all having f.accepted <> count(e.event_id)"
         ).fetchall()
+        passed = not bad and not logged
+        # Check history (quality.check_results) on the same connection, for `alliance status`.
+        record_check_results(con, context.run.run_id, [{
+            "asset": RAW_FILES.path, "check_name": "line_conservation", "passed": passed,
+            "severity": "ERROR", "unexpected_count": len(bad) + len(logged),
+            "details": {"files_failing_identity": len(bad),
+                        "files_with_missing_events": len(logged)},
+        }])
     return dg.AssetCheckResult(
-        passed=not bad and not logged,
+        passed=passed,
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={"files_failing_identity": len(bad), "files_with_missing_events": len(logged),
                   "examples": dg.MetadataValue.json([list(map(str, r)) for r in (bad + logged)[:5]])},

@@ -5,6 +5,7 @@ rendering reports never competes with the pipeline for the DuckDB write lock.
 """
 
 import os
+import warnings
 
 import dagster as dg
 
@@ -25,6 +26,11 @@ def _keys_by_dimension(key: str | dg.MultiPartitionKey) -> dict[str, str]:
     if isinstance(key, dg.MultiPartitionKey):
         return dict(key.keys_by_dimension)
     return dict(report_partitions.get_partition_key_from_str(key).keys_by_dimension)
+
+
+# `backfill_policy` is marked beta in Dagster 1.13; it is what lets a range run as one run (the
+# CLI refuses ranges without it), so silence the warning for this parameter only.
+warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=dg.BetaWarning)
 
 
 @dg.asset(

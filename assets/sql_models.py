@@ -13,6 +13,7 @@ from dagster_duckdb import DuckDBResource
 
 from alliance import sqlrunner
 from alliance.config import REPO_ROOT
+from quality.history import record_check_results
 
 # A run tagged `alliance/as_of=<ISO timestamp>` rebuilds the models as they were at that time.
 AS_OF_TAG = "alliance/as_of"
@@ -80,6 +81,10 @@ def model_asset(model: sqlrunner.Model) -> dg.AssetsDefinition:
                 context.log.info(f"building {model.fqn} as of {as_of}")
             built = sqlrunner.build_model(con, model)
             results = sqlrunner.run_tests(con, model, selected)
+            # Check history (quality.check_results), in one transaction on the connection the
+            # tests ran on, so `alliance status` and the report see column tests too.
+            record_check_results(con, context.run.run_id,
+                                 [_history_row(model, r, as_of) for r in results])
         for w in built.warnings:
             context.log.warning(w)
         yield dg.MaterializeResult(
@@ -113,6 +118,28 @@ def _check_result(r: sqlrunner.TestResult) -> dg.AssetCheckResult:
                   else dg.AssetCheckSeverity.WARN),
         metadata=metadata,
     )
+
+
+def _history_row(model: sqlrunner.Model, r: sqlrunner.TestResult,
+                 as_of: str | None = None) -> dict[str, object]:
+    """One column test's result as a quality.check_results row (keyword args, run id aside)."""
+    details: dict[str, object] = {"test": r.test.test, "column": r.test.column,
+                                  "source": "sql model column test"}
+    if r.sample_keys:
+        details["failing_keys"] = ", ".join(r.sample_keys)  # the model's key: pseudonyms
+    if r.error:
+        details["error"] = r.error
+    if as_of:
+        details["as_of"] = as_of
+    return {
+        "asset": list(model.key_path),
+        "check_name": r.test.check_name,
+        "passed": r.passed,
+        "severity": "ERROR" if r.test.severity == "error" else "WARN",
+        # -1 means the test query itself failed; the count is unknown then
+        "unexpected_count": r.failing if r.failing >= 0 else None,
+        "details": details,
+    }
 
 
 def model_assets(sql_dir: Path | str | None = None) -> list[dg.AssetsDefinition]:

@@ -151,6 +151,10 @@ def _fmt_age(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+_FAILING_FIELDS = ("asset", "check_name", "severity", "unexpected_count", "failing_since",
+                   "evaluated_at", "run_id")
+
+
 def collect_status(n_runs: int = 8) -> dict[str, Any]:
     """Everything `alliance status` shows, as data (the snapshot is opened read-only)."""
     import duckdb
@@ -184,7 +188,6 @@ def collect_status(n_runs: int = 8) -> dict[str, Any]:
         },
         "landing_files": len(landing_files(p.landing)),
         "row_counts": {},
-        "failing_checks": [],
     }
     if p.serving.exists():
         con = duckdb.connect(str(p.serving), read_only=True)
@@ -192,16 +195,16 @@ def collect_status(n_runs: int = 8) -> dict[str, Any]:
             out["row_counts"] = snapshot.table_row_counts(con)
         finally:
             con.close()
-        try:
-            from quality.history import failing_checks
+    # Failing checks come from the working warehouse: a blocking failure stops publish, so the
+    # snapshot never hears of it. While a writer holds the warehouse, the snapshot answers.
+    from quality.history import failing_checks_with_fallback
 
-            out["failing_checks"] = [
-                {k: str(v) for k, v in f.items() if k in
-                 ("asset", "check_name", "severity", "unexpected_count", "evaluated_at")}
-                for f in failing_checks(p.serving)
-            ]
-        except ImportError:
-            pass
+    failing, source = failing_checks_with_fallback(p.warehouse, p.serving)
+    out["failing_checks_source"] = source
+    out["failing_checks"] = [
+        {k: (None if f.get(k) is None else str(f[k])) for k in _FAILING_FIELDS}
+        for f in failing
+    ]
     return out
 
 
@@ -227,10 +230,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("row counts (serving snapshot):")
         for name, n in st["row_counts"].items():
             print(f"  {name:<45} {n:>12,}")
-    print(f"failing checks: {len(st['failing_checks'])}")
+    print(f"failing checks: {len(st['failing_checks'])} (from {st['failing_checks_source']})")
     for f in st["failing_checks"]:
+        rows = f"{f['unexpected_count']} rows" if f.get("unexpected_count") is not None else "error"
         print(f"  {f.get('severity', '')}: {f.get('asset', '')} {f.get('check_name', '')} "
-              f"({f.get('unexpected_count', '')} rows, since {f.get('evaluated_at', '')})")
+              f"({rows}; failing since {f.get('failing_since') or '-'}, "
+              f"last evaluated {f.get('evaluated_at', '')})")
     return 0
 
 

@@ -30,6 +30,7 @@ def execute_job(
     tags: dict[str, str] | None = None,
     log=print,  # noqa: ANN001
     log_level: str = "INFO",
+    partition_key: str | None = None,
 ) -> dict[str, Any]:
     """Execute one job of the code location in-process on the persistent instance."""
     import dagster as dg
@@ -59,6 +60,7 @@ def execute_job(
         instance=instance,
         tags={"alliance/trigger": "cli", **(tags or {})},
         asset_selection=asset_selection,
+        partition_key=partition_key,
         raise_on_error=False,
     )
     failed_checks = [
@@ -88,35 +90,25 @@ def render_reports(
     pdf: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Materialise reports/clinic_report for each (clinic, YYYY-MM) partition, one run each."""
-    import dagster as dg
-
-    from assets.reports import clinic_report
+    """Run reports_job for each (clinic, YYYY-MM) partition, as the monthly schedule does."""
     from orchestration.instance import get_instance
     from orchestration.partitions import add_clinic_partitions, report_partition_key
-    from orchestration.resources import AllianceSettings
 
-    instance = get_instance()
-    add_clinic_partitions(instance, paths().serving)
+    add_clinic_partitions(get_instance(), paths().serving)
     config: dict[str, Any] = {"pdf": pdf}
     if min_cell is not None:
         config["min_cell"] = min_cell
     out = []
     for clinic, month in clinic_months:
-        result = dg.materialize(
-            [clinic_report],
+        res = execute_job(
+            "reports_job",
             partition_key=report_partition_key(clinic, month),
-            instance=instance,
-            resources={"settings": AllianceSettings()},
-            run_config={"ops": {"reports__clinic_report": {"config": config}},
-                        "loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-            selection=[clinic_report],
-            tags={"alliance/trigger": "cli"},
-            raise_on_error=False,
+            run_config={"ops": {"reports__clinic_report": {"config": config}}},
+            log=lambda m: None,
+            log_level="WARNING",
         )
-        log(f"report {clinic} {month}: {'ok' if result.success else 'FAILED'}")
-        out.append({"clinic": clinic, "month": month, "success": result.success,
-                    "run_id": result.run_id})
+        log(f"report {clinic} {month}: {'ok' if res['success'] else 'FAILED'}")
+        out.append({"clinic": clinic, "month": month, **res})
     return out
 
 

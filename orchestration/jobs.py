@@ -76,9 +76,10 @@ def reports_job_for(partitions_def: dg.PartitionsDefinition | None) -> Unresolve
         selection=dg.AssetSelection.groups("reports"),
         partitions_def=partitions_def,
         description=(
-            "Render monthly clinic reports from the serving snapshot, one run per clinic x month "
-            "partition. Scheduled on the 1st for the previous month; backfill from the UI or "
-            "`dg launch --job reports_job --partition-range ...`."
+            "Render monthly clinic reports from the serving snapshot. The schedule starts one run "
+            "per clinic on the 1st for the previous month; a partition range "
+            "(`dg launch --job reports_job --partition-range 'C1|2025-01...C2|2025-06'`, or a "
+            "backfill from the asset's page) renders every clinic x month in it in one run."
         ),
         executor_def=dg.in_process_executor,
     )

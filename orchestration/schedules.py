@@ -13,7 +13,9 @@ import dagster as dg
 from orchestration.jobs import nightly_rebuild_job, reports_job
 from orchestration.partitions import (
     MONTH_FMT,
+    REPORTS_START,
     clinic_partitions,
+    month_partitions,
     report_partition_key,
 )
 from orchestration.sensors import automation_enabled
@@ -47,9 +49,23 @@ def previous_month(today: dt.date) -> dt.date:
     return (first - dt.timedelta(days=1)).replace(day=1)
 
 
+def report_month(when: dt.datetime) -> str | None:
+    """The month ('YYYY-MM') a tick at `when` reports on, or None if it is no month partition.
+
+    That is the month before `when`'s month, as long as the month dimension (UTC months from
+    $ALLIANCE_REPORTS_START) already holds it: with $ALLIANCE_TIMEZONE east of UTC the 1st begins
+    before the UTC month has ended, and a month before the start date has no partition either. A
+    run request for a missing partition would fail the whole tick, so such a tick skips instead.
+    """
+    month = previous_month(when.date()).strftime(MONTH_FMT)
+    return month if month in month_partitions.get_partition_keys(current_time=when) else None
+
+
 def monthly_report_requests(clinics: list[str], when: dt.datetime) -> list[dg.RunRequest]:
     """One report run per clinic for the month before `when` (run_key makes re-ticks no-ops)."""
-    month = previous_month(when.date()).strftime(MONTH_FMT)
+    month = report_month(when)
+    if month is None:
+        return []
     return [
         dg.RunRequest(run_key=f"report:{clinic}:{month}",
                       partition_key=report_partition_key(clinic, month),
@@ -75,6 +91,12 @@ def monthly_reports_schedule(context: dg.ScheduleEvaluationContext):  # noqa: AN
     if not clinics:
         return dg.SkipReason("no clinics known yet (nothing published)")
     when = context.scheduled_execution_time or dt.datetime.now(dt.UTC)
+    if report_month(when) is None:
+        return dg.SkipReason(
+            f"{previous_month(when.date()):%Y-%m} is not a complete month partition at "
+            f"{when.isoformat()} (months are UTC, from {REPORTS_START}); move the schedule later "
+            "in the day ($ALLIANCE_REPORTS_CRON) or launch it as a backfill"
+        )
     return monthly_report_requests(clinics, when)
 
 

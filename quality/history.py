@@ -184,3 +184,32 @@ def failing_checks(
     details (dict), failing_since. A path is opened read-only; a missing history table gives [].
     """
     return [r for r in latest_results(db_path_or_con) if not r["passed"]]
+
+
+def failing_checks_with_fallback(
+    working: str | os.PathLike[str], snapshot: str | os.PathLike[str]
+) -> tuple[list[dict[str, Any]], str]:
+    """Failing checks from the working warehouse, or from the snapshot while a writer holds it.
+
+    A blocking failure stops publish, so only the working warehouse knows about it: it is opened
+    read-only. DuckDB refuses even a read-only connection while another process writes the file
+    (IOException, lock) or while this process has it open read-write (ConnectionException); then
+    the serving snapshot answers, which may lag by the failing run. Returns (rows, source) with
+    source 'warehouse', 'snapshot (warehouse locked by a writer)', 'snapshot' or 'none'.
+    """
+    if Path(working).exists():
+        try:
+            con = duckdb.connect(str(Path(working)), read_only=True)
+        except (duckdb.IOException, duckdb.ConnectionException):
+            pass  # locked by a writer: fall back to the snapshot below
+        else:
+            try:
+                return failing_checks(con), "warehouse"
+            finally:
+                con.close()
+        if Path(snapshot).exists():
+            return failing_checks(snapshot), "snapshot (warehouse locked by a writer)"
+        return [], "none (warehouse locked by a writer, nothing published)"
+    if Path(snapshot).exists():
+        return failing_checks(snapshot), "snapshot"
+    return [], "none"

@@ -239,3 +239,25 @@ def test_invalid_utf8_line_is_quarantined_and_kept_verbatim(con, tmp_path):
         (2, "invalid_encoding")]
     kept = json.loads((tmp_path / "q" / f"{r.sha256}.ndjson").read_text())
     assert base64.b64decode(kept["line_base64"]) == bad
+
+
+def test_key_is_required_outside_demo_and_must_be_long(monkeypatch, tmp_path):
+    from alliance.pseudonyms import MissingKeyError, load_key
+
+    monkeypatch.delenv("ALLIANCE_PSEUDONYM_KEY", raising=False)
+    with pytest.raises(MissingKeyError, match="is not set"):
+        load_key(None)
+    demo = load_key(tmp_path / "secrets" / "k")  # demo mode creates and reuses a local key
+    assert demo == load_key(tmp_path / "secrets" / "k") and len(demo) >= 32
+    monkeypatch.setenv("ALLIANCE_PSEUDONYM_KEY", "short")
+    with pytest.raises(MissingKeyError, match="at least 32"):
+        load_key(None)
+
+
+def test_unreadable_file_is_recorded_once(con, tmp_path):
+    bad = tmp_path / "broken.ndjson.gz"
+    bad.write_bytes(b"not gzip at all")
+    ingest_files(con, [bad], KEY, instruments=None)
+    [again] = ingest_files(con, [bad], KEY, instruments=None)
+    assert again.status == "already_ingested"
+    assert con.execute("select count(*) from raw.ingested_files").fetchone()[0] == 1

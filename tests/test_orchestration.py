@@ -283,6 +283,58 @@ def test_status_reports_runs_counts_and_snapshot_age(world, capsys):
     assert isinstance(st["failing_checks"], list)
 
 
+HOLD_WRITER = r"""
+import sys, duckdb
+con = duckdb.connect(sys.argv[1])            # a writer: DuckDB then refuses every other process
+print("holding", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_status_shows_failing_check_only_the_warehouse_knows(world, capsys):
+    """A failing check in the working warehouse is listed with failing_since; under a writer's
+    lock status falls back to the snapshot (which never saw the failure)."""
+    from orchestration.cli import main
+    from orchestration.cli_ops import execute_job
+    from quality.history import failing_checks
+
+    p = world["paths"]
+    with duckdb.connect(str(p.warehouse)) as con:  # one line of one file goes missing
+        con.execute("update raw.ingested_files set lines_read = lines_read + 1 "
+                    "where file_id = (select min(file_id) from raw.ingested_files)")
+    try:
+        out = execute_job("nightly_rebuild_job", select="group:ingest", log=lambda _m: None)
+        assert not out["success"] and out["failed_checks"] >= 1, out
+        capsys.readouterr()
+        assert main(["status", "--json"]) == 0
+        st = json.loads(capsys.readouterr().out)
+        assert st["failing_checks_source"] == "warehouse"
+        failing = {(f["asset"], f["check_name"]): f for f in st["failing_checks"]}
+        lc = failing[("raw/ingested_files", "line_conservation")]
+        assert lc["severity"] == "ERROR" and lc["unexpected_count"] == "1"
+        assert lc["failing_since"] and lc["run_id"] == out["run_id"]
+        # the snapshot cannot know: the failure happened after its publish
+        assert ("raw/ingested_files", "line_conservation") not in {
+            (f["asset"], f["check_name"]) for f in failing_checks(p.serving)}
+
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITER, str(p.warehouse)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "holding"
+            assert main(["status", "--json"]) == 0
+            locked = json.loads(capsys.readouterr().out)
+        finally:
+            holder.communicate("\n", timeout=30)
+        assert locked["failing_checks_source"] == "snapshot (warehouse locked by a writer)"
+        assert locked["row_counts"]["raw.events"] > 0
+        assert main(["status"]) == 0
+        assert "line_conservation (1 rows; failing since" in capsys.readouterr().out
+    finally:
+        with duckdb.connect(str(p.warehouse)) as con:
+            con.execute("update raw.ingested_files set lines_read = lines_read - 1 "
+                        "where file_id = (select min(file_id) from raw.ingested_files)")
+
+
 # ------------------------------------------------------------------ the UI
 
 

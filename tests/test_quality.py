@@ -3,6 +3,7 @@ blocking failures stop downstream assets while warnings do not, and history accu
 
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -307,3 +308,72 @@ def test_checks_attach_to_the_project_graph(tmp_path: Path) -> None:
                for s in c.check_specs)
     assert {c.check_specs.__iter__().__next__().name for c in relational_checks()} == {
         c.name for c in CHECKS}
+
+
+# ---------------------------------------------------------------- every check reaches the history
+
+
+def test_column_tests_and_line_conservation_are_recorded(tmp_path: Path) -> None:
+    """SQL model column tests and the ingest's line_conservation land in quality.check_results."""
+    from assets.ingest import line_conservation
+    from assets.sql_models import model_assets
+
+    sql_dir = tmp_path / "sql" / "core"
+    sql_dir.mkdir(parents=True)
+    (sql_dir / "visits.sql").write_text("select * from raw.visits\n")
+    (sql_dir / "visits.yml").write_text(
+        "description: Visits.\nkey: session_id\ncolumns:\n"
+        "  - name: session_id\n    description: Session.\n    tests: [unique, not_null]\n"
+        "  - name: clinic_id\n    description: Clinic.\n    tests: [not_null]\n"
+    )
+    resources = {"duckdb": DuckDBResource(database=str(tmp_path / "w.duckdb"))}
+    db = tmp_path / "w.duckdb"
+
+    @dg.multi_asset(specs=[dg.AssetSpec(["raw", "visits"]), dg.AssetSpec(["raw", "ingested_files"])])
+    def raw_tables(duckdb: DuckDBResource) -> Iterator[dg.MaterializeResult]:
+        with duckdb.get_connection() as con:
+            con.execute("""
+                create schema if not exists raw;
+                create or replace table raw.visits as
+                    select * from (values ('se_01', 'c1'), ('se_02', null), ('se_02', null))
+                    as t(session_id, clinic_id);
+                create or replace table raw.ingested_files as select 1 as file_id,
+                    'f.ndjson' as file_name, 10 as lines_read, 8 as accepted, 0 as duplicates,
+                    1 as quarantined, 'ingested' as status;
+                create or replace table raw.events as
+                    select 'e' || i as event_id, 1 as file_id from range(8) as t(i);
+            """)
+        yield dg.MaterializeResult(asset_key=["raw", "visits"])
+        yield dg.MaterializeResult(asset_key=["raw", "ingested_files"])
+
+    (visits,) = model_assets(tmp_path / "sql")
+    instance = dg.DagsterInstance.ephemeral()
+    first = dg.materialize([raw_tables, line_conservation, visits], resources=resources,
+                           instance=instance, raise_on_error=False)
+    assert _evaluations(first) == {
+        "line_conservation": (False, "ERROR"),  # 10 read <> 8 + 0 + 1: one line unaccounted for
+        "session_id__unique": (False, "ERROR"), "session_id__not_null": (True, "ERROR"),
+        "clinic_id__not_null": (False, "ERROR")}
+
+    failing = {(f["asset"], f["check_name"]): f for f in failing_checks(db)}
+    assert set(failing) == {("core/visits", "session_id__unique"),
+                            ("core/visits", "clinic_id__not_null"),
+                            ("raw/ingested_files", "line_conservation")}
+    assert all(f["run_id"] == first.run_id and f["severity"] == "ERROR" for f in failing.values())
+    assert failing[("core/visits", "clinic_id__not_null")]["unexpected_count"] == 2
+    assert failing[("core/visits", "session_id__unique")]["details"]["failing_keys"] == "se_02"
+    assert failing[("raw/ingested_files", "line_conservation")]["unexpected_count"] == 1
+    assert [(r["asset"], r["check_name"]) for r in latest_results(db) if r["passed"]] == [
+        ("core/visits", "session_id__not_null")]
+
+    # the file's identity repaired: the next evaluation records the recovery
+    with duckdb.connect(str(db)) as con:
+        con.execute("update raw.ingested_files set quarantined = 2")
+    again = dg.materialize([raw_tables, line_conservation, visits], resources=resources,
+                           instance=instance, raise_on_error=False,
+                           selection=dg.AssetSelection.checks(line_conservation))
+    assert _evaluations(again) == {"line_conservation": (True, "ERROR")}
+    assert ("raw/ingested_files", "line_conservation") not in {
+        (f["asset"], f["check_name"]) for f in failing_checks(db)}
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("select count(*) from quality.check_results").fetchone()[0] == 5

@@ -6,6 +6,7 @@ import json
 import math
 import random
 from datetime import date, timedelta
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -13,10 +14,10 @@ import numpy as np
 from alliance.simulation.model import (
     AGE_GROUPS,
     DET_DROPOUT_HAZARD,
-    DET_LOGIT_A,
-    DET_LOGIT_G,
-    DET_NORM,
-    DET_RUPTURE_FACTOR,
+    DET_DEPTH_POINTS,
+    DET_RUPTURE_SHIFT,
+    DET_WEIGHT_A,
+    DET_WEIGHT_G,
     DET_WORSENING,
     IMPROVE_PER_INTAKE,
     IMPROVE_SHIFT,
@@ -112,6 +113,11 @@ class Simulator:
         self.tod = [f"{m // 60:02d}:{m % 60:02d}:00" for m in range(DAY)]
         self.weekday0 = p.start.weekday()
         self.rho = _clamp((p.alliance_outcome_r - R_AT_ZERO) / SLOPE, -0.95, 0.95)
+        # deterioration score = (wG G + wA A) / its SD; the lowest deterioration_share deteriorate
+        self.det_sd = math.sqrt(DET_WEIGHT_G ** 2 + DET_WEIGHT_A ** 2
+                                + 2 * DET_WEIGHT_G * DET_WEIGHT_A * self.rho)
+        self.det_q = NormalDist().inv_cdf(p.deterioration_share) if p.deterioration_share > 0 \
+            else -math.inf
         self.truth: dict[str, Any] = {
             "ruptures": [], "sudden_gains": [], "bad_records": [], "amendments": [],
             "retractions": [], "wrong_totals": [], "event_types": {},
@@ -260,12 +266,15 @@ class Simulator:
         # unrepaired rupture; Lambert 2013).
         p0 = _clamp(R.gauss(16.0, 4.5), 5.0, 27.0)
         improve = IMPROVE_PER_INTAKE * p0 + 4.0 * G + IMPROVE_SHIFT
-        odds = math.exp(-DET_LOGIT_G * G - DET_LOGIT_A * A) / DET_NORM
+        # Deteriorators are the low tail of a deterioration score of the latents (no extra random
+        # draw, so the calibrated alliance-outcome r stays stable across seeds); the deeper in the
+        # tail, the larger the worsening.
+        score = (DET_WEIGHT_G * G + DET_WEIGHT_A * A) / self.det_sd
         if rupt_k is not None and not repaired_plan:
-            odds *= DET_RUPTURE_FACTOR
+            score -= DET_RUPTURE_SHIFT
         worsen = 0.0
-        if R.random() < min(0.6, p.deterioration_share * odds):
-            worsen = R.uniform(*DET_WORSENING)
+        if score < self.det_q:
+            worsen = min(DET_WORSENING[1], DET_WORSENING[0] + DET_DEPTH_POINTS * (self.det_q - score))
         worsen_rate = min(worsen / max(1, n_planned - 1), 2.0)
         lam = 0.45  # negatively accelerated: most change comes early (Howard et al. 1986)
         norm = 1 - math.exp(-lam * (n_planned - 1))

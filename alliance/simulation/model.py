@@ -33,17 +33,18 @@ SRS_LEVEL_MIN = 12.0
 SRS_LEVEL_MAX = 39.2  # below the ceiling so session noise still shows (a room for repairs)
 # PHQ-9 improvement by the planned end = IMPROVE_PER_INTAKE x intake + 4 G + IMPROVE_SHIFT.
 IMPROVE_PER_INTAKE = 0.5
-IMPROVE_SHIFT = 0.5
+IMPROVE_SHIFT = 0.0
 # ORS = ORS_AT_PHQ0 - 1.15 x PHQ-9 level + offset: intake mean ~19-20 (Miller et al. 2003).
 ORS_AT_PHQ0 = 38.0
-# Deteriorators: P = deterioration_share x exp(-DET_LOGIT_G G - DET_LOGIT_A A) / DET_NORM (x
-# DET_RUPTURE_FACTOR after an unrepaired rupture); they worsen by U(DET_WORSENING) PHQ-9 points
-# over the planned course, and leave more often once 3+ points worse.
-DET_LOGIT_G = 0.6
-DET_LOGIT_A = 0.4
-DET_NORM = 1.4
-DET_RUPTURE_FACTOR = 2.0
-DET_WORSENING = (5.0, 12.0)
+# Deteriorators: the lowest `deterioration_share` of the score (DET_WEIGHT_G G + DET_WEIGHT_A A) /
+# SD, shifted down by DET_RUPTURE_SHIFT after an unrepaired rupture. They worsen by DET_WORSENING[0]
+# + DET_DEPTH_POINTS per SD below the threshold (at most DET_WORSENING[1]) PHQ-9 points over the
+# planned course, and leave more often (DET_DROPOUT_HAZARD per session) once 3+ points worse.
+DET_WEIGHT_G = 0.85
+DET_WEIGHT_A = 0.0
+DET_RUPTURE_SHIFT = 0.7
+DET_WORSENING = (6.0, 13.0)
+DET_DEPTH_POINTS = 5.0
 DET_DROPOUT_HAZARD = 0.05
 
 INSTRUMENT_ITEMS = {"SRS": 4, "ORS": 4, "WAI-SR": 12, "PHQ-9": 9, "GAD-7": 7}
@@ -86,7 +87,7 @@ class SimParams:
     wrong_total_share: float = 0.05  # of reported totals
     free_text_share: float = 0.01  # events carrying a non-allow-listed clinician_note
     dropout_hazard: float = 0.022  # per attended session, at average alliance
-    deterioration_share: float = 0.12  # episodes that worsen, at average alliance and outcome
+    deterioration_share: float = 0.10  # episodes that worsen, at average alliance and outcome
     utc_offsets: tuple[str, ...] = ("+00:00", "+01:00", "+02:00")
     extra: dict[str, Any] = field(default_factory=dict)
 
