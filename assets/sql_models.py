@@ -15,8 +15,8 @@ from alliance import sqlrunner
 from alliance.config import REPO_ROOT
 from quality.history import record_check_results
 
-# A run tagged `alliance/as_of=<ISO timestamp>` rebuilds the models as they were at that time.
-AS_OF_TAG = "alliance/as_of"
+# As-of rebuilds never touch the working warehouse: asof_job (orchestration/jobs.py) builds them in
+# a separate file, so nothing of the past can be published by mistake.
 POOL = "duckdb_writer"  # DuckDB allows one writer per file: cap concurrent writers via this pool
 
 
@@ -74,17 +74,13 @@ def model_asset(model: sqlrunner.Model) -> dg.AssetsDefinition:
     )
     def _build(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> Iterator[object]:
         selected = {k.name for k in context.selected_asset_check_keys}
-        as_of = context.run.tags.get(AS_OF_TAG)
         with duckdb.get_connection() as con:
-            if as_of:
-                sqlrunner.set_as_of(con, as_of)
-                context.log.info(f"building {model.fqn} as of {as_of}")
             built = sqlrunner.build_model(con, model)
             results = sqlrunner.run_tests(con, model, selected)
             # Check history (quality.check_results), in one transaction on the connection the
             # tests ran on, so `alliance status` and the report see column tests too.
             record_check_results(con, context.run.run_id,
-                                 [_history_row(model, r, as_of) for r in results])
+                                 [_history_row(model, r) for r in results])
         for w in built.warnings:
             context.log.warning(w)
         yield dg.MaterializeResult(
@@ -120,8 +116,7 @@ def _check_result(r: sqlrunner.TestResult) -> dg.AssetCheckResult:
     )
 
 
-def _history_row(model: sqlrunner.Model, r: sqlrunner.TestResult,
-                 as_of: str | None = None) -> dict[str, object]:
+def _history_row(model: sqlrunner.Model, r: sqlrunner.TestResult) -> dict[str, object]:
     """One column test's result as a quality.check_results row (keyword args, run id aside)."""
     details: dict[str, object] = {"test": r.test.test, "column": r.test.column,
                                   "source": "sql model column test"}
@@ -129,8 +124,6 @@ def _history_row(model: sqlrunner.Model, r: sqlrunner.TestResult,
         details["failing_keys"] = ", ".join(r.sample_keys)  # the model's key: pseudonyms
     if r.error:
         details["error"] = r.error
-    if as_of:
-        details["as_of"] = as_of
     return {
         "asset": list(model.key_path),
         "check_name": r.test.check_name,

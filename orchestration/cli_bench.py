@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="benchmark the pipeline (speed, peak RSS, incremental) against same-run baselines",
         description="Simulate (or reuse) data sets under <data>/bench/<n>/, then time every stage of "
         "the real Dagster pipeline, a bare DuckDB read_json floor, the same models without Dagster, "
-        "GX alone and a 1%% incremental run; write JSON and Markdown to --out.",
+        "GX alone and a 1% incremental run; write JSON and Markdown to --out.",
     )
     p.add_argument("--events", type=lambda s: int(float(s)), default=1_000_000, metavar="N",
                    help="data set size in valid events (default 1e6)")

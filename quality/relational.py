@@ -25,37 +25,167 @@ class RelationalCheck:
     requires: tuple[str, ...]  # tables the query reads ('schema.name')
 
 
-CHECKS: tuple[RelationalCheck, ...] = (
+AS_OF = "recorded_at <= coalesce(getvariable('as_of')::timestamptz, 'infinity'::timestamptz)"
+
+# Per-type staging views, the event types each holds, and how it accounts for them:
+# 'collapsing' views keep the latest event per session or episode and carry `event_count` (the
+# events of that key), so the events they fold away are sum(event_count) - rows; 'per_event'
+# views keep one row per event.
+STAGED_TYPES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("stg_episode_opened", ("episode.opened",), "collapsing"),
+    ("stg_episode_closed", ("episode.closed",), "collapsing"),
+    ("stg_session_scheduled", ("session.scheduled",), "collapsing"),
+    ("stg_session_attended", ("session.attended",), "collapsing"),
+    ("stg_session_cancelled", ("session.cancelled",), "collapsing"),
+    ("stg_session_no_show", ("session.no_show",), "collapsing"),
+    ("stg_therapist_assigned", ("therapist.assigned",), "per_event"),
+    ("stg_questionnaire_versions", ("questionnaire.submitted", "questionnaire.amended"), "per_event"),
+    ("stg_questionnaire_retractions", ("questionnaire.retracted",), "per_event"),
+)
+_COLUMNS = "event_type, staging_model, raw_events, staged_rows, collapsed, unaccounted"
+
+
+def _in_list(values: tuple[str, ...]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+def _view_sql(view: str, types: tuple[str, ...], how: str) -> str:
+    """Raw events of the view's types (as of, read from raw.events: independent of stg_events)
+    against the view's rows plus the re-sent events it collapsed."""
+    accounted = "coalesce(sum(event_count), 0)" if how == "collapsing" else "count(*)"
+    return f"""
+        select
+            kinds.event_type,
+            '{view}' as staging_model,
+            coalesce(raw_counts.n, 0) as raw_events,
+            coalesce(staged.staged_rows, 0) as staged_rows,
+            coalesce(staged.accounted, 0) - coalesce(staged.staged_rows, 0) as collapsed,
+            coalesce(raw_counts.n, 0) - coalesce(staged.accounted, 0) as unaccounted
+        from (select unnest([{_in_list(types)}]) as event_type) as kinds
+        left join (
+            select event_type, count(*) as n from raw.events
+            where {AS_OF} and event_type in ({_in_list(types)})
+            group by event_type
+        ) as raw_counts using (event_type)
+        left join (
+            select {"'" + types[0] + "' as event_type" if len(types) == 1 else "event_type"},
+                   count(*) as staged_rows, {accounted} as accounted
+            from staging.{view}
+            group by all
+        ) as staged using (event_type)
+    """
+
+
+# Event types in the log with no staging view: every one of their events is unaccounted for.
+_UNSTAGED_SQL = f"""
+    select event_type, '(no staging view)' as staging_model, count(*) as raw_events,
+           0 as staged_rows, 0 as collapsed, count(*) as unaccounted
+    from raw.events
+    where {AS_OF}
+        and event_type not in ({_in_list(tuple(t for _, ts, _ in STAGED_TYPES for t in ts))})
+    group by event_type
+"""
+
+# Response chains of non-orphan questionnaire versions = current responses + withdrawn chains
+# (submission retracted, or every version retracted).
+_RESPONSES_SQL = """
+    with
+
+    retracted as (
+        select distinct retracts_event_id as event_id
+        from staging.stg_questionnaire_retractions
+        where retracts_event_id is not null
+    ),
+
+    chains as (
+        select
+            v.response_id,
+            bool_or(v.event_type = 'questionnaire.submitted' and r.event_id is not null)
+                or bool_and(r.event_id is not null) as is_withdrawn
+        from staging.stg_questionnaire_versions as v
+        left join retracted as r using (event_id)
+        where not v.is_orphan
+        group by v.response_id
+    ),
+
+    counts as (
+        select
+            (select count(*) from chains) as chains,
+            (select count(*) from staging.stg_questionnaire_responses) as staged_rows,
+            (select count(*) from chains where is_withdrawn) as withdrawn
+    )
+
+    select 'questionnaire.responses' as event_type,
+           'stg_questionnaire_responses' as staging_model, chains as raw_events, staged_rows,
+           withdrawn as collapsed, chains - staged_rows - withdrawn as unaccounted
+    from counts
+"""
+
+# The whole table (what conservation_report returns); each check below evaluates one part.
+CONSERVATION_SQL = "\nunion all\n".join(
+    f"select {_COLUMNS} from ({sql})"
+    for sql in [*(_view_sql(*v) for v in STAGED_TYPES), _UNSTAGED_SQL, _RESPONSES_SQL]
+)
+
+
+def conservation_report(con: duckdb.DuckDBPyConnection) -> list[dict[str, object]]:
+    """Per event type: raw events (as of), staged rows, collapsed re-sends, unaccounted."""
+    cur = con.execute(f"select * from ({CONSERVATION_SQL}) order by event_type")
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def _failing(sql: str) -> str:
+    return f"""
+        select event_type as failing_key, abs(unaccounted) as n
+        from ({sql})
+        where unaccounted <> 0
+    """
+
+
+_CONSERVED = (
+    "Row conservation from the event log: raw.events of {what} known at the as-of time "
+    "(read with its own as-of filter) = rows of {view} + the re-sent events it collapsed "
+    "(latest per session or episode). Failing keys are event types; the count is the number "
+    "of events unaccounted for."
+)
+
+# One conservation check per staging view, on that view: a blocking failure stops exactly the
+# models built on the broken view, and the check waits only for assets upstream of it (a check
+# on stg_events waiting for the views built on stg_events would be a cycle).
+CONSERVATION_CHECKS: tuple[RelationalCheck, ...] = (
+    *(RelationalCheck(
+        name="events_conserved",
+        asset=("staging", view),
+        severity="ERROR",
+        description=_CONSERVED.format(what=" and ".join(types), view=f"staging.{view}"),
+        failing_sql=_failing(_view_sql(view, types, how)),
+        requires=("raw.events", f"staging.{view}"),
+    ) for view, types, how in STAGED_TYPES),
     RelationalCheck(
         name="events_conserved",
         asset=("staging", "stg_events"),
         severity="ERROR",
-        description="Row conservation: staging.stg_events holds exactly the raw.events rows known "
-        "at the as-of time, per event type (no event lost or doubled between log and staging).",
-        failing_sql="""
-            with
-
-            raw_counts as (
-                select event_type, count(*) as n
-                from raw.events
-                where recorded_at <= coalesce(getvariable('as_of')::timestamptz,
-                                              'infinity'::timestamptz)
-                group by all
-            ),
-
-            staged_counts as (
-                select event_type, count(*) as n from staging.stg_events group by all
-            )
-
-            select
-                coalesce(r.event_type, s.event_type) as failing_key,
-                abs(coalesce(r.n, 0) - coalesce(s.n, 0)) as n
-            from raw_counts as r
-            full join staged_counts as s using (event_type)
-            where coalesce(r.n, 0) <> coalesce(s.n, 0)
-        """,
+        description="Every event type in raw.events (as of) has a per-type staging view; events "
+        "of a type no view reads would vanish from every model. Failing keys are event types.",
+        failing_sql=_failing(_UNSTAGED_SQL),
         requires=("raw.events", "staging.stg_events"),
     ),
+    RelationalCheck(
+        name="responses_conserved",
+        asset=("staging", "stg_questionnaire_responses"),
+        severity="ERROR",
+        description="Questionnaire response chains (non-orphan versions) = current responses in "
+        "staging.stg_questionnaire_responses + chains withdrawn by a retraction.",
+        failing_sql=_failing(_RESPONSES_SQL),
+        requires=("staging.stg_questionnaire_versions", "staging.stg_questionnaire_retractions",
+                  "staging.stg_questionnaire_responses"),
+    ),
+)
+
+
+CHECKS: tuple[RelationalCheck, ...] = (
+    *CONSERVATION_CHECKS,
     RelationalCheck(
         name="questionnaires_on_known_sessions",
         asset=("core", "questionnaire_scores"),

@@ -16,7 +16,8 @@ from alliance import instruments as inst
 from alliance.sqlrunner import run_models
 
 MODELS = [
-    "stg_questionnaire_versions", "stg_questionnaire_retractions", "stg_questionnaire_responses",
+    # stg_events: the one as-of filter every staging model reads through
+    "stg_events", "stg_questionnaire_versions", "stg_questionnaire_retractions", "stg_questionnaire_responses",
     "questionnaire_item_answers", "questionnaire_scores", "questionnaire_subscale_scores",
 ]
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"

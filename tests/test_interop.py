@@ -304,7 +304,7 @@ def test_redcap_export_with_dictionary_checkboxes_events_and_repeats(tmp_path) -
 # --------------------------------------------------------------------------- CLI and landing
 
 
-def test_cli_writes_canonical_ndjson_into_landing_reproducibly(tmp_path, monkeypatch) -> None:
+def test_cli_writes_canonical_ndjson_into_landing_reproducibly(tmp_path, monkeypatch, capsys) -> None:
     from orchestration.cli import main
 
     monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path / "data"))
@@ -317,14 +317,71 @@ def test_cli_writes_canonical_ndjson_into_landing_reproducibly(tmp_path, monkeyp
     assert out.read_bytes() == first  # same input -> same file -> the ingest sees no change
     events = [json.loads(x) for x in first.decode().splitlines()]
     assert {e["clinic_id"] for e in events} == {"c-1"}
-    summary = json.loads(next(landing.glob("*.summary.json")).read_text())
+    # the import's reports name source records: data/quarantine, not landing, and printed
+    assert sorted(f.name for f in landing.iterdir()) == [out.name]
+    summary_path = next((tmp_path / "data" / "quarantine").glob("*.summary.json"))
+    summary = json.loads(summary_path.read_text())
     assert summary["balanced"] and summary["events_written"] == 2
+    printed = capsys.readouterr().out
+    assert str(summary_path) in printed and str(summary_path.with_suffix("").with_suffix(
+        ".quarantine.tsv")) in printed
     bad = tmp_path / "bad.ndjson"
     bad.write_text("{oops\n")
     assert main(["import", "fhir", str(bad), "--mapping", "fhir.yaml", "--strict",
                  "--out", str(tmp_path / "o")]) == 1
     assert "malformed_json" in next((tmp_path / "o").glob("*.quarantine.tsv")).read_text()
     assert main(["import", "wide-csv", str(src), "--mapping", "nope.yaml"]) == 2
+
+
+def test_import_reports_go_to_quarantine_not_landing(tmp_path, monkeypatch) -> None:
+    """Quarantine and summary files hold FHIR resource ids: never next to the events in landing."""
+    from alliance.config import paths
+
+    monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path / "data"))
+    src = _write_ndjson(tmp_path / "in.ndjson", [
+        _phq9_qr("q-secret-id", "p1", [1] * 9, 9), "{oops",
+        {"resourceType": "Encounter", "id": "enc-secret-id", "status": "triaged",
+         "subject": {"reference": "Patient/p1"}, "period": {"start": "2024-03-01T10:00:00Z"}}])
+    landing = paths().landing
+    res = import_fhir_to_landing(src, "fhir.yaml", landing)
+    assert res.quarantine, "the bad lines must be quarantined for this test to mean anything"
+    assert [f.name for f in landing.iterdir()] == [res.events_path.name]
+    assert "secret-id" not in res.events_path.read_text()
+    assert res.quarantine_path.parent == res.summary_path.parent == paths().quarantine
+    assert "enc-secret-id" in res.quarantine_path.read_text()  # why it must not sit in landing
+    # a landing sub-folder is still inside the data directory
+    sub = import_fhir_to_landing(src, "fhir.yaml", landing / "clinic-a")
+    assert sub.quarantine_path.parent == paths().quarantine
+    # an explicit output folder outside the data directory keeps them beside the events
+    elsewhere = import_fhir_to_landing(src, "fhir.yaml", tmp_path / "scratch")
+    assert elsewhere.quarantine_path.parent == elsewhere.summary_path.parent == tmp_path / "scratch"
+    assert json.loads(elsewhere.summary_path.read_text())["events_file"] == str(
+        elsewhere.events_path)
+
+
+def test_wide_csv_fill_session_gaps_keeps_missing_scores_as_attended_sessions(tmp_path) -> None:
+    csv_path = tmp_path / "wide.csv"
+    csv_path.write_text("id,s1,s2,s3,s4,s5\n1,20,NA,18,17,NA\n2,NA,NA,15,NA,NA\n")
+    mapping = {"kind": "wide_csv", "format": "wide", "clinic_id": "c1", "id_column": "id",
+               "missing_values": ["NA"], "sessions": True, "first_session": 1,
+               "scores": [{"instrument": "BDI-II", "column_pattern": r"^s(\d+)$"}]}
+
+    def attended(m: dict) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for e in by_type(import_wide_csv(csv_path, m).events, "session.attended"):
+            out.setdefault(e["patient_id"], []).append(e["session_id"].rsplit(":", 1)[1])
+        return {k: sorted(v) for k, v in out.items()}
+
+    assert attended(mapping) == {"1": ["t1", "t3", "t4"], "2": ["t3"]}
+    filled = {**mapping, "fill_session_gaps": True}
+    # the NA at s2 keeps its session; nothing after the last score is invented
+    assert attended(filled) == {"1": ["t1", "t2", "t3", "t4"], "2": ["t1", "t2", "t3"]}
+    res = import_wide_csv(csv_path, filled)
+    assert res.balanced and res.synthesised == 3 + 2  # 3 gap sessions + 2 episode.opened
+    from alliance.importers.common import MappingError
+
+    with pytest.raises(MappingError, match="fill_session_gaps needs sessions: true"):
+        import_wide_csv(csv_path, {**filled, "sessions": False})
 
 
 def test_mapping_errors_name_file_and_key(tmp_path) -> None:

@@ -2,6 +2,7 @@
 
 One module-scoped warehouse: simulate a clinic network at demo size, ingest it with the
 production ingest, write the seeds and build every model with the SQL runner (column tests on).
+A second, tiny warehouse holds a clinic that uses version 2 of an instrument definition.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from alliance.config import SQL_DIR
+from alliance.config import SCHEMAS_DIR, SQL_DIR
 
 KEY = b"marts-test-key-0123456789abcdef0123456789"
 # The demo size (SimParams defaults: 3 clinics, 1500 patients, 18 months).
@@ -114,3 +115,116 @@ def test_demo_size_runtime(warehouse):
     _, truth = warehouse
     # simulate + ingest + build at demo size; the budget for this file is about a minute
     assert truth["_seconds"] < 90, truth["_seconds"]
+
+
+# ---------------------------------------------------------------- instrument versions
+
+
+V2_DEFINITION_CHANGES = {  # BDI-II version "2": a clinic's own reliable change and cutoff
+    'version: "1"': 'version: "2"',
+    "threshold: 14": "threshold: 20",
+    "values: {any: 14}": "values: {any: 20}",
+}
+
+
+@pytest.fixture(scope="module")
+def versioned(tmp_path_factory: pytest.TempPathFactory) -> duckdb.DuckDBPyConnection:
+    """Two clinics, the same BDI-II series; clinic-v2 scores under a version 2 definition whose
+    reliable change is 4 (version 1: 8.46) and clinical cutoff 20 (version 1: 14)."""
+    import re
+
+    from alliance.importers.wide_csv import import_wide_csv_to_landing
+    from alliance.ingest import ingest_files
+    from alliance.instruments import load_instruments, write_parameters_table, write_seed_tables
+    from alliance.sqlrunner import run_models
+
+    tmp = tmp_path_factory.mktemp("versions")
+    text = (SCHEMAS_DIR / "instruments" / "bdi-ii.yaml").read_text()
+    for old, new in V2_DEFINITION_CHANGES.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    text = re.sub(r"reliable_change:\n(  .*\n)+", "reliable_change:\n  value: 4\n  source: seggar2002\n",
+                  text)
+    (tmp / "instruments").mkdir()
+    (tmp / "instruments" / "bdi-ii-v2.yaml").write_text(text)
+    instruments = load_instruments([SCHEMAS_DIR / "instruments", tmp / "instruments"])
+    assert instruments[("BDI-II", "2")].reliable_change == 4
+
+    # patient 1 drops 6 points after session 3 (a gain under version 2's cutoff 4, not under
+    # 8.46); patient 2 stays flat
+    (tmp / "series.csv").write_text("id,s1,s2,s3,s4,s5,s6\n1,20,20,20,14,14,14\n2,22,21,22,21,22,21\n")
+    files = []
+    for clinic, version in (("clinic-v1", "1"), ("clinic-v2", "2")):
+        mapping = {"kind": "wide_csv", "format": "wide", "clinic_id": clinic, "id_column": "id",
+                   "sessions": True, "first_session": 1, "default_timing": "pre_session",
+                   "scores": [{"instrument": "BDI-II", "version": version,
+                               "column_pattern": r"^s(\d+)$"}]}
+        files.append(import_wide_csv_to_landing(tmp / "series.csv", mapping, tmp / "landing").events_path)
+    con = duckdb.connect(str(tmp / "warehouse.duckdb"))
+    for res in ingest_files(con, files, KEY, instruments=instruments, quarantine_dir=tmp / "q"):
+        assert res.quarantined == 0
+    write_seed_tables(con, instruments)
+    write_parameters_table(con, SQL_DIR / "parameters.yml")
+    con.execute("update seeds.parameters set value_text = 'BDI-II' where name = 'sg_instrument'")
+    run_models(con, tests=True)
+    return con
+
+
+def test_instrument_version_brings_its_own_reliable_change_and_cutoff(versioned):
+    con = versioned
+    z = con.execute("select value_double from seeds.parameters where name = 'jt_z'").fetchone()[0]
+    rows = con.execute("""
+        select clinic_id, jt_s_diff, jt_cutoff, jt_category from marts.fct_episode_outcomes
+        where instrument = 'BDI-II' and first_total = 20 order by clinic_id""").fetchall()
+    assert [(c, round(s * z, 6), cut, cat) for c, s, cut, cat in rows] == [
+        ("clinic-v1", 8.46, 14, "unchanged"),   # 6 points < 8.46: not reliable
+        ("clinic-v2", 4.0, 20, "recovered"),    # 6 >= 4 and from >= 20 to below 20
+    ]
+    gains = con.execute("""select clinic_id, pre_position, magnitude, crit1_cutoff
+                           from marts.fct_sudden_gains""").fetchall()
+    assert gains == [("clinic-v2", 3, 6.0, 4.0)]
+    # the version is carried where it decides the values
+    assert con.execute("""select distinct clinic_id, instrument_version from marts.fct_sudden_gains
+        union all select distinct clinic_id, instrument_version from marts.fct_episode_outcomes
+        where instrument = 'BDI-II' order by all""").fetchall() == [
+        ("clinic-v1", "1"), ("clinic-v2", "2"), ("clinic-v2", "2")]
+
+
+# ---------------------------------------------------------------- as-of filter and small cells
+
+
+def test_as_of_filter_lives_only_in_stg_events(versioned):
+    from alliance.sqlrunner import discover_models
+
+    # every model reaches the event log through staging.stg_events, the one as-of filter
+    readers = {fqn for fqn, m in discover_models().items() if ("raw", "events") in m.deps}
+    assert readers == {"staging.stg_events"}
+    assert [p.name for p in SQL_DIR.rglob("*.sql") if "getvariable('as_of')" in p.read_text()] == [
+        "stg_events.sql"]
+    # and it reaches every staging view: as of before the first event, staging is empty
+    con = versioned
+    staging = [t for (t,) in con.execute("""select view_name from duckdb_views()
+                                            where schema_name = 'staging'""").fetchall()]
+    assert {"stg_questionnaire_versions", "stg_questionnaire_retractions"} <= set(staging)
+    con.execute("set variable as_of = '2000-01-01T00:00:00Z'")
+    try:
+        counts = {t: con.execute(f"select count(*) from staging.{t}").fetchone()[0] for t in staging}
+    finally:
+        con.execute("reset variable as_of")
+    assert set(counts.values()) == {0}, counts
+    assert con.execute("select count(*) from staging.stg_questionnaire_versions").fetchone()[0] > 0
+
+
+def test_small_cell_threshold_is_the_reports(warehouse):
+    from alliance.report.suppress import DEFAULT_MIN_CELL
+
+    con, _ = warehouse
+    value, source = con.execute("""select value_double, source from seeds.parameters
+                                   where name = 'min_cell_size'""").fetchone()
+    assert value == DEFAULT_MIN_CELL == 11
+    assert "(20" in source  # author or organisation and year
+    assert con.execute("""select count(*) from marts.therapist_summary
+                          where is_small_cell <> (patients < 11)""").fetchone()[0] == 0
+    assert con.execute("""select count(*) from marts.clinic_monthly
+        where is_small_cell_patients <> (patients < 11)
+           or is_small_cell_outcomes <> (episodes_closed < 11)""").fetchone()[0] == 0

@@ -171,6 +171,29 @@ def test_monthly_schedule_requests_last_month_per_known_clinic():
     assert len({r.run_key for r in requests}) == 2
 
 
+def test_monthly_schedule_skips_a_month_that_is_no_partition_yet():
+    import datetime as dt
+    import zoneinfo
+
+    import dagster as dg
+
+    from orchestration.partitions import REPORTS_START, clinic_partitions
+    from orchestration.schedules import monthly_reports_schedule, report_month
+
+    # 05:00 on 1 March in Auckland is still 28 February in UTC, where the month partitions live
+    auckland = dt.datetime(2026, 3, 1, 5, tzinfo=zoneinfo.ZoneInfo("Pacific/Auckland"))
+    assert report_month(auckland) is None
+    assert report_month(auckland + dt.timedelta(hours=13)) == "2026-02"
+    start = dt.datetime.strptime(REPORTS_START, "%Y-%m").replace(tzinfo=dt.UTC)
+    assert report_month(start + dt.timedelta(days=3)) is None  # the month before the first one
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(clinic_partitions.name, ["north"])
+        with dg.build_schedule_context(instance=instance,
+                                       scheduled_execution_time=auckland) as ctx:
+            skipped = monthly_reports_schedule(ctx)
+    assert isinstance(skipped, dg.SkipReason) and "2026-02" in skipped.skip_message
+
+
 # ------------------------------------------------------------------ pool, publish, as-of
 
 

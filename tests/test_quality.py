@@ -252,7 +252,6 @@ create table marts.fct_test as
            case when i = 2 then 28.0 else 9.0 end as phq_total
     from range(4) as t(i)
     union all select 'c1', date '2024-03-01', 10.0, 0.1, 3.0;
-create view staging.stg_events as select * from raw.events where event_id <> 'a1000';
 """
 
 
@@ -279,14 +278,85 @@ def test_marts_and_relational_checks(tmp_path: Path) -> None:
     assert fct["one_row_per_key"].unexpected_count == 2 and not fct["one_row_per_key"].passed
 
     by_name = {c.name: c for c in CHECKS}
-    conserved = run_check(con, by_name["events_conserved"])
-    assert (conserved.passed, conserved.unexpected_count, conserved.failing_keys) == (
-        False, 1, ["session.attended"])
     orphan = run_check(con, by_name["questionnaires_on_known_sessions"])
     assert (orphan.unexpected_count, orphan.failing_keys) == (1, ["se_ffffffffffffffff"])
     late = run_check(con, by_name["no_attended_session_after_episode_end"])
     # episode 0 closed on 2024-03-03: its sessions 5 (03-06) is after, session 0 (03-01) is not
     assert (late.unexpected_count, late.failing_keys) == (1, [f"se_{5:016d}"])
+
+
+def test_events_conserved_from_the_log_to_the_per_type_staging_views(tmp_path: Path) -> None:
+    """Re-sent events are collapsed and reported, not lost; a staging view dropping, doubling or
+    losing responses fails its own check while raw.events and staging.stg_events still agree."""
+    from alliance.sqlrunner import discover_models, run_models
+    from quality.relational import CONSERVATION_CHECKS, conservation_report
+
+    con = duckdb.connect(str(tmp_path / "c.duckdb"))
+    add_file(con, 1, n=5)
+    # the producer re-sends session a1000 as attended a day later (latest wins in staging) and
+    # retracts submission q1001 (its response is withdrawn)
+    con.execute("insert into raw.events select * replace ('a1000-resend' as event_id, "
+                "occurred_at + interval 1 day as occurred_at, 99 as line_number) "
+                "from raw.events where event_id = 'a1000'")
+    con.execute("insert into raw.events select * replace ('r1001' as event_id, "
+                "'questionnaire.retracted' as event_type, "
+                "json_object('retracts_event_id', 'q1001', 'reason', 'entered_in_error') as payload, "
+                "100 as line_number) from raw.events where event_id = 'q1001'")
+    staging = [m for m in discover_models() if m.startswith("staging.")]
+    run_models(con, staging)
+
+    report = {r["event_type"]: r for r in conservation_report(con)}
+    assert {k: (v["raw_events"], v["staged_rows"], v["collapsed"], v["unaccounted"])
+            for k, v in report.items()} == {
+        "session.attended": (6, 5, 1, 0),  # 1 re-send collapsed into its session
+        "questionnaire.submitted": (5, 5, 0, 0),
+        "questionnaire.retracted": (1, 1, 0, 0),
+        "questionnaire.responses": (5, 4, 1, 0),  # 1 chain withdrawn by the retraction
+        **{t: (0, 0, 0, 0) for t in ("episode.opened", "episode.closed", "session.scheduled",
+                                     "session.cancelled", "session.no_show", "therapist.assigned",
+                                     "questionnaire.amended")}}
+
+    def failing() -> dict[tuple[str, str], tuple[int, list[str]]]:
+        out = {}
+        for chk in CONSERVATION_CHECKS:
+            o = run_check(con, chk)
+            assert not o.errors, o.errors
+            if not o.passed:
+                out[(chk.asset[1], chk.name)] = (o.unexpected_count, o.failing_keys)
+        return out
+
+    assert len(CONSERVATION_CHECKS) == len(staging)  # one per staging view (stg_events too)
+    assert failing() == {}
+
+    def stg_events_agrees_with_raw() -> bool:
+        # the old check's comparison: a view of the same table with the same filter
+        return con.execute("""select count(*) = 0 from (
+            select event_type, count(*) from raw.events group by all
+            except select event_type, count(*) from staging.stg_events group by all)""").fetchone()[0]
+
+    def swap(view: str, body: str) -> None:
+        run_models(con, [f"staging.{view}"])  # start from the real view
+        con.execute(f"create or replace table main.keep as select * from staging.{view}")
+        con.execute(f"create or replace view staging.{view} as {body}")
+
+    # a per-type view that loses a session (e.g. a bad join or filter)
+    swap("stg_session_attended", "select * from main.keep where event_id <> 'a1002'")
+    assert failing() == {("stg_session_attended", "events_conserved"): (1, ["session.attended"])}
+    assert stg_events_agrees_with_raw()  # what the old check compared could not see it
+    # ... or doubles one
+    swap("stg_session_attended", "select * from main.keep union all "
+                                 "select * from main.keep where event_id = 'a1003'")
+    assert failing() == {("stg_session_attended", "events_conserved"): (1, ["session.attended"])}
+    run_models(con, ["staging.stg_session_attended"])
+    # a response lost between versions and current responses
+    swap("stg_questionnaire_responses", "select * from main.keep limit 3")
+    assert failing() == {("stg_questionnaire_responses", "responses_conserved"):
+                         (1, ["questionnaire.responses"])}
+    run_models(con, ["staging.stg_questionnaire_responses"])
+    # an event type no staging view reads
+    con.execute("insert into raw.events select * replace ('x1' as event_id, "
+                "'session.teleported' as event_type) from raw.events where event_id = 'a1004'")
+    assert failing() == {("stg_events", "events_conserved"): (1, ["session.teleported"])}
 
 
 def test_checks_attach_to_the_project_graph(tmp_path: Path) -> None:

@@ -1,17 +1,17 @@
 """Acceptance of the outcome marts against published reference tools (R clinicalsignificance, suddengains).
 
-Reference CSVs are converted to canonical events and run through the same pipeline as clinic
-data: ingest -> staging -> core -> marts. Only parameters (seeds.parameters) change, never the
-code path. Skipped when ../shared/reference (next to the repository) is absent.
+The reference CSVs are loaded the way a clinic's research export is: through the wide-CSV importer
+with the shipped mappings (schemas/mappings/sgdata.yaml, claus_2020.yaml; the code path of
+`alliance import wide-csv`), then ingest -> staging -> core -> marts. Only parameters
+(seeds.parameters) change, never the code path. Skipped when ../shared/reference (next to the
+repository) is absent.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -21,7 +21,6 @@ from alliance.config import REPO_ROOT, SQL_DIR
 
 REFERENCE = (REPO_ROOT / ".." / "shared" / "reference").resolve()
 KEY = b"reference-acceptance-test-key-0123456789"
-START = datetime(2024, 1, 8, 9, 0, tzinfo=UTC)
 
 pytestmark = pytest.mark.skipif(
     not REFERENCE.is_dir(),
@@ -32,67 +31,26 @@ pytestmark = pytest.mark.skipif(
 # ---------------------------------------------------------------- shared pipeline helpers
 
 
-def _ts(t: datetime) -> str:
-    return t.isoformat()
+def import_reference(tmp: Path, csv_path: Path, mapping: str) -> tuple[Path, str]:
+    """The CSV through the real importer into tmp/landing; returns the NDJSON and the clinic."""
+    from alliance.importers.common import load_mapping
+    from alliance.importers.wide_csv import import_wide_csv_to_landing
+
+    res = import_wide_csv_to_landing(csv_path, mapping, tmp / "landing")
+    assert res.balanced and not res.quarantine, res.quarantine[:5]
+    assert res.events_path is not None
+    return res.events_path, str(load_mapping(mapping, "wide_csv")["clinic_id"])
 
 
-def _envelope(event_id: str, event_type: str, at: datetime, clinic: str, payload: dict,
-              **ids: str) -> dict:
-    return {"event_id": event_id, "event_type": event_type, "schema_version": 1,
-            "occurred_at": _ts(at), "source": "reference-test", "clinic_id": clinic,
-            **ids, "payload": payload}
-
-
-def episode_events(clinic: str, pid: str, scores: dict[int, float | None], *,
-                   instrument: str, intake: float | None = None, close: bool = True) -> list[dict]:
-    """Canonical events for one patient: an episode with weekly attended sessions 1..n, the
-    outcome total at each session where given, an optional intake score, and a planned ending."""
-    ids = {"patient_id": f"p{pid}", "episode_id": f"e{pid}"}
-    ev = [
-        _envelope(f"{clinic}-{pid}-open", "episode.opened", START - timedelta(days=7), clinic,
-                  {"age_group": "adult"}, **ids),
-        _envelope(f"{clinic}-{pid}-th", "therapist.assigned", START - timedelta(days=7), clinic,
-                  {"role": "primary"}, therapist_id="t1", **ids),
-    ]
-    if intake is not None:
-        at = START - timedelta(days=3)
-        ev.append(_envelope(f"{clinic}-{pid}-q0", "questionnaire.submitted", at, clinic,
-                            {"instrument": instrument, "instrument_version": "1",
-                             "respondent": "patient", "administered_at": _ts(at),
-                             "timing": "intake", "total": intake}, **ids))
-    last = START
-    for n, total in sorted(scores.items()):
-        at = START + timedelta(weeks=n - 1)
-        last = at
-        sid = {"session_id": f"s{pid}-{n}", **ids}
-        ev.append(_envelope(f"{clinic}-{pid}-sch{n}", "session.scheduled", at - timedelta(days=6),
-                            clinic, {"scheduled_for": _ts(at)}, **sid))
-        ev.append(_envelope(f"{clinic}-{pid}-att{n}", "session.attended", at, clinic,
-                            {"duration_minutes": 50}, **sid))
-        if total is not None:
-            ev.append(_envelope(f"{clinic}-{pid}-q{n}", "questionnaire.submitted", at, clinic,
-                                {"instrument": instrument, "instrument_version": "1",
-                                 "respondent": "patient", "administered_at": _ts(at),
-                                 "timing": "pre_session", "total": total}, **sid))
-    if close:
-        ev.append(_envelope(f"{clinic}-{pid}-close", "episode.closed", last + timedelta(days=1),
-                            clinic, {"reason": "planned"}, **ids))
-    return ev
-
-
-def build_warehouse(tmp: Path, events: list[dict]) -> duckdb.DuckDBPyConnection:
+def build_warehouse(tmp: Path, files: list[Path]) -> duckdb.DuckDBPyConnection:
     """The production pipeline on a tmp DuckDB: ingest the NDJSON, write seeds, build every model."""
     from alliance.ingest import ingest_files
     from alliance.instruments import load_instruments, write_parameters_table, write_seed_tables
     from alliance.sqlrunner import run_models
 
-    landing = tmp / "landing"
-    landing.mkdir(parents=True, exist_ok=True)
-    f = landing / "reference.ndjson"
-    f.write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
     con = duckdb.connect(str(tmp / "warehouse.duckdb"))
-    [res] = ingest_files(con, [f], KEY, quarantine_dir=tmp / "quarantine")
-    assert res.quarantined == 0, con.sql("select reason_code, field, message from raw.quarantine").fetchall()
+    for res in ingest_files(con, files, KEY, quarantine_dir=tmp / "quarantine"):
+        assert res.quarantined == 0, con.sql("select reason_code, field, message from raw.quarantine").fetchall()
     write_seed_tables(con, load_instruments())
     write_parameters_table(con, SQL_DIR / "parameters.yml")
     run_models(con)
@@ -118,16 +76,19 @@ def rebuild(con: duckdb.DuckDBPyConnection, *models: str) -> None:
 
 @pytest.fixture(scope="module")
 def claus(tmp_path_factory: pytest.TempPathFactory) -> duckdb.DuckDBPyConnection:
-    rows = list(csv.DictReader((REFERENCE / "clinicalsignificance" / "claus_2020.csv").open()))
-    by_id: dict[str, dict] = {}
-    for r in rows:
-        p = by_id.setdefault(r["id"], {"treatment": r["treatment"], "scores": {}})
-        p["scores"][int(r["time"])] = float(r["bdi"]) if r["bdi"] not in ("", "NA") else None
-    events: list[dict] = []
-    for pid, p in by_id.items():
-        # the treatment arm becomes the clinic, so the package's group rows are clinic rows
-        events += episode_events(p["treatment"], pid, p["scores"], instrument="BDI-II")
-    return build_warehouse(tmp_path_factory.mktemp("claus"), events)
+    from alliance.pseudonyms import pseudonym
+
+    tmp = tmp_path_factory.mktemp("claus")
+    path = REFERENCE / "clinicalsignificance" / "claus_2020.csv"
+    events, clinic = import_reference(tmp, path, "claus_2020.yaml")
+    con = build_warehouse(tmp, [events])
+    # The treatment arm is an analysis variable, not part of the events: a lookup from the
+    # patient pseudonym lets the package's per-arm rows be compared.
+    arms = {pseudonym(KEY, "patient", clinic, r["id"]): r["treatment"]
+            for r in csv.DictReader(path.open())}
+    con.execute("create table main.reference_arm (patient_id varchar, arm varchar)")
+    con.executemany("insert into main.reference_arm values (?, ?)", list(arms.items()))
+    return con
 
 
 def _expected_bdi_rows() -> list[dict]:
@@ -136,11 +97,11 @@ def _expected_bdi_rows() -> list[dict]:
 
 
 def _count(con: duckdb.DuckDBPyConnection, group: str) -> dict[str, int]:
-    where = "" if not group else f"and clinic_id = '{group}'"
-    rows = con.execute(f"""
+    rows = con.execute("""
         select jt_category, count(*) from marts.fct_episode_outcomes
-        where instrument = 'BDI-II' and jt_category is not null {where}
-        group by jt_category""").fetchall()
+        left join main.reference_arm using (patient_id)
+        where instrument = 'BDI-II' and jt_category is not null and ($1 = '' or arm = $1)
+        group by jt_category""", [group]).fetchall()
     return dict(rows)
 
 
@@ -149,7 +110,7 @@ def _count(con: duckdb.DuckDBPyConnection, group: str) -> dict[str, int]:
 def test_jacobson_truax_matches_clinicalsignificance(claus, row):
     con = claus
     set_parameter(con, "jt_sd_source", "intake")
-    set_parameter(con, "jt_reference_scope", "network")  # groups are compared on one reference
+    set_parameter(con, "jt_reference_scope", "network")  # arms are compared on one reference
     set_parameter(con, "jt_reliability.BDI-II", float(row["reliability"]))
     set_parameter(con, "jt_cutoff_type", row["cutoff_type"] or "instrument")
     if row["m_functional"]:
@@ -223,27 +184,24 @@ def reference_sudden_changes(rows: list[dict], cutoff: float = 7, pct: float = 0
 
 
 @pytest.fixture(scope="module")
-def sgdata(tmp_path_factory: pytest.TempPathFactory) -> tuple[duckdb.DuckDBPyConnection, list[dict]]:
-    rows = list(csv.DictReader((REFERENCE / "suddengains" / "sgdata.csv").open()))
-    events: list[dict] = []
-    for r in rows:
-        scores = {s: (float(r[f"bdi_s{s}"]) if r[f"bdi_s{s}"] not in ("", "NA") else None)
-                  for s in SG_SESSIONS}
-        intake = float(r["bdi_s0"]) if r["bdi_s0"] not in ("", "NA") else None
-        events += episode_events("sgclinic", r["id"], scores, instrument="BDI-II", intake=intake)
-    con = build_warehouse(tmp_path_factory.mktemp("sgdata"), events)
+def sgdata(tmp_path_factory: pytest.TempPathFactory) -> tuple[duckdb.DuckDBPyConnection, list[dict], str]:
+    tmp = tmp_path_factory.mktemp("sgdata")
+    path = REFERENCE / "suddengains" / "sgdata.csv"
+    events, clinic = import_reference(tmp, path, "sgdata.yaml")
+    con = build_warehouse(tmp, [events])
     set_parameter(con, "sg_instrument", "BDI-II")
     set_parameter(con, "sg_crit1_source", "fixed")
     set_parameter(con, "sg_crit1_cutoff", 7)
     set_parameter(con, "sg_identify_1to2", 0)
     rebuild(con, "marts.fct_sudden_gains")
-    return con, rows
+    return con, list(csv.DictReader(path.open())), clinic
 
 
-def _mart_sudden_changes(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> dict:
+def _mart_sudden_changes(con: duckdb.DuckDBPyConnection, rows: list[dict], clinic: str) -> dict:
     from alliance.pseudonyms import pseudonym
 
-    back = {pseudonym(KEY, "episode", "sgclinic", f"e{r['id']}"): r["id"] for r in rows}
+    # the importer's episode per patient is `csv:<id>` (alliance/importers/wide_csv.py)
+    back = {pseudonym(KEY, "episode", clinic, f"csv:{r['id']}"): r["id"] for r in rows}
     got = con.execute("""select episode_id, pre_position, sg_type, magnitude, is_reversal,
                                 n_pre, n_post from marts.fct_sudden_gains""").fetchall()
     return {(back[e], p): {"type": t, "magnitude": m, "reversal": rv, "n": (a, b)}
@@ -251,8 +209,8 @@ def _mart_sudden_changes(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> di
 
 
 def test_sudden_gains_match_suddengains_criteria(sgdata):
-    con, rows = sgdata
-    got = _mart_sudden_changes(con, rows)
+    con, rows, clinic = sgdata
+    got = _mart_sudden_changes(con, rows, clinic)
     want = reference_sudden_changes(rows)
     assert {k: {f: v[f] for f in ("type", "magnitude", "reversal")} for k, v in got.items()} == want
     gains = sorted(k for k, v in got.items() if v["type"] == "gain")
@@ -262,11 +220,11 @@ def test_sudden_gains_match_suddengains_criteria(sgdata):
 
 
 def test_sudden_gains_session_1_to_2_is_a_parameter(sgdata):
-    con, rows = sgdata
+    con, rows, clinic = sgdata
     set_parameter(con, "sg_identify_1to2", 1)
     rebuild(con, "marts.fct_sudden_gains")
     try:
-        got = _mart_sudden_changes(con, rows)
+        got = _mart_sudden_changes(con, rows, clinic)
         want = reference_sudden_changes(rows, first=0)
         assert {k: {f: v[f] for f in ("type", "magnitude", "reversal")} for k, v in got.items()} == want
         assert any(p == 1 for _, p in got)  # the 1-2 interval now examined, with s0 as baseline

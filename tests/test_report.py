@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import sys
 from pathlib import Path
 
 import duckdb
@@ -370,6 +371,44 @@ def test_cli_report(snapshot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert main(["report", "--clinic", "C2", "--month", MONTH]) == 0
     assert (root / "reports" / "C2" / "2025-12.html").exists()
     assert main(["report", "--clinic", "NOPE", "--month", MONTH]) == 1
+
+
+def test_dg_launch_partition_range_renders_every_key(snapshot: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real `dg launch --partition-range` (clinics C1..C2 x two months) in one run."""
+    import os
+    import subprocess
+
+    import dagster as dg
+
+    from alliance.config import REPO_ROOT
+    from orchestration.instance import get_instance
+    from orchestration.partitions import add_clinic_partitions
+
+    root = _data_dir(snapshot, tmp_path / "data")
+    env = {**os.environ, "ALLIANCE_DATA_DIR": str(root), "DAGSTER_HOME": str(root / "dagster"),
+           "ALLIANCE_AUTOMATION": "off"}
+    for k in ("ALLIANCE_DATA_DIR", "DAGSTER_HOME"):
+        monkeypatch.setenv(k, env[k])
+    instance = get_instance()
+    assert add_clinic_partitions(instance, root / "serving" / "alliance.duckdb") == ["C1", "C2"]
+    dg_bin = Path(sys.executable).with_name("dg")
+    proc = subprocess.run(
+        [str(dg_bin), "launch", "--assets", "reports/clinic_report",
+         "--partition-range", "C1|2025-11...C2|2025-12"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = sorted(str(f.relative_to(root / "reports")) for f in (root / "reports").rglob("*.html"))
+    assert written == ["C1/2025-11.html", "C1/2025-12.html", "C2/2025-11.html", "C2/2025-12.html"]
+    instance = dg.DagsterInstance.from_config(str(root / "dagster"))  # fresh view of the runs
+    key = dg.AssetKey(["reports", "clinic_report"])
+    assert sorted(instance.get_materialized_partitions(key)) == [
+        "C1|2025-11", "C1|2025-12", "C2|2025-11", "C2|2025-12"]
+    assert len(instance.get_runs()) == 1  # one run for the whole range
+    mat = instance.get_latest_materialization_event(key).asset_materialization
+    assert mat.metadata["partitions_rendered"].value == 4
+    assert "C2|2025-12" in mat.metadata["reports"].value
 
 
 # ---------------------------------------------------------------- the real pipeline's marts

@@ -417,6 +417,65 @@ def test_sudden_gains_are_found_with_few_false_alarms(default_size) -> None:
     assert len(flagged - injected) / len(flagged) <= 0.1
 
 
+def _episode_facts(events: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, int], dict[str, str]]:
+    """End reason of closed episodes, attended sessions and age group per episode."""
+    closed: dict[str, str] = {}
+    attended: dict[str, int] = defaultdict(int)
+    age: dict[str, str] = {}
+    for e in events:
+        if e["event_type"] == "episode.closed":
+            closed[e["episode_id"]] = e["payload"]["reason"]
+        elif e["event_type"] == "session.attended":
+            attended[e["episode_id"]] += 1
+        elif e["event_type"] == "episode.opened":
+            age[e["episode_id"]] = e["payload"]["age_group"]
+    return closed, attended, age
+
+
+def test_scores_look_like_published_clinical_samples(default_size) -> None:
+    """Realism targets of docs/simulator.md (SRS ceiling, intake levels, recovery, dropout)."""
+    _, _, _, events, scores = default_size
+    srs = [t for (_, inst), v in scores.items() if inst == "SRS" for _, _, t in v]
+    # SRS: mean ~36, SD 3-4, a quarter to a third below the 36 cutoff (Duncan et al. 2003)
+    assert 35.0 <= statistics.fmean(srs) <= 37.0
+    assert 2.8 <= statistics.stdev(srs) <= 4.5
+    assert 0.22 <= sum(t < 36 for t in srs) / len(srs) <= 0.38
+    assert max(srs) <= 40
+    closed, attended, age = _episode_facts(events)
+    series = {k: [t for _, _, t in v] for k, v in scores.items()}
+    paired = {k for k, v in series.items() if len(v) >= 2}
+    ors0 = [series[(ep, "ORS")][0] for ep, inst in paired if inst == "ORS" and age[ep] == "adult"]
+    assert 18.5 <= statistics.fmean(ors0) <= 21.0  # Miller et al. (2003): ~19.6 at intake
+    assert sum(x < 25 for x in ors0) / len(ors0) >= 0.7  # most adults start below the cutoff
+    phq0 = [series[(ep, "PHQ-9")][0] for ep, inst in paired if inst == "PHQ-9"]
+    assert 15.0 <= statistics.fmean(phq0) <= 16.5
+    assert 0.20 <= sum(r == "dropout" for r in closed.values()) / len(closed) <= 0.30
+    # NHS Talking Therapies recovery: finished (2+ sessions), a case at the start, below both
+    # caseness cutoffs (PHQ-9 10, GAD-7 8) at the end
+    finished = [ep for ep in closed if attended[ep] >= 2
+                and (ep, "PHQ-9") in paired and (ep, "GAD-7") in paired]
+    cases = [ep for ep in finished
+             if series[(ep, "PHQ-9")][0] >= 10 or series[(ep, "GAD-7")][0] >= 8]
+    recovered = [series[(ep, "PHQ-9")][-1] < 10 and series[(ep, "GAD-7")][-1] < 8 for ep in cases]
+    assert 0.42 <= statistics.fmean(recovered) <= 0.55
+
+
+def test_some_patients_reliably_deteriorate_without_sudden_losses(default_size) -> None:
+    _, _, _, events, scores = default_size
+    closed, _, _ = _episode_facts(events)
+    series = {k: [t for _, _, t in v] for k, v in scores.items()}
+    # reliable change: PHQ-9 6, GAD-7 4 (NHS TT manual), ORS 5 (Miller et al. 2003); ORS higher = better
+    for inst, rc, worse in (("PHQ-9", 6, 1), ("GAD-7", 4, 1), ("ORS", 5, -1)):
+        eps = [ep for ep in closed if len(series.get((ep, inst), [])) >= 2]
+        share = statistics.fmean(worse * (series[(ep, inst)][-1] - series[(ep, inst)][0]) > rc
+                                 for ep in eps)
+        assert 0.03 <= share <= 0.11, (inst, share)  # ~5-10% in services (Lambert 2013)
+    # worsening is gradual: almost no PHQ-9 sudden losses (mirror image of the gain criteria)
+    losses = sum(1 for (_, inst), v in series.items() if inst == "PHQ-9"
+                 for i in range(1, len(v) - 1) if sudden_gain([27 - x for x in v], i, 6))
+    assert losses <= 5, losses
+
+
 # ------------------------------------------------------------------ sizing and CLI
 def test_events_target_sizes_the_run(tmp_path: Path) -> None:
     _, summary, truth = run(tmp_path, "ev", events_target=6000, seed=9)

@@ -76,6 +76,20 @@ def _env(work: Path, data_docs: bool) -> dict[str, str]:
     }
 
 
+def source_state() -> dict[str, Any]:
+    """Which code was measured: the git commit and how many files differ from it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "--short", "HEAD") or None,
+            "modified_files": len(status.splitlines()) if status else 0}
+
+
 def _warm(files: list[Path]) -> None:
     """Read every file once so no scenario pays the cold page cache the others do not."""
     for f in files:
@@ -134,6 +148,7 @@ def bench_size(n: int, *, data_root: Path, seed: int = 42, months: int = DEFAULT
         run["profile"] = step("profile", PROFILE_MODULE,
                               {"work_dir": str(work / "profile"), "files": file_args,
                                "env": _env(work / "profile", data_docs)}, work / "logs")
+    run["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     run["ok"] = bool(run["full"].get("success")) and not any(
         "error" in (run.get(k) or {}) for k in ("floor", "plain", "gx", "incremental"))
     run["ratios"] = res.ratios(run)
@@ -157,6 +172,7 @@ def run_bench(sizes: list[int], out_dir: Path, *, seed: int = 42, months: int = 
         "command": "alliance bench " + (f"--events {sizes[0]}" if len(sizes) == 1
                                         else "--sizes " + ",".join(map(str, sizes))),
         "machine": res.machine(),
+        "source": source_state(),
         "settings": {"seed": seed, "months": months, "report_months": report_months,
                      "gx_data_docs": data_docs, "skipped": sorted(skip),
                      "data_root": str(root)},
@@ -177,7 +193,12 @@ def run_bench(sizes: list[int], out_dir: Path, *, seed: int = 42, months: int = 
         # Written after every size so a long multi-size run leaves usable partial results.
         json_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
         md_path.write_text(res.markdown(doc))
-    log(f"results: {json_path} and {md_path}")
+    # Timings on a shared machine vary between runs: keep every run, not only the latest.
+    history = json_path.parent / "history"
+    history.mkdir(exist_ok=True)
+    stamp = doc["machine"]["measured_at"].replace(":", "").replace("-", "")[:13]
+    (history / f"{json_path.stem}-{stamp}.json").write_text(json_path.read_text())
+    log(f"results: {json_path} and {md_path} (copy in {history})")
     for run in doc["runs"]:
         for name, t in run["ratios"]["targets"].items():
             log(f"  {size_label(run['events'])} {name}: {t['value']} (limit {t['limit']}) "

@@ -140,6 +140,17 @@ def _x(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
+def _load(values: list[float] | None) -> str:
+    return "not recorded" if not values else " / ".join(map(str, values))
+
+
+def _source(doc: dict[str, Any]) -> str:
+    src = doc.get("source") or {}
+    n = src.get("modified_files")
+    changed = "modified files not recorded" if n is None else f"{n} modified tracked files"
+    return f"Code: commit {src.get('commit') or 'unknown'} ({changed})."
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The results as a Markdown report (one section per size)."""
     m = doc["machine"]
@@ -150,7 +161,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{m['cpu_model']}, {m['memory_gb']} GB RAM; load average at start "
         f"{' / '.join(map(str, m['load_average']))} (1 / 5 / 15 min). Python {m['python']}, "
         f"DuckDB {m['duckdb']}, Dagster {m['dagster']}, Great Expectations "
-        f"{m['great_expectations']}. Command: `{doc['command']}`.",
+        f"{m['great_expectations']}. Command: `{doc['command']}`. {_source(doc)}",
         "",
         "Stages are Dagster step durations of what `alliance run` runs: the nightly rebuild job "
         "(every asset but the reports, with all checks), then one report run per clinic and month "
@@ -168,6 +179,9 @@ def markdown(doc: dict[str, Any]) -> str:
             f"## {run['events']:,} events ({run['dataset']['summary']['lines']:,} lines in "
             f"{run['dataset']['summary']['files']} files"
             f"{'' if full.get('success') else '; RUN FAILED'})",
+            "",
+            f"Load average at the start of this size {_load(run.get('load_average_at_start'))}, "
+            f"at its end {_load(run.get('load_average_at_end'))}.",
             "",
             "| stage | Dagster pipeline (s) | plain script (s) | baseline (s) | ratio |",
             "|---|---:|---:|---:|---:|",

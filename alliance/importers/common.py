@@ -6,7 +6,9 @@ stated reason (out of scope, e.g. a Procedure), or was quarantined (in scope but
 identity ``records_read == produced + skipped + quarantined`` is checked before anything is written.
 
 Quarantine entries hold file, line, reason code, field and a message, never the record itself:
-foreign records carry names and addresses that must not be copied anywhere.
+foreign records carry names and addresses that must not be copied anywhere. The entries still name
+source records (FHIR resource ids), so they are written to the data directory's quarantine folder,
+not to landing/ (see :func:`report_dir`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from zoneinfo import ZoneInfo
 
 import yaml
 
-from alliance.config import REPO_ROOT
+from alliance.config import REPO_ROOT, paths
 
 MAPPINGS_DIR = REPO_ROOT / "schemas" / "mappings"
 # A fixed namespace so event ids are stable across runs and machines (uuid5 = SHA-1 based):
@@ -207,7 +209,8 @@ class ImportResult:
     events: list[dict[str, Any]] = field(default_factory=list)
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, FileAccount] = field(default_factory=dict)
-    synthesised: int = 0  # events not read from a record (episode.opened per patient)
+    # events not read from a record (episode.opened per patient; CSV gap sessions)
+    synthesised: int = 0
     # Written by write_landing():
     events_path: Path | None = None
     quarantine_path: Path | None = None
@@ -286,8 +289,25 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_landing(result: ImportResult, out_dir: Path, stem: str) -> ImportResult:
-    """Write events as `<stem>.ndjson`, plus `<stem>.quarantine.tsv` and `<stem>.summary.json`.
+def report_dir(out_dir: Path) -> Path:
+    """Where an import's quarantine and summary files go for events written to `out_dir`.
+
+    They name source records (FHIR resource ids, CSV rows), so they do not belong in landing/:
+    when `out_dir` is inside the data directory they go to its quarantine folder
+    (`alliance.config.paths().quarantine`, next to the ingest's rejected lines); an explicit
+    output folder elsewhere keeps them beside the events, where the caller chose to write.
+    """
+    data = paths()
+    out = Path(out_dir).resolve()
+    if out == data.root or data.root in out.parents:
+        return data.quarantine
+    return out
+
+
+def write_landing(result: ImportResult, out_dir: Path, stem: str,
+                  reports_dir: Path | None = None) -> ImportResult:
+    """Write events as `<out_dir>/<stem>.ndjson`; `<stem>.quarantine.tsv` and `<stem>.summary.json`
+    go to `reports_dir` (default: :func:`report_dir`, the data directory's quarantine folder).
 
     Only the `.ndjson` file is canonical input for the ingest; the other two are for people.
     Events are written in a stable order so re-importing the same input gives a byte-identical
@@ -302,16 +322,18 @@ def write_landing(result: ImportResult, out_dir: Path, stem: str) -> ImportResul
     result.events_path = out_dir / f"{stem}.ndjson"
     _atomic_write(result.events_path, lines)
 
-    result.quarantine_path = out_dir / f"{stem}.quarantine.tsv"
+    reports = Path(reports_dir) if reports_dir is not None else report_dir(out_dir)
+    reports.mkdir(parents=True, exist_ok=True)
+    result.quarantine_path = reports / f"{stem}.quarantine.tsv"
     cols = ["file", "line", "record", "reason", "field", "message"]
     rows = ["\t".join(cols)]
     for q in result.quarantine:
         rows.append("\t".join(str(q[c]).replace("\t", " ").replace("\n", " ") for c in cols))
     _atomic_write(result.quarantine_path, "\n".join(rows) + "\n")
 
-    result.summary_path = out_dir / f"{stem}.summary.json"
+    result.summary_path = reports / f"{stem}.summary.json"
     summary = result.summary() | {"events_written": len(events),
-                                  "events_file": result.events_path.name}
+                                  "events_file": str(result.events_path)}
     _atomic_write(result.summary_path, json.dumps(summary, indent=2) + "\n")
     return result
 

@@ -843,7 +843,7 @@ def import_fhir(inputs: list[Path] | Path, mapping: dict[str, Any] | str | Path 
 
 def import_fhir_to_landing(inputs: list[Path] | Path, mapping: dict[str, Any] | str | Path,
                            out_dir: Path, *, clinic_id: str | None = None) -> ImportResult:
-    """Import and write `<stem>.ndjson` (+ quarantine and summary) into a landing folder."""
+    """Import and write `<stem>.ndjson` into a landing folder (quarantine, summary: report_dir)."""
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "fhir")
     if clinic_id:
         m = {**m, "clinic_id": clinic_id}

@@ -257,7 +257,7 @@ def import_redcap(path: Path | str, dictionary: Path | str, mapping: dict[str, A
 def import_redcap_to_landing(path: Path | str, dictionary: Path | str,
                              mapping: dict[str, Any] | str | Path, out_dir: Path,
                              *, clinic_id: str | None = None) -> ImportResult:
-    """Import a REDCap export and write `<stem>.ndjson` (+ quarantine, summary) into landing."""
+    """Import a REDCap export and write `<stem>.ndjson` into landing (reports: report_dir)."""
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "redcap")
     if clinic_id:
         m = {**m, "clinic_id": clinic_id}

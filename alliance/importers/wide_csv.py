@@ -5,7 +5,11 @@ Research data sets rarely carry dates. Occurred-at times are then synthesised fr
 order of measurements is kept; set ``date_column`` (long) when real dates exist. Scores are
 imported as total-only questionnaire.submitted events; with ``sessions: true`` each scored session
 number (>= ``first_session``) also gets a session.attended event so per-session analyses
-(sudden gains) see the sessions. One episode.opened is synthesised per patient.
+(sudden gains) see the sessions. ``fill_session_gaps: true`` also attends the unscored session
+numbers from ``first_session`` up to the patient's last scored one: in a wide research file a
+missing score inside the series is a missed questionnaire, not a missed session, and the session
+series (and so sudden-gain positions) must keep the gap as the source's NA does. One
+episode.opened is synthesised per patient.
 """
 
 from __future__ import annotations
@@ -57,6 +61,12 @@ class CsvImporter:
         self.default_timing = mapping.get("default_timing")
         self.sessions = bool(mapping.get("sessions", False))
         self.first_session = int(mapping.get("first_session", 1))
+        self.fill_gaps = bool(mapping.get("fill_session_gaps", False))
+        if self.fill_gaps and not self.sessions:
+            raise MappingError(f"{self.where}: fill_session_gaps needs sessions: true")
+        if self.fill_gaps and mapping.get("date_column"):
+            # a gap has no date of its own; inventing one next to real dates would mislead
+            raise MappingError(f"{self.where}: fill_session_gaps cannot be used with date_column")
         self.scores = mapping.get("scores") or []
         if not self.scores:
             raise MappingError(f"{self.where}: 'scores' lists no score columns")
@@ -70,6 +80,7 @@ class CsvImporter:
                 raise MappingError(f"{self.where}: scores[{i}] needs '{key}' for {self.format} format")
         self.refs = refs
         self.first_seen: dict[str, str] = {}
+        self.attended_numbers: dict[str, set[int]] = {}
 
     def when(self, n: float) -> str:
         dt = datetime.combine(self.anchor, time(9, 0), self.tz) + timedelta(days=n * self.interval)
@@ -154,11 +165,24 @@ class CsvImporter:
             if has_session and key not in sessions_done:
                 sessions_done.add(key)
                 events.append(self.attended(pid, key, when))
+                if float(n).is_integer():
+                    self.attended_numbers.setdefault(pid, set()).add(int(n))
         for ev in events:
             prev = self.first_seen.get(pid)
             if prev is None or datetime.fromisoformat(ev["occurred_at"]) < datetime.fromisoformat(prev):
                 self.first_seen[pid] = ev["occurred_at"]
         return events
+
+    def synthesised_gap_sessions(self) -> list[dict[str, Any]]:
+        """session.attended for unscored session numbers inside each patient's scored series."""
+        if not self.fill_gaps:
+            return []
+        out = []
+        for pid, done in sorted(self.attended_numbers.items()):
+            for n in range(self.first_session, max(done)):
+                if n not in done:
+                    out.append(self.attended(pid, f"t{n}", self.when(n)))
+        return out
 
     def synthesised_episodes(self) -> list[dict[str, Any]]:
         return [make_event(event_id=event_id(self.clinic, "csv-episode", pid),
@@ -199,7 +223,7 @@ def import_wide_csv(path: Path | str, mapping: dict[str, Any] | str | Path,
             result.produce(str(path), events)
         else:
             result.skip(str(path), "no non-missing score")
-    synth = imp.synthesised_episodes()
+    synth = imp.synthesised_gap_sessions() + imp.synthesised_episodes()
     result.events.extend(synth)
     result.synthesised = len(synth)
     return result
@@ -207,7 +231,7 @@ def import_wide_csv(path: Path | str, mapping: dict[str, Any] | str | Path,
 
 def import_wide_csv_to_landing(path: Path | str, mapping: dict[str, Any] | str | Path,
                                out_dir: Path, *, clinic_id: str | None = None) -> ImportResult:
-    """Import a research CSV and write `<stem>.ndjson` (+ quarantine, summary) into landing."""
+    """Import a research CSV and write `<stem>.ndjson` into landing (reports: report_dir)."""
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "wide_csv")
     if clinic_id:
         m = {**m, "clinic_id": clinic_id}

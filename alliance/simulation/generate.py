@@ -13,11 +13,9 @@ import numpy as np
 
 from alliance.simulation.model import (
     AGE_GROUPS,
-    DET_DROPOUT_HAZARD,
     DET_DEPTH_POINTS,
+    DET_DROPOUT_HAZARD,
     DET_RUPTURE_SHIFT,
-    DET_WEIGHT_A,
-    DET_WEIGHT_G,
     DET_WORSENING,
     IMPROVE_PER_INTAKE,
     IMPROVE_SHIFT,
@@ -86,14 +84,14 @@ class _Zigzag:
     almost never happens by noise alone, so rupture rules flag injected dips, not noise.
     """
 
-    __slots__ = ("rng", "sign", "lo", "hi")
+    __slots__ = ("rng", "sign", "lo", "hi", "flip")
 
-    def __init__(self, rng: random.Random, lo: float, hi: float) -> None:
-        self.rng, self.lo, self.hi = rng, lo, hi
+    def __init__(self, rng: random.Random, lo: float, hi: float, flip: float = 0.85) -> None:
+        self.rng, self.lo, self.hi, self.flip = rng, lo, hi, flip
         self.sign = 1.0 if rng.random() < 0.5 else -1.0
 
     def __call__(self) -> float:
-        if self.rng.random() < 0.85:
+        if self.rng.random() < self.flip:
             self.sign = -self.sign
         return self.sign * self.rng.uniform(self.lo, self.hi)
 
@@ -113,9 +111,7 @@ class Simulator:
         self.tod = [f"{m // 60:02d}:{m % 60:02d}:00" for m in range(DAY)]
         self.weekday0 = p.start.weekday()
         self.rho = _clamp((p.alliance_outcome_r - R_AT_ZERO) / SLOPE, -0.95, 0.95)
-        # deterioration score = (wG G + wA A) / its SD; the lowest deterioration_share deteriorate
-        self.det_sd = math.sqrt(DET_WEIGHT_G ** 2 + DET_WEIGHT_A ** 2
-                                + 2 * DET_WEIGHT_G * DET_WEIGHT_A * self.rho)
+        # G is standard normal: episodes below this quantile deteriorate
         self.det_q = NormalDist().inv_cdf(p.deterioration_share) if p.deterioration_share > 0 \
             else -math.inf
         self.truth: dict[str, Any] = {
@@ -266,10 +262,11 @@ class Simulator:
         # unrepaired rupture; Lambert 2013).
         p0 = _clamp(R.gauss(16.0, 4.5), 5.0, 27.0)
         improve = IMPROVE_PER_INTAKE * p0 + 4.0 * G + IMPROVE_SHIFT
-        # Deteriorators are the low tail of a deterioration score of the latents (no extra random
-        # draw, so the calibrated alliance-outcome r stays stable across seeds); the deeper in the
-        # tail, the larger the worsening.
-        score = (DET_WEIGHT_G * G + DET_WEIGHT_A * A) / self.det_sd
+        # Deteriorators are the low tail of the outcome latent G (no extra random draw, so the
+        # calibrated alliance-outcome r stays as stable across seeds as before, and alliance links
+        # to deterioration only through rho and ruptures); the deeper in the tail, the larger the
+        # worsening.
+        score = G
         if rupt_k is not None and not repaired_plan:
             score -= DET_RUPTURE_SHIFT
         worsen = 0.0
@@ -300,7 +297,7 @@ class Simulator:
             frac = min(1.0, (s - gain_n - 1) / max(1, n_planned - gain_n - 1))
             return _clamp(pre - step - rest * frac, 0.0, 27.0)
 
-        srs_noise = _Zigzag(R, 0.35, 0.9)
+        srs_noise = _Zigzag(R, 0.35, 0.9, 0.9)
         phq_noise = _Zigzag(R, 0.3, 1.0)
         ors_noise = _Zigzag(R, 0.3, 1.0)
         protect_srs = set(range(rupt_k - 1, rupt_k + 4)) if rupt_k else set()
@@ -365,7 +362,7 @@ class Simulator:
                             phq_obs[s], phq_ev[s] = obs, ev
                     if prot or R.random() >= p.missing_questionnaire_share:
                         if level > p0:  # worsening: anxiety rises with depression (21/27 scale)
-                            g = gad0 + (level - p0) * 0.78
+                            g = gad0 + (level - p0) * 0.7
                         else:
                             g = gad0 - (p0 - level) * (gad0 / p0) * 0.9
                         gobs = int(round(_clamp(g + R.uniform(-1, 1), 0, 21)))

@@ -3,7 +3,8 @@
 -- scored from core.questionnaire_item_answers (reverse keys applied there); total-only ones use
 -- the reported total. Prorating happens only where the instrument allows it, and by how many
 -- items is recorded. Age group for age-specific cutoffs comes from the episode's
--- episode.opened event (read from raw.events, so this model does not depend on core.episodes).
+-- episode.opened event (read from staging.stg_events, so this model does not depend on
+-- core.episodes).
 with
 
 responses as (select * from staging.stg_questionnaire_responses),
@@ -11,11 +12,7 @@ item_answers as (select * from core.questionnaire_item_answers),
 instruments as (select * from seeds.instruments),
 bands as (select * from seeds.instrument_bands),
 cutoffs as (select * from seeds.instrument_cutoffs),
-events as (
-    select *
-    from raw.events
-    where recorded_at <= coalesce(getvariable('as_of')::timestamptz, 'infinity'::timestamptz)
-),
+events as (select * from staging.stg_events),  -- as-of filtered there, once
 
 episode_age as (
     select

@@ -34,7 +34,7 @@ instrument_params as (
     group by split_part(name, '.', 2)
 ),
 
-instruments as (select * from seeds.instruments where instrument_version = '1'),
+instruments as (select * from seeds.instruments),
 
 outcome_sessions as (select * from marts.fct_outcome_sessions),
 
@@ -48,6 +48,9 @@ first_last as (
         instrument,
         any_value(patient_id) as patient_id,
         any_value(clinic_id) as clinic_id,
+        -- the intake score's definition version gives the reliable change and cutoffs, so a
+        -- clinic's version 2 of an instrument is judged by its own values
+        arg_min(instrument_version, measure_position) as instrument_version,
         count(*) as n_scores,
         arg_min(total, measure_position) as first_total,
         arg_max(total, measure_position) as last_total,
@@ -78,6 +81,7 @@ intake_distribution as (
         case when params.jt_reference_scope = 'network' then '*' else with_changes.clinic_id end
             as reference_group,
         with_changes.instrument,
+        with_changes.instrument_version,
         count(*) as intake_n,
         avg(with_changes.first_total) as intake_mean,
         stddev_samp(with_changes.first_total) as intake_sd
@@ -103,9 +107,12 @@ with_reference as (
     cross join params
     left join intake_distribution
         on intake_distribution.instrument = with_changes.instrument
+        and intake_distribution.instrument_version = with_changes.instrument_version
         and intake_distribution.reference_group
             = case when params.jt_reference_scope = 'network' then '*' else with_changes.clinic_id end
-    left join instruments on with_changes.instrument = instruments.instrument
+    left join instruments
+        on with_changes.instrument = instruments.instrument
+        and with_changes.instrument_version = instruments.instrument_version
     left join instrument_params on with_changes.instrument = instrument_params.instrument
 ),
 
@@ -235,13 +242,14 @@ expected_change as (
     -- expected improvement given intake severity, fitted over the whole network (closed, paired)
     select
         instrument,
+        instrument_version,
         regr_intercept(improvement, first_total) as expected_intercept,
         regr_slope(improvement, first_total) as expected_slope,
         stddev_samp(first_total) as network_intake_sd
     from with_changes
     where is_paired
         and episode_id in (select episode_id from episodes where is_closed)
-    group by instrument
+    group by instrument, instrument_version
 ),
 
 dropout as (
@@ -259,6 +267,7 @@ final as (
         ---------- ids
         jt_categories.episode_id,
         jt_categories.instrument,
+        jt_categories.instrument_version,
         jt_categories.patient_id,
         episodes.therapist_id,
         jt_categories.clinic_id,
@@ -337,7 +346,9 @@ final as (
     left join episodes on jt_categories.episode_id = episodes.episode_id
     left join nhstt on jt_categories.episode_id = nhstt.episode_id
     left join early_alliance on jt_categories.episode_id = early_alliance.episode_id
-    left join expected_change on jt_categories.instrument = expected_change.instrument
+    left join expected_change
+        on jt_categories.instrument = expected_change.instrument
+        and jt_categories.instrument_version = expected_change.instrument_version
     left join dropout on jt_categories.episode_id = dropout.episode_id
 )
 

@@ -71,6 +71,7 @@ final as (
         clinic_id,
         session_id,
         instrument,
+        instrument_version,
         ---------- when
         measure_position,
         session_number,

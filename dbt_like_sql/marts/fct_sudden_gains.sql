@@ -56,6 +56,7 @@ series as (
     select
         grid.*,
         scores.total,
+        scores.instrument_version,
         scores.response_id,
         scores.administered_at
     from grid
@@ -100,8 +101,11 @@ intervals as (
              / (windows.n_pre + windows.n_post - 2)) as pooled_sd
     from windows
     cross join params
+    -- the pre-gain score's own definition version: a clinic's version 2 brings its own
+    -- reliable change value
     left join instruments
-        on windows.instrument = instruments.instrument and instruments.instrument_version = '1'
+        on windows.instrument = instruments.instrument
+        and windows.instrument_version = instruments.instrument_version
     where windows.total is not null
         and windows.post_total is not null
         and windows.n_pre >= 2
@@ -159,6 +163,7 @@ final as (
         identified.therapist_id,
         identified.clinic_id,
         identified.instrument,
+        identified.instrument_version,
         identified.sg_type,
         ---------- where
         identified.position as pre_position,

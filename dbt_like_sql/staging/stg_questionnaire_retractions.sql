@@ -1,11 +1,8 @@
 -- Every questionnaire retraction the platform knew at the as-of time.
 with
 
-events as (
-    select *
-    from raw.events
-    where recorded_at <= coalesce(getvariable('as_of')::timestamptz, 'infinity'::timestamptz)
-),
+-- as-of filtered in one place: staging.stg_events
+events as (select * from staging.stg_events where event_type = 'questionnaire.retracted'),
 
 retractions as (
     select
@@ -18,7 +15,6 @@ retractions as (
         clinic_id,
         patient_id
     from events
-    where event_type = 'questionnaire.retracted'
 )
 
 select * from retractions

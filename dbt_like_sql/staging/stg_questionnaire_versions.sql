@@ -4,10 +4,10 @@
 -- reaches no known submission keep response_id NULL (is_orphan) so nothing silently vanishes.
 with recursive
 
+-- as-of filtered in one place: staging.stg_events
 events as (
-    select *
-    from raw.events
-    where recorded_at <= coalesce(getvariable('as_of')::timestamptz, 'infinity'::timestamptz)
+    select * from staging.stg_events
+    where event_type in ('questionnaire.submitted', 'questionnaire.amended')
 ),
 
 questionnaire_events as (
