@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="convert FHIR R4, REDCap or research CSV exports into canonical events in landing/",
         description="Convert a foreign export into canonical NDJSON in the landing folder "
         "(<stem>.ndjson), with <stem>.quarantine.tsv (file, line, reason of every unmappable "
-        "record) and <stem>.summary.json (every input line accounted for) beside it.",
+        "record) and <stem>.summary.json (every input line accounted for) into the data "
+        "directory's quarantine/ folder (beside the NDJSON when --out is outside the data directory).",
     )
     kinds = imp.add_subparsers(dest="import_kind", metavar="KIND", required=True)
 

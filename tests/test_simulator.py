@@ -497,3 +497,21 @@ def test_cli_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert doc["parameters"]["clinics"] == 2 and doc["parameters"]["alliance_outcome_r"] == 0.4
     assert {e.name.split("-")[0] for e in out.iterdir()} == {"export"}
     assert main(["simulate", "--out", str(out), "--bad-share", "0.9"]) == 2
+
+
+def test_wrong_reported_totals_stay_inside_the_instrument_range(tmp_path):
+    """A wrong total is a mismatch for the scoring to flag, never a contract violation."""
+    from alliance.simulation.model import TOTAL_RANGE
+
+    simulate(tmp_path / "landing", clinics=2, patients=160, seed=7, bad_share=0.0,
+             wrong_total_share=0.5, truth_path=tmp_path / "truth.json")
+    totals = 0
+    for f in sorted((tmp_path / "landing").glob("*.ndjson")):
+        for line in f.read_text().splitlines():
+            ev = json.loads(line)
+            total = ev.get("payload", {}).get("total")
+            if total is not None and ev["event_type"].startswith("questionnaire"):
+                lo, hi = TOTAL_RANGE[ev["payload"]["instrument"]]
+                assert lo <= total <= hi, (f.name, ev["payload"])
+                totals += 1
+    assert totals > 100

@@ -29,6 +29,7 @@ from alliance.simulation.model import (
     SRS_GAP_SIGMA,
     SRS_LEVEL_MAX,
     SRS_LEVEL_MIN,
+    TOTAL_RANGE,
     IdMaker,
     SimParams,
     _pick,
@@ -555,7 +556,11 @@ class Simulator:
                 total = sum(pl["answers"].values())
                 total = round(total, 1) if isinstance(total, float) else total
                 if R.random() < p.wrong_total_share:
-                    total = total + R.choice((-3, -2, 2, 3))
+                    lo, hi = TOTAL_RANGE[pl["instrument"]]
+                    delta = R.choice((-3, -2, 2, 3))
+                    if not lo <= total + delta <= hi:
+                        delta = -delta
+                    total = total + delta
                     total = round(total, 1) if isinstance(total, float) else total
                     self.truth["wrong_totals"].append(ev.d["event_id"])
                 pl["total"] = total

@@ -47,6 +47,9 @@ DET_DEPTH_POINTS = 5.0
 DET_DROPOUT_HAZARD = 0.05
 
 INSTRUMENT_ITEMS = {"SRS": 4, "ORS": 4, "WAI-SR": 12, "PHQ-9": 9, "GAD-7": 7}
+# Valid total ranges (schemas/instruments): a wrong reported total must stay inside them, so it is a
+# mismatch the scoring flags, not a contract violation the ingest quarantines.
+TOTAL_RANGE = {"SRS": (0, 40), "ORS": (0, 40), "WAI-SR": (12, 60), "PHQ-9": (0, 27), "GAD-7": (0, 21)}
 AGE_GROUPS = (("adult", 0.85), ("adolescent", 0.10), ("child", 0.05))
 REFERRALS = (("gp", 0.55), ("self", 0.30), ("specialist", 0.10), ("other", 0.05))
 MODALITIES = (("in_person", 0.60), ("video", 0.30), ("phone", 0.10))
