@@ -414,15 +414,20 @@ def test_amendments_and_retractions(warehouse) -> None:
 
 def test_as_of_reproduces_the_past(warehouse) -> None:
     q = "select event_id from staging.stg_questionnaire_responses where response_id = ?"
+    staged = ["staging.stg_questionnaire_versions", "staging.stg_questionnaire_retractions",
+              "staging.stg_questionnaire_responses"]
     try:
         # before the retraction of c_sub (recorded 10:05) the amended version counted
         warehouse.execute("set variable as_of = '2026-01-05 10:03:00+00'")
+        run_models(warehouse, staged)  # tables are rebuilt as of the cutoff, as asof_job does
         assert warehouse.execute(q, ["c_sub"]).fetchall() == [("c_amd",)]
         assert warehouse.execute(q, ["b_sub"]).fetchall() == [("b_am2",)]
         warehouse.execute("set variable as_of = '2026-01-05 10:01:30+00'")
+        run_models(warehouse, staged)
         assert warehouse.execute(q, ["b_sub"]).fetchall() == [("b_sub",)]
     finally:
         warehouse.execute("reset variable as_of")
+        run_models(warehouse, staged)
     assert warehouse.execute(q, ["c_sub"]).fetchall() == []
 
 

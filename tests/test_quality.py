@@ -337,7 +337,10 @@ def test_events_conserved_from_the_log_to_the_per_type_staging_views(tmp_path: P
     def swap(view: str, body: str) -> None:
         run_models(con, [f"staging.{view}"])  # start from the real view
         con.execute(f"create or replace table main.keep as select * from staging.{view}")
-        con.execute(f"create or replace view staging.{view} as {body}")
+        kind = con.execute("select table_type from information_schema.tables "
+                           "where table_schema = 'staging' and table_name = ?", [view]).fetchone()[0]
+        con.execute(f"drop {'view' if kind == 'VIEW' else 'table'} staging.{view}")
+        con.execute(f"create view staging.{view} as {body}")
 
     # a per-type view that loses a session (e.g. a bad join or filter)
     swap("stg_session_attended", "select * from main.keep where event_id <> 'a1002'")
