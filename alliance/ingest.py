@@ -527,14 +527,14 @@ known as (
     from q left join _instrument_versions i using (instrument, instrument_version)
 ),
 answers as (
+    -- one parse per response: the answers object as key/value pairs
     select file_id, line_number, instrument, instrument_version,
-        unnest(json_keys(p_answers)) as item, p_answers
+        unnest(map_entries(json_transform(p_answers, '"MAP(VARCHAR, JSON)"'))) as e
     from known
     where known_instrument and jt_p_answers = 'OBJECT'
 ),
 answer_values as (
-    select file_id, line_number, instrument, instrument_version, item,
-        json_extract(p_answers, '$."' || replace(item, '"', '\\"') || '"') as v
+    select file_id, line_number, instrument, instrument_version, e.key as item, e.value as v
     from answers
 ),
 answer_checks as (
@@ -743,9 +743,8 @@ def _ingest_group(
         parts.append(rf.lines.add_column(0, "file_id", pa.array([fid] * rf.n_lines, pa.int64())))
         bad_enc.extend((fid, ln) for ln in rf.bad_encoding)
     lines_tbl = pa.concat_tables(parts)
-    con.register("_lines_arrow", lines_tbl)
-    con.execute("create or replace temp table _lines as select * from _lines_arrow")
-    con.unregister("_lines_arrow")
+    # Read in place from Arrow (no copy); unregistered when the group is done.
+    con.register("_lines", lines_tbl)
     for stmt in validation_sql:
         con.execute(stmt)
     if bad_enc:
@@ -908,6 +907,8 @@ def _ingest_group(
     except BaseException:
         con.execute("rollback")
         raise
+    finally:
+        con.unregister("_lines")
     if log:
         total = sum(r.lines_read for r in results)
         log(f"ingested {len(group)} file(s), {total} lines in {time.perf_counter() - t0:.2f}s")
