@@ -201,16 +201,21 @@ def test_as_of_filter_lives_only_in_stg_events(versioned):
     assert readers == {"staging.stg_events"}
     assert [p.name for p in SQL_DIR.rglob("*.sql") if "getvariable('as_of')" in p.read_text()] == [
         "stg_events.sql"]
-    # and it reaches every staging view: as of before the first event, staging is empty
+    # and it reaches every staging model (views and tables, rebuilt as asof_job does): as of
+    # before the first event, staging is empty
+    from alliance.sqlrunner import run_models
+
     con = versioned
-    staging = [t for (t,) in con.execute("""select view_name from duckdb_views()
-                                            where schema_name = 'staging'""").fetchall()]
-    assert {"stg_questionnaire_versions", "stg_questionnaire_retractions"} <= set(staging)
+    staging = sorted(fqn for fqn in discover_models() if fqn.startswith("staging."))
+    assert {"staging.stg_questionnaire_versions", "staging.stg_questionnaire_retractions"} <= set(
+        staging)
     con.execute("set variable as_of = '2000-01-01T00:00:00Z'")
     try:
-        counts = {t: con.execute(f"select count(*) from staging.{t}").fetchone()[0] for t in staging}
+        run_models(con, staging)
+        counts = {t: con.execute(f"select count(*) from {t}").fetchone()[0] for t in staging}
     finally:
         con.execute("reset variable as_of")
+        run_models(con, staging)
     assert set(counts.values()) == {0}, counts
     assert con.execute("select count(*) from staging.stg_questionnaire_versions").fetchone()[0] > 0
 
