@@ -333,7 +333,7 @@ def _validation_sql(contract: Contract) -> list[str]:
     quote = _lit("'")
     rules.append((f"not list_contains({_list_lit(types)}, sv_e_event_type)", "unknown_event_type",
                   "event_type",
-                  f"{quote} || sv_e_event_type || {quote} || {_lit(' is not a known event type')}"))
+                  f"{quote} || left(sv_e_event_type, 40) || {quote} || {_lit(' is not a known event type')}"))
     version_cases = " ".join(
         f"when {_lit(n)} then list_contains([{', '.join(str(v) for v in et.schema_versions)}], "
         f"try_cast(sv_e_schema_version as bigint))"
@@ -550,7 +550,7 @@ answer_checks as (
         end as reason_code,
         case
             when it.item is null then a.instrument || ' v' || a.instrument_version
-                || ' has no item ''' || a.item || ''''
+                || ' has no item ''' || left(a.item, 20) || ''''
             when json_type(a.v) not in ('BIGINT', 'UBIGINT', 'DOUBLE', 'NULL') then
                 'answer to ' || a.instrument || ' item ' || a.item || ' must be a number or null, got '
                 || lower(json_type(a.v))
