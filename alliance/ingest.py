@@ -729,12 +729,13 @@ def _ingest_group(
     con: duckdb.DuckDBPyConnection,
     group: list[_ReadFile],
     key: bytes,
-    validation_sql: str,
+    validation_sql: list[str],
     answer_sql: str | None,
     quarantine_dir: Path | None,
     recorded_at: datetime | None,
     log,
 ) -> list[FileResult]:
+    """Validate, de-duplicate, pseudonymise and write one group of files in one transaction."""
     t0 = time.perf_counter()
     next_id = con.execute("select coalesce(max(file_id), 0) + 1 from raw.ingested_files").fetchone()[0]
     file_ids = {rf.sha256: next_id + i for i, rf in enumerate(group)}
