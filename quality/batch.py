@@ -7,7 +7,7 @@ tracked in quality.validated_batches), so the cost follows the batch, not the lo
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -18,7 +18,14 @@ import duckdb
 import yaml
 
 from alliance.contract import ID_FIELDS, Contract, load_contract
-from quality.gx_runner import CheckOutcome, ExpectationSpec, SuiteResult, validate_frame
+from quality.gx_runner import (
+    MAX_FAILING_KEYS,
+    CheckOutcome,
+    ExpectationOutcome,
+    ExpectationSpec,
+    SuiteResult,
+    validate_frame,
+)
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 BATCH_PARAMS_FILE = SUITES_DIR / "batch.yaml"
@@ -31,6 +38,9 @@ ENVELOPE_COLUMNS = (
     "file_id", "line_number", "event_type", "schema_version", "occurred_at", "recorded_at",
     "source", "clinic_id", *ID_FIELDS,
 )
+# Events read into pandas at once: the batch is validated in chunks of whole files of at most this
+# many events (the ingest's transaction size), so memory follows the chunk, not the batch.
+CHUNK_EVENTS = 250_000
 
 
 @dataclass(frozen=True)
@@ -190,15 +200,41 @@ def _table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bo
     return bool(row and row[0])
 
 
+def _frame(result: duckdb.DuckDBPyConnection) -> Any:
+    """The result as a pandas DataFrame with the dtypes of `.df()`, via Arrow (~2-3x faster).
+
+    Like `.df()`, integer and boolean columns with nulls become pandas' masked dtypes (Int64,
+    boolean), so GX sees the same frame and failing keys read `line_number=12`, not `12.0`.
+    """
+    import pandas as pd
+    import pyarrow as pa
+
+    table = result.to_arrow_table()
+    masked = {
+        name: "boolean" if pa.types.is_boolean(col.type) else str(col.type).capitalize()
+        for name, col in zip(table.column_names, table.columns, strict=True)
+        if col.null_count and (pa.types.is_integer(col.type) or pa.types.is_boolean(col.type))
+    }
+    mapper = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+              pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
+    with_nulls = table.select(list(masked)).to_pandas(types_mapper=mapper.get) if masked else None
+    # self_destruct frees each Arrow column once converted: the batch is not held twice.
+    df = table.to_pandas(self_destruct=True)
+    del table
+    for name in masked:
+        df[name] = with_nulls[name]
+    return df
+
+
 def instrument_items(con: duckdb.DuckDBPyConnection) -> Any | None:
     """seeds.instrument_items as a DataFrame (instrument, instrument_version, item, min, max), or None."""
     if not _table_exists(con, "seeds", "instrument_items"):
         return None
-    return con.execute(
+    return _frame(con.execute(
         "select instrument, instrument_version::varchar as instrument_version, item::varchar as item,"
         " min_value::double as min_value, max_value::double as max_value"
         " from seeds.instrument_items"
-    ).df()
+    ))
 
 
 @dataclass
@@ -220,7 +256,7 @@ def load_batch(con: duckdb.DuckDBPyConnection, file_ids: Sequence[int]) -> Batch
     payload_cols = ",\n".join(
         f"p[{i}] as {payload_column(f)}" for i, f in enumerate(fields, start=1)
     )
-    events = con.execute(
+    events = _frame(con.execute(
         f"""
         select
             {", ".join(ENVELOPE_COLUMNS)},
@@ -235,11 +271,11 @@ def load_batch(con: duckdb.DuckDBPyConnection, file_ids: Sequence[int]) -> Batch
         )
         """,
         [ids],
-    ).df()
+    ))
     items = instrument_items(con)
     answers = None
     if items is not None:
-        answers = con.execute(
+        answers = _frame(con.execute(
             f"""
             with
 
@@ -251,15 +287,22 @@ def load_batch(con: duckdb.DuckDBPyConnection, file_ids: Sequence[int]) -> Batch
             ),
 
             answers as (
+                -- One JSON parse per response (json_transform to a MAP), not one per item as
+                -- with json_each: ~5x faster. A JSON null answer becomes SQL NULL here.
                 select
-                    q.file_id,
-                    q.line_number,
-                    q.payload ->> 'instrument' as instrument,
-                    q.payload ->> 'instrument_version' as instrument_version,
-                    a.key as item,
-                    json_type(a.value) <> 'NULL' as answer_given,
-                    try_cast(a.value as double) as answer
-                from questionnaires as q, json_each(q.payload -> 'answers') as a
+                    file_id, line_number, instrument, instrument_version,
+                    entry.key as item,
+                    coalesce(json_type(entry.value) <> 'NULL', false) as answer_given,
+                    try_cast(entry.value as double) as answer
+                from (
+                    select
+                        file_id, line_number,
+                        payload ->> 'instrument' as instrument,
+                        payload ->> 'instrument_version' as instrument_version,
+                        unnest(map_entries(json_transform(
+                            payload -> 'answers', '"MAP(VARCHAR, JSON)"'))) as entry
+                    from questionnaires
+                )
             ),
 
             items as (
@@ -279,7 +322,7 @@ def load_batch(con: duckdb.DuckDBPyConnection, file_ids: Sequence[int]) -> Batch
             left join items using (instrument, instrument_version, item)
             """,
             [ids],
-        ).df()
+        ))
     return Batch(ids, events, answers, items)
 
 
@@ -307,6 +350,62 @@ class BatchValidation:
         return [n for n, c in self.checks.items() if not c.passed and self.severities[n] == "ERROR"]
 
 
+def _combine(
+    results: Sequence[SuiteResult], params: BatchParams, notes: list[str], rows: int,
+    file_ids: Sequence[int], started: float,
+) -> BatchValidation:
+    """Roll the suites' outcomes up into one verdict per check of quality/suites/batch.yaml."""
+    checks: dict[str, CheckOutcome] = {}
+    for name in params.severities:
+        outs = [r.checks([name])[name] for r in results]
+        outs = [o for o in outs if o.expectations_evaluated] or outs
+        if not outs:
+            checks[name] = CheckOutcome(name, True, 0, [], [], 0)
+            continue
+        checks[name] = CheckOutcome(
+            check=name,
+            passed=all(o.passed for o in outs),
+            unexpected_count=sum(o.unexpected_count for o in outs),
+            failing_expectations=[e for o in outs for e in o.failing_expectations],
+            failing_keys=[k for o in outs for k in o.failing_keys][:MAX_FAILING_KEYS],
+            expectations_evaluated=sum(o.expectations_evaluated for o in outs),
+            errors=[e for o in outs for e in o.errors],
+        )
+    return BatchValidation(
+        file_ids=list(file_ids),
+        rows=rows,
+        checks=checks,
+        severities=dict(params.severities),
+        seconds=time.perf_counter() - started,
+        suite_results=list(results),
+        notes=notes,
+    )
+
+
+def _known_codes(items: Any | None, notes: list[str]) -> tuple[set[str] | None, set[str] | None]:
+    """Known `instrument|version|item` keys and `instrument|version` keys from the seeds."""
+    if items is None:
+        notes.append("seeds.instrument_items not found: instrument codes and answers not checked")
+        return None, None
+    known_items = {f"{r.instrument}|{r.instrument_version}|{r.item}" for r in items.itertuples()}
+    return known_items, {k.rsplit("|", 1)[0] for k in known_items}
+
+
+def _validate_frames(
+    events: Any, answers: Any | None, known_items: set[str] | None,
+    known_instruments: set[str] | None, params: BatchParams, now: datetime,
+) -> list[SuiteResult]:
+    results = []
+    if len(events):
+        results.append(validate_frame(
+            events, SUITE_NAME, batch_specs(params=params, known_instruments=known_instruments,
+                                            now=now), KEY_COLUMNS))
+    if answers is not None and known_items is not None and len(answers):
+        results.append(validate_frame(answers, ANSWERS_SUITE_NAME, answer_specs(known_items),
+                                      KEY_COLUMNS))
+    return results
+
+
 def validate_batch(
     events: Any,
     answers: Any | None = None,
@@ -323,46 +422,93 @@ def validate_batch(
     params = params or default_params()
     started = time.perf_counter()
     notes: list[str] = []
-    known_items = None
-    known_instruments = None
-    if items is not None:
-        known_items = {f"{r.instrument}|{r.instrument_version}|{r.item}" for r in items.itertuples()}
-        known_instruments = {k.rsplit("|", 1)[0] for k in known_items}
-    else:
-        notes.append("seeds.instrument_items not found: instrument codes and answers not checked")
-    results = []
-    if len(events):
-        results.append(validate_frame(
-            events, SUITE_NAME, batch_specs(params=params, known_instruments=known_instruments,
-                                            now=now), KEY_COLUMNS))
-    if answers is not None and known_items is not None and len(answers):
-        results.append(validate_frame(answers, ANSWERS_SUITE_NAME, answer_specs(known_items),
-                                      KEY_COLUMNS))
-    checks: dict[str, CheckOutcome] = {}
-    for name in params.severities:
-        outs = [r.checks([name])[name] for r in results]
-        outs = [o for o in outs if o.expectations_evaluated] or outs
-        if not outs:
-            checks[name] = CheckOutcome(name, True, 0, [], [], 0)
-            continue
-        checks[name] = CheckOutcome(
-            check=name,
-            passed=all(o.passed for o in outs),
-            unexpected_count=sum(o.unexpected_count for o in outs),
-            failing_expectations=[e for o in outs for e in o.failing_expectations],
-            failing_keys=[k for o in outs for k in o.failing_keys][:5],
-            expectations_evaluated=sum(o.expectations_evaluated for o in outs),
-            errors=[e for o in outs for e in o.errors],
-        )
-    return BatchValidation(
-        file_ids=list(file_ids),
-        rows=len(events),
-        checks=checks,
-        severities=dict(params.severities),
-        seconds=time.perf_counter() - started,
-        suite_results=results,
-        notes=notes,
-    )
+    known_items, known_instruments = _known_codes(items, notes)
+    results = _validate_frames(events, answers, known_items, known_instruments, params,
+                               now or datetime.now(UTC))
+    return _combine(results, params, notes, len(events), file_ids, started)
+
+
+def merge_suite_results(parts: Sequence[SuiteResult]) -> SuiteResult:
+    """One suite's results on several chunks as if validated at once: counts add up, keys in order.
+
+    The GX result of the last chunk is kept (for Data Docs); the outcomes are those of the whole.
+    """
+    merged: dict[str, ExpectationOutcome] = {}
+    for part in parts:
+        for o in part.outcomes:
+            label = o.spec.describe()
+            m = merged.get(label)
+            if m is None:
+                merged[label] = ExpectationOutcome(o.spec, o.success, o.unexpected_count,
+                                                   o.element_count, list(o.failing_keys), o.error)
+                continue
+            m.success = m.success and o.success
+            m.unexpected_count += o.unexpected_count
+            m.element_count += o.element_count
+            m.error = m.error or o.error
+            m.failing_keys += [k for k in o.failing_keys if k not in m.failing_keys]
+            del m.failing_keys[MAX_FAILING_KEYS:]
+    return SuiteResult(parts[-1].suite, sum(p.rows for p in parts), list(merged.values()),
+                       gx_result=parts[-1].gx_result)
+
+
+def plan_chunks(
+    con: duckdb.DuckDBPyConnection, file_ids: Sequence[int], chunk_events: int = CHUNK_EVENTS
+) -> list[list[int]]:
+    """Group `file_ids` (in order) into chunks of at most `chunk_events` events.
+
+    A chunk holds whole files, so a single file larger than the limit is a chunk of its own.
+    """
+    ids = sorted({int(i) for i in file_ids})
+    counts = dict(con.execute(
+        "select file_id, count(*) from raw.events where file_id in (select unnest(?::bigint[]))"
+        " group by file_id",
+        [ids],
+    ).fetchall())
+    chunks: list[list[int]] = []
+    size = 0
+    for fid in ids:
+        n = int(counts.get(fid, 0))
+        if chunks and size + n <= chunk_events:
+            chunks[-1].append(fid)
+            size += n
+        else:
+            chunks.append([fid])
+            size = n
+    return chunks
+
+
+def validate_chunks(
+    load: Callable[[Sequence[int]], Batch],
+    chunks: Sequence[Sequence[int]],
+    *,
+    params: BatchParams | None = None,
+    now: datetime | None = None,
+) -> BatchValidation:
+    """Validate the batch chunk by chunk; `load(file_ids)` reads one chunk (see `load_batch`).
+
+    Only one chunk's DataFrames are alive at a time; counts add up across chunks and the failing
+    keys are the first ones in file order, so the verdict equals validating the batch at once.
+    One GX context serves every chunk (gx_runner keeps it per process).
+    """
+    params = params or default_params()
+    now = now or datetime.now(UTC)  # one clock for every chunk
+    started = time.perf_counter()
+    notes: list[str] = []
+    parts: dict[str, list[SuiteResult]] = {}
+    rows = 0
+    known: tuple[set[str] | None, set[str] | None] | None = None
+    for chunk in chunks:
+        batch = load(chunk)
+        if known is None:  # the seeds are the same for every chunk
+            known = _known_codes(batch.items, notes)
+        rows += len(batch.events)
+        for r in _validate_frames(batch.events, batch.answers, *known, params, now):
+            parts.setdefault(r.suite, []).append(r)
+        del batch  # free this chunk's frames before reading the next
+    results = [merge_suite_results(p) for p in parts.values()]
+    file_ids = sorted({int(i) for c in chunks for i in c})
+    return _combine(results, params, notes, rows, file_ids, started)
 
 
 # ---------------------------------------------------------------- which files to validate
@@ -426,14 +572,14 @@ def validate_files(
     *,
     params: BatchParams | None = None,
     now: datetime | None = None,
+    chunk_events: int = CHUNK_EVENTS,
 ) -> BatchValidation:
-    """Load and validate the events of `file_ids`; with no events GX is not even imported."""
+    """Load and validate the events of `file_ids` in chunks; with no events GX is not imported."""
     ids = sorted({int(i) for i in file_ids})
     if not ids:
         params = params or default_params()
         return BatchValidation([], 0, {n: CheckOutcome(n, True, 0, [], [], 0)
                                        for n in params.severities},
                                dict(params.severities), 0.0, notes=["no new batch"])
-    batch = load_batch(con, ids)
-    return validate_batch(batch.events, batch.answers, batch.items, params=params, now=now,
-                          file_ids=ids)
+    return validate_chunks(lambda chunk: load_batch(con, chunk), plan_chunks(con, ids, chunk_events),
+                           params=params, now=now)

@@ -14,12 +14,14 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from quality.batch import (
-    BatchValidation,
+    CHUNK_EVENTS,
+    Batch,
     default_params,
     load_batch,
     mark_validated,
     pending_file_ids,
-    validate_batch,
+    plan_chunks,
+    validate_chunks,
 )
 from quality.gx_runner import CheckOutcome, build_data_docs
 from quality.history import record_check_result
@@ -107,17 +109,19 @@ def batch_checks(asset: dg.AssetKey = RAW_EVENTS) -> dg.AssetChecksDefinition:
     def _check(context: dg.AssetCheckExecutionContext,
                duckdb: DuckDBResource) -> Iterator[dg.AssetCheckResult]:
         run_id = context.run.run_id
-        # Read the batch, release the (single-writer) database while GX works, then write back.
+        # Plan the chunks, then read one chunk at a time and release the (single-writer) database
+        # while GX works on it; memory follows the chunk (CHUNK_EVENTS), not the batch.
         with duckdb.get_connection() as con:
             ids = sorted(set(run_file_ids(context, asset)) | set(pending_file_ids(con)))
-            batch = load_batch(con, ids) if ids else None
-        if batch is None or not len(batch.events):
-            validation = BatchValidation(ids, 0, {n: CheckOutcome(n, True, 0, [], [], 0)
-                                                  for n in params.severities},
-                                         dict(params.severities), 0.0, notes=["no new events"])
-        else:
-            validation = validate_batch(batch.events, batch.answers, batch.items, params=params,
-                                        file_ids=ids)
+            chunks = plan_chunks(con, ids, CHUNK_EVENTS) if ids else []
+
+        def load(chunk: Sequence[int]) -> Batch:
+            with duckdb.get_connection() as con:
+                return load_batch(con, chunk)
+
+        validation = validate_chunks(load, chunks, params=params)
+        if not validation.rows:
+            validation.notes = ["no new events"]
         extra = {"file_ids": ", ".join(map(str, ids)) or "none", "rows_validated": validation.rows,
                  "validation_seconds": round(validation.seconds, 3)}
         if validation.notes:

@@ -12,7 +12,7 @@ import duckdb
 import pytest
 from dagster_duckdb import DuckDBResource
 
-from quality.batch import pending_file_ids, validate_files
+from quality.batch import pending_file_ids, plan_chunks, validate_files
 from quality.checks import batch_checks, defs, marts_checks, relational_checks
 from quality.history import failing_checks, latest_results, record_check_result
 from quality.marts import ModelSuite, validate_model
@@ -119,6 +119,34 @@ def test_each_violation_fails_its_check_with_count_and_severity(tmp_path: Path) 
     clean = validate_files(con, [2])
     assert clean.passed and clean.rows == 40 and all(
         c.expectations_evaluated for c in clean.checks.values())
+
+
+def test_batch_in_chunks_counts_like_one_chunk(tmp_path: Path) -> None:
+    """A batch split into several chunks (one file each) gives the verdict of one chunk."""
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    for fid in (1, 2, 3):
+        add_file(con, fid)
+    for kind in VIOLATIONS:
+        inject(con, 1, kind)
+    inject(con, 3, "raw_identifier")
+    inject(con, 3, "answer_range")
+    assert plan_chunks(con, [1, 2, 3], chunk_events=40) == [[1], [2], [3]]
+    assert plan_chunks(con, [1, 2, 3], chunk_events=80) == [[1, 2], [3]]
+    now = datetime.now(UTC)
+    whole = validate_files(con, [1, 2, 3], now=now)
+    split = validate_files(con, [1, 2, 3], now=now, chunk_events=40)
+    assert split.rows == whole.rows == 120 and split.file_ids == whole.file_ids == [1, 2, 3]
+    for name, w in whole.checks.items():
+        c = split.checks[name]
+        assert (c.passed, c.unexpected_count, c.expectations_evaluated) == (
+            w.passed, w.unexpected_count, w.expectations_evaluated), name
+        assert sorted(c.failing_expectations) == sorted(w.failing_expectations), name
+        assert len(c.failing_keys) == len(w.failing_keys), name
+    # file 3's violations add to file 1's
+    assert split.checks["pseudonyms_well_formed"].unexpected_count == 2
+    assert split.checks["answers_in_range"].unexpected_count == 4
+    assert split.checks["timestamps_plausible"].unexpected_count == 3
+    assert split.blocking_failures == whole.blocking_failures
 
 
 def test_empty_batch_passes_without_reading(tmp_path: Path) -> None:
