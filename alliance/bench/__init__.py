@@ -137,10 +137,11 @@ def bench_size(n: int, *, data_root: Path, seed: int = 42, months: int = DEFAULT
     if "incremental" not in skip and run["full"].get("success"):
         extra = followup_file(data_root, n, seed=seed, months=months, log=log)
         _warm([extra])
-        # Same selection as the full run; the ingest reads only the new file, as the landing
-        # sensor's run for that file would.
+        # What the platform runs when a file lands: the landing sensor's ingest_job for that one
+        # file (ingest, seeds, models, checks, publish). Reports are monthly and exports nightly,
+        # so neither runs per file.
         r = step("pipeline", PIPELINE_MODULE,
-                 {"files": [str(extra)], "report_months": report_months,
+                 {"files": [str(extra)], "report_months": 0, "job": "ingest_job",
                   "env": _env(pdir, data_docs)}, work / "logs" / "incremental")
         r["file"] = extra.name
         run["incremental"] = r
