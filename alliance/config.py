@@ -70,3 +70,18 @@ def data_dir() -> Path:
 
 def paths(root: str | os.PathLike[str] | None = None) -> DataPaths:
     return DataPaths(Path(root).resolve() if root is not None else data_dir())
+
+
+MEMORY_LIMIT_ENV = "ALLIANCE_DUCKDB_MEMORY_LIMIT"
+DEFAULT_MEMORY_LIMIT = "4GB"
+
+
+def warehouse_config() -> dict[str, str]:
+    """DuckDB settings of every connection that writes the working warehouse.
+
+    `memory_limit` caps DuckDB's buffer pool (default 4GB, `$ALLIANCE_DUCKDB_MEMORY_LIMIT`):
+    DuckDB's own default is 80% of the machine's RAM, which let a 10^7-event rebuild reach
+    11.7 GB. Above the limit DuckDB spills to `<warehouse>.tmp/` beside the file, inside the
+    data directory. Measured in docs/benchmark.md.
+    """
+    return {"memory_limit": os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT)}

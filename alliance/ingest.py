@@ -242,6 +242,7 @@ def _col(name: str, prefix: str) -> str:
     return f"{prefix}{name.replace('.', '_')}"
 
 
+STRING_TYPES = ("string", "timestamp", "date", "enum")  # JSON strings in the contract
 NUMBER_START = "('-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9')"
 
 
@@ -249,7 +250,7 @@ def _type_violation(name: str, spec: FieldSpec) -> str | None:
     """SQL true when a present, non-null value has the wrong JSON type (over jt_<name>, sv_<name>)."""
     jt = f"jt_{name}"
     t = spec.type
-    if t in ("string", "timestamp", "date", "enum"):
+    if t in STRING_TYPES:
         return f"{jt} <> '\"'"
     if t == "integer":
         return f"({jt} not in {NUMBER_START} or regexp_matches(sv_{name}, '[.eE]'))"
@@ -439,10 +440,16 @@ def _validation_sql(contract: Contract) -> list[str]:
     # whole vector row by row, and nearly every vector holds a malformed line.
     env_spec = json.dumps({n: "JSON" for n in env_names})
     pay_spec = json.dumps({n: "JSON" for n in pay_names})
+    # Text values: strings unquoted. Payload fields of other types keep their JSON text (a
+    # number's text is its value; they are read only once their type is right); envelope
+    # fields are always unquoted, as the redacted quarantine copy shows them.
     typed = ",\n            ".join(
-        f"{_json_type_sql(ref)} as jt_{c}, {_json_text_sql(ref)} as sv_{c}"
-        for ref, c in [(f"e.{_ident(n)}", _col(n, "e_")) for n in env_names]
-        + [(f"p.{_ident(n)}", _col(n, "p_")) for n in pay_names])
+        f"{_json_type_sql(ref)} as jt_{c}, "
+        + (f"{_json_text_sql(ref)}" if string else f"{ref}::varchar")
+        + f" as sv_{c}"
+        for ref, c, string in [(f"e.{_ident(n)}", _col(n, "e_"), True) for n in env_names]
+        + [(f"p.{_ident(n)}", _col(n, "p_"), payload_fields[n].type in STRING_TYPES)
+           for n in pay_names])
 
     def parsed(source: str, extra: str) -> str:
         """Select of the typed columns of every line of `source` (file_id, line_number, line),
@@ -595,27 +602,31 @@ answers as (
     where known_instrument and jt_p_answers = '{'
 ),
 answer_values as (
-    select file_id, line_number, instrument, instrument_version, e.key as item, e.value as v
+    -- the JSON type from the value's first character and the number from its text: no parse
+    select file_id, line_number, instrument, instrument_version, e.key as item,
+        e.value::varchar as v, left(v, 1) as t,
+        case when t in ('-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9')
+            then try_cast(v as double) end as x
     from answers
 ),
 answer_checks as (
     select a.file_id, a.line_number, a.item,
         case
             when it.item is null then 'unknown_item'
-            when json_type(a.v) = 'NULL' then null
-            when json_type(a.v) not in ('BIGINT', 'UBIGINT', 'DOUBLE') then 'wrong_type'
-            when a.v::double < it.min_value or a.v::double > it.max_value then 'answer_out_of_range'
+            when a.v is null or a.v = 'null' then null
+            when a.x is null then 'wrong_type'
+            when a.x < it.min_value or a.x > it.max_value then 'answer_out_of_range'
             when it.step is not null and it.step > 0
-                and abs(round((a.v::double - it.min_value) / it.step)
-                        - (a.v::double - it.min_value) / it.step) > 1e-6 then 'answer_out_of_range'
+                and abs(round((a.x - it.min_value) / it.step)
+                        - (a.x - it.min_value) / it.step) > 1e-6 then 'answer_out_of_range'
         end as reason_code,
         case
             when it.item is null then a.instrument || ' v' || a.instrument_version
                 || ' has no item ''' || left(a.item, 20) || ''''
-            when json_type(a.v) not in ('BIGINT', 'UBIGINT', 'DOUBLE', 'NULL') then
+            when a.x is null and a.v <> 'null' then
                 'answer to ' || a.instrument || ' item ' || a.item || ' must be a number or null, got '
-                || lower(json_type(a.v))
-            else 'answer ' || a.v::varchar || ' to ' || a.instrument || ' item ' || a.item
+                || lower(json_type(a.v::json))
+            else 'answer ' || a.v || ' to ' || a.instrument || ' item ' || a.item
                 || ' is outside ' || it.min_value::varchar || '..' || it.max_value::varchar
                 || coalesce(' in steps of ' || it.step::varchar, '')
         end as message
@@ -710,7 +721,29 @@ def ingest_files(
     validation_sql = _validation_sql(contract)
     answer_sql = ANSWER_RULES_SQL if has_instruments else None
 
-    paths = [Path(p) for p in paths]
+    # Row order inside raw.events means nothing (every reader orders by what it needs), and
+    # letting DuckDB write unordered makes the inserts parallel.
+    preserve = con.execute("select current_setting('preserve_insertion_order')").fetchone()[0]
+    con.execute("set preserve_insertion_order = false")
+    try:
+        return _ingest_paths(con, [Path(p) for p in paths], key, validation_sql, answer_sql,
+                             quarantine_dir, recorded_at, max_lines_per_transaction, log)
+    finally:
+        con.execute(f"set preserve_insertion_order = {str(bool(preserve)).lower()}")
+
+
+def _ingest_paths(
+    con: duckdb.DuckDBPyConnection,
+    paths: list[Path],
+    key: bytes,
+    validation_sql: list[str],
+    answer_sql: str | None,
+    quarantine_dir: Path | None,
+    recorded_at: datetime | None,
+    max_lines_per_transaction: int,
+    log,
+) -> list[FileResult]:
+    """Read the files one by one and ingest them in groups of whole files."""
     results: list[FileResult] = []
     group: list[_ReadFile] = []
     group_lines = 0

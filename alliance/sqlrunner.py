@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MATERIALIZED = {"staging": "view"}  # any other schema: table
 SEVERITIES = ("error", "warn")
 MAX_SAMPLE_KEYS = 5
+# Keys an incremental model may declare: the runner knows how to find, from new events, every
+# key whose rows may change (affected_keys).
+KEY_KINDS = ("episode_id", "response_id")
+STATE_TABLE = "meta.model_state"
+KEYS_TABLE = "meta.incremental_keys"
 
 
 class ModelError(Exception):
@@ -82,11 +87,21 @@ class ColumnTest:
     severity: str  # error | warn
     description: str
     failing_sql: str  # select <key> as failing_key from ... (the failing rows)
+    key: str | None = field(default=None, compare=False)
+    arg: Any = field(default=None, compare=False, repr=False)
 
-    def count_sql(self) -> str:
+    def scoped_sql(self, rows: str) -> str:
+        """The test over only the rows in relation `rows` (the rows an incremental build rebuilt).
+
+        Row-level tests read only those rows; `unique` and `unique_combination` count, over the
+        whole model, the values that occur among them (a rebuilt row duplicating an old one fails).
+        """
+        return _compile_test(self.model, self.key, self.column, self.test, self.arg, rows=rows)
+
+    def count_sql(self, failing_sql: str | None = None) -> str:
         """SQL returning (failing row count, up to 5 failing keys as varchar)."""
         return (
-            f"with failing as ({self.failing_sql})\n"
+            f"with failing as ({failing_sql or self.failing_sql})\n"
             "select (select count(*) from failing) as n_failing,\n"
             "       (select list(k) from (select distinct cast(failing_key as varchar) as k\n"
             f"        from failing where failing_key is not null order by k limit {MAX_SAMPLE_KEYS}))"
@@ -123,6 +138,9 @@ class Model:
     tests: tuple[ColumnTest, ...] = ()
     deps: tuple[tuple[str, str], ...] = ()
     sidecar_path: Path | None = None
+    # `incremental: {key: episode_id}` in the sidecar: rebuild only the rows of the keys that new
+    # events touch (see "Incremental builds" below); None: every build is a full one.
+    incremental_key: str | None = None
     # A model that cannot be parsed still appears (so one broken file does not hide the others);
     # building it raises this error.
     error: ModelError | None = field(default=None, compare=False)
@@ -145,6 +163,16 @@ class Model:
 
 
 @dataclass(frozen=True)
+class BuildPlan:
+    """How a model is built this time: fully, or only the keys touched by new events."""
+
+    mode: str  # full | incremental
+    reason: str  # why (e.g. "code changed", "upstream core.sessions fully refreshed")
+    since_file_id: int | None = None  # incremental: events with since < file_id <= through are new
+    through_file_id: int | None = None  # max(raw.events.file_id) when the build started
+
+
+@dataclass(frozen=True)
 class BuildResult:
     """What building one model produced."""
 
@@ -153,6 +181,12 @@ class BuildResult:
     columns: list[tuple[str, str]]  # (name, duckdb type)
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    mode: str = "full"  # full | incremental
+    reason: str = ""
+    keys_rebuilt: int | None = None  # incremental: how many keys were deleted and rebuilt
+    rows_rebuilt: int | None = None  # incremental: rows inserted for them
+    # incremental: a temp relation holding the rebuilt rows (tests run over it); None: whole model
+    test_scope: str | None = None
 
 
 # ---------------------------------------------------------------- parsing
@@ -209,40 +243,51 @@ def _quote(ident: str) -> str:
     return '"' + ident.replace('"', '""') + '"'
 
 
-def _compile_test(model: str, key: str | None, column: str | None, test: str, arg: Any) -> str:
-    """SQL selecting `failing_key` for every row that violates the test."""
+def _compile_test(model: str, key: str | None, column: str | None, test: str, arg: Any,
+                  rows: str | None = None) -> str:
+    """SQL selecting `failing_key` for every row that violates the test.
+
+    With `rows` (a relation holding a subset of the model's rows), row-level tests read only those
+    rows and uniqueness is checked, over the whole model, for the values found among them.
+    """
     col = _quote(column) if column else None
     key_expr = _quote(key) if key else (col or "null")
+    src = rows or model
     if test == "not_null":
-        return f"select {key_expr} as failing_key from {model} where {col} is null"
+        return f"select {key_expr} as failing_key from {src} where {col} is null"
     if test == "unique":
-        return (f"select {col} as failing_key from {model} where {col} is not null "
+        scope = f" and {col} in (select {col} from {rows})" if rows else ""
+        return (f"select {col} as failing_key from {model} where {col} is not null{scope} "
                 f"group by {col} having count(*) > 1")
     if test == "accepted_values":
         values = arg.get("values") if isinstance(arg, dict) else arg
         if not isinstance(values, list) or not values:
             raise ValueError("accepted_values needs {values: [...]}")
         listed = ", ".join(_sql_literal(v) for v in values)
-        return (f"select {key_expr} as failing_key from {model} "
+        return (f"select {key_expr} as failing_key from {src} "
                 f"where {col} is not null and {col} not in ({listed})")
     if test == "relationships":
         if not isinstance(arg, dict) or "to" not in arg or "field" not in arg:
             raise ValueError("relationships needs {to: schema.table, field: column}")
         # NULL foreign keys are allowed: "no parent yet" is not a broken reference.
-        return (f"select child.{key_expr} as failing_key from {model} as child "
+        return (f"select child.{key_expr} as failing_key from {src} as child "
                 f"where child.{col} is not null and not exists (select 1 from {arg['to']} as parent "
                 f"where parent.{_quote(arg['field'])} = child.{col})")
     if test == "expression":
         if not isinstance(arg, str) or not arg.strip():
             raise ValueError("expression needs a SQL boolean, e.g. expression: \"total >= 0\"")
         # Like dbt's expression_is_true: a NULL result passes (not_null tests NULLs).
-        return f"select {key_expr} as failing_key from {model} where not ({arg})"
+        return f"select {key_expr} as failing_key from {src} where not ({arg})"
     if test == "unique_combination":
         cols = arg.get("columns") if isinstance(arg, dict) else arg
         if not isinstance(cols, list) or not cols:
             raise ValueError("unique_combination needs a list of columns")
         listed = ", ".join(_quote(c) for c in cols)
-        return (f"select concat_ws('|', {listed}) as failing_key from {model} "
+        scope = ""
+        if rows:
+            match = " and ".join(f"r.{_quote(c)} is not distinct from m.{_quote(c)}" for c in cols)
+            scope = f" as m where exists (select 1 from {rows} as r where {match})"
+        return (f"select concat_ws('|', {listed}) as failing_key from {model}{scope} "
                 f"group by {listed} having count(*) > 1")
     raise ValueError(
         f"unknown test {test!r} (known: unique, not_null, accepted_values, relationships, "
@@ -332,6 +377,22 @@ def load_model(sql_path: Path) -> Model:
     for j, t in enumerate(doc.get("tests") or []):
         raw_tests.append((None, t, "error", _yaml_line(node, "tests", j)))
 
+    incremental_key = None
+    inc = doc.get("incremental")
+    if inc is not None:
+        ikey = inc.get("key") if isinstance(inc, dict) else None
+        if isinstance(ikey, list) and len(ikey) == 1:
+            ikey = ikey[0]
+        if ikey not in KEY_KINDS:
+            return _replace(base, error=ModelError(
+                sidecar, f"incremental needs {{key: <one of {list(KEY_KINDS)}>}}, got {inc!r}",
+                _yaml_line(node, "incremental")))
+        if columns and ikey not in {c.name for c in columns}:
+            return _replace(base, error=ModelError(
+                sidecar, f"incremental key {ikey!r} is not a documented column",
+                _yaml_line(node, "incremental")))
+        incremental_key = str(ikey)
+
     key = doc.get("key")
     if key is None:
         key = next((c for c, t, _, _ in raw_tests if t == "unique"), None)
@@ -364,10 +425,11 @@ def load_model(sql_path: Path) -> Model:
             return _replace(base, error=ModelError(sidecar, f"test {entry!r}: {e}", line))
         tests.append(ColumnTest(model=fqn, check_name=check_name, test=test, column=column,
                                 severity=sev, description=_describe_test(test, column, arg),
-                                failing_sql=failing_sql))
+                                failing_sql=failing_sql, key=key, arg=arg))
 
     return _replace(base, description=str(doc.get("description") or "").strip(),
-                    materialized=materialized, key=key, columns=tuple(columns), tests=tuple(tests))
+                    materialized=materialized, key=key, columns=tuple(columns), tests=tuple(tests),
+                    incremental_key=incremental_key)
 
 
 def _describe_test(test: str, column: str | None, arg: Any) -> str:
@@ -456,12 +518,17 @@ def _comment(text: str) -> str:
 
 
 def build_model(con: duckdb.DuckDBPyConnection, model: Model, *,
-                strict_columns: bool = True) -> BuildResult:
+                strict_columns: bool = True, incremental: bool = False) -> BuildResult:
     """Create or replace one model's table or view, with comments, in one transaction.
 
     Idempotent: re-running gives the same object. Raises ModelError naming the file and line
     when the SQL is broken, or when the sidecar documents a column the model does not produce.
     Undocumented model columns only warn.
+
+    With incremental=True a table model whose sidecar declares `incremental: {key: ...}` rebuilds
+    only the rows of the keys that events ingested since its last build touch, unless its state
+    (meta.model_state) calls for a full refresh (`plan_build`). The state row is written in the
+    same transaction as the model, so a crash never leaves them out of step.
     """
     if model.error is not None:
         raise model.error
@@ -469,17 +536,36 @@ def build_model(con: duckdb.DuckDBPyConnection, model: Model, *,
     kind = model.materialized
     target = f"{_quote(model.schema)}.{_quote(model.name)}"
     warnings: list[str] = []
+    keys_rebuilt = rows_rebuilt = None
+    scope: str | None = None
     con.execute("begin transaction")
     try:
+        _ensure_meta(con)
+        plan, code_hash, in_hash = plan_build(con, model, incremental=incremental)
         con.execute(f"create schema if not exists {_quote(model.schema)}")
         existing = _existing_kind(con, model.schema, model.name)
-        if existing and existing != kind:  # switching table <-> view
-            con.execute(f"drop {existing} {target}")
-        try:
-            # No newline after `as`: DuckDB's "LINE n" then equals the line in the .sql file.
-            con.execute(f"create or replace {kind} {target} as {model.sql}")
-        except duckdb.Error as e:
-            raise _duckdb_error(model, e) from e
+        if plan.mode == "incremental" and kind == "table":
+            keys = affected_keys(con, model.incremental_key, plan.since_file_id,
+                                 plan.through_file_id)
+            k = _quote(model.incremental_key)
+            keys_rebuilt = con.execute(f"select count(*) from {keys}").fetchone()[0]
+            con.execute(f"delete from {target} where {k} in (select {k} from {keys})")
+            restricted = restrict_sql(con, model, plan.since_file_id, plan.through_file_id)
+            try:
+                rows_rebuilt = con.execute(
+                    f"insert into {target} select * from ({restricted}) as _model "
+                    f"where {k} in (select {k} from {keys})").fetchone()[0]
+            except duckdb.Error as e:
+                raise ModelError(model.path, f"incremental build failed: {str(e).splitlines()[0]}"
+                                 ) from e
+        else:
+            if existing and existing != kind:  # switching table <-> view
+                con.execute(f"drop {existing} {target}")
+            try:
+                # No newline after `as`: DuckDB's "LINE n" then equals the line in the .sql file.
+                con.execute(f"create or replace {kind} {target} as {model.sql}")
+            except duckdb.Error as e:
+                raise _duckdb_error(model, e) from e
         actual = con.execute(
             "select column_name, data_type from duckdb_columns() where schema_name = ? and "
             "table_name = ? and database_name = current_database() order by column_index",
@@ -504,12 +590,23 @@ def build_model(con: duckdb.DuckDBPyConnection, model: Model, *,
             if declared and col.name in types and declared != types[col.name].lower():
                 warnings.append(f"{model.sidecar_path}: column {col.name} is declared "
                                 f"{col.data_type} but the model gives {types[col.name]}")
-        if model.description:
-            con.execute(f"comment on {kind} {target} is {_comment(model.description)}")
-        for col in model.columns:
-            if col.description and col.name in actual_names:
-                con.execute(f"comment on column {target}.{_quote(col.name)} is "
-                            f"{_comment(col.description)}")
+        if plan.mode == "full":  # an incremental build keeps the table and its comments
+            if model.description:
+                con.execute(f"comment on {kind} {target} is {_comment(model.description)}")
+            for col in model.columns:
+                if col.description and col.name in actual_names:
+                    con.execute(f"comment on column {target}.{_quote(col.name)} is "
+                                f"{_comment(col.description)}")
+        if plan.mode == "incremental" and model.incremental_key:
+            # the rows the tests re-check: for a view, the keys touched since its last tests
+            keys = affected_keys(con, model.incremental_key, plan.since_file_id,
+                                 plan.through_file_id)
+            scope = f"_scope_{model.schema}_{model.name}"
+            k = _quote(model.incremental_key)
+            con.execute(f"create or replace temp table {_quote(scope)} as select * from {target} "
+                        f"where {k} in (select {k} from {keys})")
+            scope = _quote(scope)
+        _write_state(con, model, plan, code_hash, in_hash)
         con.execute("commit")
     except BaseException:
         con.execute("rollback")
@@ -518,19 +615,317 @@ def build_model(con: duckdb.DuckDBPyConnection, model: Model, *,
         log.warning(w)
     row_count = con.execute(f"select count(*) from {target}").fetchone()[0]
     return BuildResult(model=model, row_count=int(row_count), columns=list(actual),
-                       seconds=time.perf_counter() - started, warnings=warnings)
+                       seconds=time.perf_counter() - started, warnings=warnings,
+                       mode=plan.mode, reason=plan.reason, keys_rebuilt=keys_rebuilt,
+                       rows_rebuilt=rows_rebuilt, test_scope=scope)
+
+
+# ---------------------------------------------------------------- incremental builds
+#
+# State: one row per model in meta.model_state (code hash of SQL + sidecar, hash of the seed
+# tables it reads, the raw.events file_id it is built through, and two sequence numbers: when it
+# was last built and when it was last rebuilt fully). A model builds incrementally only when
+# nothing says otherwise (plan_build); it then deletes and re-inserts the rows of the keys that
+# events with file_id > its watermark touch (affected_keys), computing them from its upstream
+# tables restricted to those keys (restrict_sql): DuckDB does not push a key filter on a model's
+# output down through its windows and aggregates, so the inputs are restricted instead.
+
+
+def _ensure_meta(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("create schema if not exists meta")
+    con.execute(f"""create table if not exists {STATE_TABLE} (
+        model varchar primary key, materialized varchar, code_hash varchar, inputs_hash varchar,
+        built_through_file_id bigint, built_seq bigint, full_seq bigint, built_at timestamptz,
+        last_mode varchar, last_reason varchar)""")
+    con.execute(f"""create table if not exists {KEYS_TABLE} (
+        kind varchar, since_file_id bigint, through_file_id bigint, key varchar)""")
+
+
+def _table_exists(con: duckdb.DuckDBPyConnection, schema: str, name: str) -> bool:
+    return _existing_kind(con, schema, name) is not None
+
+
+def _current_file_id(con: duckdb.DuckDBPyConnection) -> int | None:
+    """max(raw.events.file_id): what a build now covers (None without an event log)."""
+    if not _table_exists(con, "raw", "events"):
+        return None
+    return int(con.execute("select coalesce(max(file_id), 0) from raw.events").fetchone()[0])
+
+
+def inputs_hash(con: duckdb.DuckDBPyConnection, model: Model) -> str:
+    """A hash of the content of the seed tables the model reads (parameters, instruments)."""
+    h = hashlib.sha256()
+    for schema, name in model.deps:
+        if schema != "seeds" or not _table_exists(con, schema, name):
+            continue
+        t = f"{_quote(schema)}.{_quote(name)}"
+        row = con.execute(f"select count(*), md5(coalesce(string_agg(md5(cast(s as varchar)), '' "
+                          f"order by md5(cast(s as varchar))), '')) from {t} as s").fetchone()
+        h.update(f"{schema}.{name}:{row[0]}:{row[1]};".encode())
+    return h.hexdigest()[:16]
+
+
+def read_state(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, Any]]:
+    """Every model's build state (meta.model_state) keyed by `schema.name`; {} without one."""
+    if not _table_exists(con, "meta", "model_state"):
+        return {}
+    cur = con.execute(f"select * from {STATE_TABLE}")
+    names = [d[0] for d in cur.description]
+    return {r[0]: dict(zip(names, r, strict=True)) for r in cur.fetchall()}
+
+
+def plan_build(con: duckdb.DuckDBPyConnection, model: Model, *,
+               incremental: bool = True) -> tuple[BuildPlan, str, str]:
+    """Decide full or incremental for one model: (plan, code hash, inputs hash).
+
+    Full refresh when the run asks for it, the model declares no incremental key, the as-of
+    variable is set, there is no event log or no state, the SQL or sidecar changed, a seed table
+    it reads changed, an upstream model has no state or was fully rebuilt after this model's last
+    build, or the model's table is missing. Views are always recreated (it costs nothing); for
+    them "incremental" only narrows which rows their tests re-check.
+    """
+    code_hash = model.code_version
+    in_hash = inputs_hash(con, model)
+    through = _current_file_id(con)
+
+    def full(reason: str) -> tuple[BuildPlan, str, str]:
+        return BuildPlan("full", reason, None, through), code_hash, in_hash
+
+    if not incremental:
+        return full("full refresh requested")
+    if model.incremental_key is None:
+        return full("no incremental key declared")
+    if through is None:
+        return full("no raw.events")
+    if con.execute("select getvariable('as_of') is not null").fetchone()[0]:
+        return full("as-of build")
+    state = read_state(con)
+    mine = state.get(model.fqn)
+    if mine is None:
+        return full("no build state")
+    if mine["built_through_file_id"] is None:
+        return full("last build covered no watermark")
+    if mine["code_hash"] != code_hash:
+        return full("SQL or sidecar changed")
+    if mine["inputs_hash"] != in_hash:
+        return full("seed tables or parameters changed")
+    if mine["materialized"] != model.materialized or not _table_exists(con, model.schema,
+                                                                       model.name):
+        return full("model object missing or materialisation changed")
+    for schema, name in model.deps:
+        if schema in ("raw", "seeds"):
+            continue
+        up = state.get(f"{schema}.{name}")
+        if up is None:
+            return full(f"upstream {schema}.{name} has no build state")
+        if up["full_seq"] is not None and up["full_seq"] > mine["built_seq"]:
+            return full(f"upstream {schema}.{name} was fully rebuilt since")
+    since = int(mine["built_through_file_id"])
+    if since > through:
+        return full("event log is behind the model's watermark")
+    return BuildPlan("incremental", f"events with file_id {since} < id <= {through}", since,
+                     through), code_hash, in_hash
+
+
+def _write_state(con: duckdb.DuckDBPyConnection, model: Model, plan: BuildPlan,
+                 code_hash: str, in_hash: str) -> None:
+    prev = con.execute(f"select code_hash, inputs_hash, full_seq from {STATE_TABLE} where model = ?",
+                       [model.fqn]).fetchone()
+    seq = time.time_ns()
+    full_seq = prev[2] if prev else None
+    # A full table rebuild may change any row: downstream incremental models must then rebuild
+    # fully too. A view is always current; it counts as refreshed only when its definition changed.
+    if model.materialized == "table":
+        if plan.mode == "full":
+            full_seq = seq
+    elif prev is None or prev[0] != code_hash or prev[1] != in_hash:
+        full_seq = seq
+    as_of = con.execute("select getvariable('as_of') is not null").fetchone()[0]
+    through = None if as_of else plan.through_file_id  # as-of builds never seed an incremental one
+    con.execute(f"insert or replace into {STATE_TABLE} values (?, ?, ?, ?, ?, ?, ?, now(), ?, ?)",
+                [model.fqn, model.materialized, code_hash, in_hash, through, seq, full_seq,
+                 plan.mode, plan.reason])
+
+
+_NEW_EVENTS_SQL = """
+create or replace temp table _inc_new as
+select event_id, event_type, episode_id, session_id, payload
+from raw.events where file_id > {since} and file_id <= {through}
+"""
+
+# Amendment links (both directions) among questionnaire events, to follow correction chains
+# across episodes (an amendment may name another episode than the submission it corrects).
+_EDGES_SQL = """
+create or replace temp table _inc_edges as
+with links as (
+    select event_id as a, payload ->> 'amends_event_id' as b
+    from raw.events
+    where event_type = 'questionnaire.amended' and file_id <= {through}
+)
+select a, b from links where b is not null
+union all
+select b, a from links where b is not null
+"""
+
+_SEED_EPISODES_SQL = """
+create or replace temp table _inc_episodes as
+select episode_id from _inc_new where episode_id is not null
+union
+-- a retraction names no episode: take the retracted event's
+select events.episode_id
+from raw.events as events
+where events.file_id <= {through} and events.episode_id is not null
+    and events.event_id in (
+        select payload ->> 'retracts_event_id' from _inc_new
+        where event_type = 'questionnaire.retracted'
+    )
+"""
+
+# One step of the closure: episodes sharing a session with an affected episode, and episodes of
+# events chained (amendments) to a questionnaire event of an affected episode.
+_CLOSE_EPISODES_SQL = """
+insert into _inc_episodes
+with recursive
+events as (
+    select event_id, event_type, episode_id, session_id from raw.events where file_id <= {through}
+),
+affected_events as (
+    select * from events where episode_id in (select episode_id from _inc_episodes)
+),
+sessions as (
+    select distinct session_id from affected_events where session_id is not null
+),
+walk(event_id) as (
+    select event_id from affected_events
+    where event_type in ('questionnaire.submitted', 'questionnaire.amended')
+        and event_id in (select a from _inc_edges)
+    union
+    select _inc_edges.b from _inc_edges inner join walk on _inc_edges.a = walk.event_id
+)
+select distinct episode_id
+from events
+where episode_id is not null
+    and episode_id not in (select episode_id from _inc_episodes)
+    and (session_id in (select session_id from sessions)
+         or event_id in (select event_id from walk))
+"""
+
+
+def affected_keys(con: duckdb.DuckDBPyConnection, kind: str | None, since: int | None,
+                  through: int | None) -> str:
+    """A temp table (column `kind`) of every key whose rows events since..through may change.
+
+    episode_id: the episodes named by the new events, of the events a new retraction retracts,
+    closed under "shares a session with" and "is in the same amendment chain as" (so a session
+    or a questionnaire response never straddles the affected and unaffected episodes).
+    response_id: every questionnaire submission of those episodes (a response's id is its
+    submission's event_id; its whole chain lies in affected episodes by the closure).
+    Computed once per (since, through) and kept in meta.incremental_keys for the other models.
+    """
+    if kind not in KEY_KINDS or since is None or through is None:
+        raise ValueError(f"cannot compute affected keys for {kind!r} ({since}..{through})")
+    temp = f"_inc_keys_{kind}"
+    cached = con.execute(f"select count(*) from {KEYS_TABLE} where kind = ? and since_file_id = ? "
+                         "and through_file_id = ?", [kind, since, through]).fetchone()[0]
+    if not cached and since >= through:  # nothing new: nothing touched
+        con.execute(f"insert into {KEYS_TABLE} values ('episode_id', ?, ?, null), "
+                    "('response_id', ?, ?, null)", [since, through, since, through])
+    elif not cached:
+        started = time.perf_counter()
+        fmt = {"since": int(since), "through": int(through)}
+        con.execute(_NEW_EVENTS_SQL.format(**fmt))
+        con.execute(_EDGES_SQL.format(**fmt))
+        con.execute(_SEED_EPISODES_SQL.format(**fmt))
+        for _ in range(20):  # consistent data converges in one or two steps
+            added = con.execute(_CLOSE_EPISODES_SQL.format(**fmt)).fetchone()[0]
+            if not added:
+                break
+        # old ranges are of no further use (a model behind them recomputes its own range)
+        con.execute(f"delete from {KEYS_TABLE} where through_file_id < ?", [through])
+        con.execute(f"insert into {KEYS_TABLE} select 'episode_id', ?, ?, episode_id "
+                    "from _inc_episodes", [since, through])
+        con.execute(
+            f"insert into {KEYS_TABLE} select 'response_id', ?, ?, event_id from raw.events "
+            "where event_type = 'questionnaire.submitted' and file_id <= ? "
+            "and episode_id in (select episode_id from _inc_episodes)", [since, through, through])
+        # marker rows: the range is computed even when it touched nothing
+        con.execute(f"insert into {KEYS_TABLE} values ('episode_id', ?, ?, null), "
+                    "('response_id', ?, ?, null)", [since, through, since, through])
+        log.info("affected keys for file_id %s..%s computed in %.2f s", since, through,
+                 time.perf_counter() - started)
+    con.execute(f"create or replace temp table {temp} as select key as {kind} from {KEYS_TABLE} "
+                "where kind = ? and since_file_id = ? and through_file_id = ? and key is not null",
+                [kind, since, through])
+    return temp
+
+
+def restrict_sql(con: duckdb.DuckDBPyConnection, model: Model, since: int, through: int) -> str:
+    """The model's SQL with each upstream relation restricted to the affected keys.
+
+    An upstream relation with the model's key column is filtered on it; one without it but with
+    another key column (episode_id or response_id) on that key's affected set; one with neither
+    (seeds, retractions) is read whole. This is exact for a model whose rows of key k are computed
+    only from input rows of k: what `incremental: {key: ...}` in a sidecar promises.
+    """
+    from sqlglot.dialects.duckdb import DuckDB
+    from sqlglot.tokens import TokenType
+
+    kind = model.incremental_key
+    assert kind is not None
+    deps = set(model.deps)
+    cols: dict[tuple[str, str], set[str]] = {}
+    for schema, name, column in con.execute(
+        "select schema_name, table_name, column_name from duckdb_columns() "
+        "where database_name = current_database()"
+    ).fetchall():
+        if (schema, name) in deps:
+            cols.setdefault((schema, name), set()).add(column)
+    key_sets: dict[str, str] = {}
+    tokens = DuckDB().tokenize(model.sql)
+    out: list[str] = []
+    pos = 0
+    for i in range(len(tokens) - 2):
+        a, dot, b = tokens[i], tokens[i + 1], tokens[i + 2]
+        if (dot.token_type != TokenType.DOT or (i > 0 and tokens[i - 1].token_type == TokenType.DOT)
+                or (i + 3 < len(tokens) and tokens[i + 3].token_type == TokenType.DOT)):
+            continue
+        ref = (a.text.lower(), b.text.lower())
+        if ref not in deps:
+            continue
+        available = cols.get(ref, set())
+        column = next((c for c in (kind, *KEY_KINDS) if c in available), None)
+        if column is None:
+            continue
+        if column not in key_sets:
+            key_sets[column] = affected_keys(con, column, since, through)
+        nxt = tokens[i + 3] if i + 3 < len(tokens) else None
+        has_alias = nxt is not None and nxt.token_type in (TokenType.ALIAS, TokenType.VAR)
+        c = _quote(column)
+        sub = (f"(select * from {a.text}.{b.text} where {c} in "
+               f"(select {c} from {key_sets[column]}))")
+        out.append(model.sql[pos:a.start])
+        out.append(sub if has_alias else f"{sub} as {b.text}")
+        pos = b.end + 1
+    out.append(model.sql[pos:])
+    return "".join(out)
 
 
 def run_tests(con: duckdb.DuckDBPyConnection, model: Model,
-              check_names: Iterable[str] | None = None) -> list[TestResult]:
-    """Run a model's tests (or the named ones) and return failing counts and sample keys."""
+              check_names: Iterable[str] | None = None,
+              scope: str | None = None) -> list[TestResult]:
+    """Run a model's tests (or the named ones) and return failing counts and sample keys.
+
+    With `scope` (BuildResult.test_scope of an incremental build) each test checks only the
+    rebuilt rows (uniqueness: their values, counted over the whole model).
+    """
     wanted = set(check_names) if check_names is not None else None
     results: list[TestResult] = []
     for test in model.tests:
         if wanted is not None and test.check_name not in wanted:
             continue
         try:
-            n, keys = con.execute(test.count_sql()).fetchone()
+            sql = test.count_sql(test.scoped_sql(scope) if scope else None)
+            n, keys = con.execute(sql).fetchone()
             results.append(TestResult(test, int(n), list(keys or [])))
         except duckdb.Error as e:
             results.append(TestResult(test, -1, [], error=f"{model.sidecar_path}: {test.check_name}: "
@@ -569,19 +964,22 @@ def select_models(models: dict[str, Model], select: Sequence[str] | str | None =
 
 def run_models(con: duckdb.DuckDBPyConnection, select: Sequence[str] | str | None = None, *,
                sql_dir: Path | str | None = None, upstream: bool = False,
-               tests: bool = False) -> list[BuildResult]:
+               tests: bool = False, incremental: bool = False) -> list[BuildResult]:
     """Build all models (or a selection) in dependency order, without Dagster.
 
     With tests=True, every error-severity test failure raises ModelError after its model is built
-    (warn-severity failures are logged), mirroring blocking checks in Dagster.
+    (warn-severity failures are logged), mirroring blocking checks in Dagster. With
+    incremental=True models build incrementally where their state allows (`plan_build`); the
+    tests then check the rebuilt rows only.
     """
     models = discover_models(sql_dir)
     results: list[BuildResult] = []
     for fqn in select_models(models, select, upstream=upstream):
         model = models[fqn]
-        results.append(build_model(con, model))
+        built = build_model(con, model, incremental=incremental)
+        results.append(built)
         if tests:
-            for r in run_tests(con, model):
+            for r in run_tests(con, model, scope=built.test_scope):
                 if r.passed:
                     continue
                 msg = (f"test {r.test.check_name} on {fqn} failed: "

@@ -18,6 +18,15 @@ from quality.history import record_check_results
 # As-of rebuilds never touch the working warehouse: asof_job (orchestration/jobs.py) builds them in
 # a separate file, so nothing of the past can be published by mistake.
 POOL = "duckdb_writer"  # DuckDB allows one writer per file: cap concurrent writers via this pool
+# Run tag that makes every model rebuild fully (nightly_rebuild_job sets it: the safety net
+# against drift). Without it models build incrementally where their state allows
+# (alliance.sqlrunner.plan_build), as in ingest_job for one new landing file.
+FULL_REFRESH_TAG = "alliance/full_refresh"
+
+
+def wants_full_refresh(tags: dict[str, str]) -> bool:
+    """Whether a run's tags ask for a full rebuild of the SQL models."""
+    return str(tags.get(FULL_REFRESH_TAG, "")).lower() in ("true", "1", "yes")
 
 
 def _column_schema(model: sqlrunner.Model) -> dg.TableSchema:
@@ -74,9 +83,11 @@ def model_asset(model: sqlrunner.Model) -> dg.AssetsDefinition:
     )
     def _build(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> Iterator[object]:
         selected = {k.name for k in context.selected_asset_check_keys}
+        incremental = not wants_full_refresh(context.run.tags)
         with duckdb.get_connection() as con:
-            built = sqlrunner.build_model(con, model)
-            results = sqlrunner.run_tests(con, model, selected)
+            built = sqlrunner.build_model(con, model, incremental=incremental)
+            # an incremental build's tests check the rebuilt rows (docs/sql-models.md)
+            results = sqlrunner.run_tests(con, model, selected, scope=built.test_scope)
             # Check history (quality.check_results), in one transaction on the connection the
             # tests ran on, so `alliance status` and the report see column tests too.
             record_check_results(con, context.run.run_id,
@@ -93,6 +104,11 @@ def model_asset(model: sqlrunner.Model) -> dg.AssetsDefinition:
                     for name, dtype in built.columns
                 ]),
                 "seconds": round(built.seconds, 3),
+                "build_mode": built.mode,
+                "build_reason": built.reason,
+                **({"keys_rebuilt": built.keys_rebuilt, "rows_rebuilt": built.rows_rebuilt}
+                   if built.keys_rebuilt is not None else {}),
+                "tests_scope": "rebuilt rows" if built.test_scope else "whole model",
             },
             check_results=[_check_result(r) for r in results],
         )

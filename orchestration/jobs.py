@@ -41,7 +41,8 @@ ingest_job = dg.define_asset_job(
     name="ingest_job",
     selection=dg.AssetSelection.groups(*WAREHOUSE_GROUPS),
     description=(
-        "Ingest landing files, then rebuild seeds, staging, core and marts, run their checks and "
+        "Ingest landing files, then update seeds, staging, core and marts (incrementally: only the "
+        "episodes the new events touch), run their checks and "
         "publish the serving snapshot if no blocking check failed. Launched by landing_sensor (one "
         "run per new or changed file, tag alliance/landing_file) and by `alliance ingest PATH`."
     ),
@@ -56,7 +57,8 @@ nightly_rebuild_job = dg.define_asset_job(
         "Full rebuild: ingest anything left in landing/, rebuild every table from the event log, "
         "run all checks, publish, refresh exports. Scheduled nightly; also `alliance run`."
     ),
-    tags=_writer_tags,
+    # full rebuild of every SQL model, never incremental (assets/sql_models.py)
+    tags={**_writer_tags, "alliance/full_refresh": "true"},
     executor_def=dg.in_process_executor,
 )
 

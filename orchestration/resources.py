@@ -12,7 +12,7 @@ import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
 
-from alliance.config import DataPaths, paths
+from alliance.config import DataPaths, paths, warehouse_config
 
 
 class WarehouseResource(DuckDBResource):
@@ -94,7 +94,7 @@ class AllianceSettings(dg.ConfigurableResource):
 def default_resources() -> dict[str, object]:
     p = paths()
     return {
-        "duckdb": WarehouseResource(database=str(p.warehouse)),
+        "duckdb": WarehouseResource(database=str(p.warehouse), connection_config=warehouse_config()),
         "settings": AllianceSettings(
             demo=os.environ.get("ALLIANCE_DEMO", "") == "1",
             snapshot_keep=int(os.environ.get("ALLIANCE_SNAPSHOT_KEEP", "3")),

@@ -13,7 +13,13 @@ import pytest
 from dagster_duckdb import DuckDBResource
 
 from quality.batch import pending_file_ids, plan_chunks, validate_files
-from quality.checks import batch_checks, defs, marts_checks, relational_checks
+from quality.checks import (
+    GreatExpectationsResource,
+    batch_checks,
+    defs,
+    marts_checks,
+    relational_checks,
+)
 from quality.history import failing_checks, latest_results, record_check_result
 from quality.marts import ModelSuite, validate_model
 from quality.relational import CHECKS, run_check
@@ -160,6 +166,7 @@ def test_empty_batch_passes_without_reading(tmp_path: Path) -> None:
 
 class Drop(dg.Config):
     violation: str = ""
+    sessions: int = 10  # the file holds 2 x sessions events
 
 
 def _graph(db: str) -> tuple[list[object], dict[str, object]]:
@@ -169,7 +176,7 @@ def _graph(db: str) -> tuple[list[object], dict[str, object]]:
             con.execute(RAW_DDL)
             file_id = int(con.execute("select coalesce(max(file_id), 0) + 1 from raw.ingested_files")
                           .fetchone()[0])
-            add_file(con, file_id, n=10)
+            add_file(con, file_id, n=config.sessions)
             if config.violation:
                 inject(con, file_id, config.violation)
         return dg.MaterializeResult(metadata={"file_ids": dg.MetadataValue.json([file_id])})
@@ -178,13 +185,15 @@ def _graph(db: str) -> tuple[list[object], dict[str, object]]:
     def snapshot() -> None:
         return None
 
-    return [raw_events, snapshot, batch_checks()], {"duckdb": DuckDBResource(database=db)}
+    return [raw_events, snapshot, batch_checks()], {"duckdb": DuckDBResource(database=db),
+                                                    "gx": GreatExpectationsResource()}
 
 
 def _run(assets: list[object], resources: dict[str, object], instance: dg.DagsterInstance,
-         violation: str) -> dg.ExecuteInProcessResult:
+         violation: str, sessions: int = 10) -> dg.ExecuteInProcessResult:
+    config = {"violation": violation, "sessions": sessions}
     return dg.materialize(assets, resources=resources, instance=instance, raise_on_error=False,
-                          run_config={"ops": {"raw__events": {"config": {"violation": violation}}}})
+                          run_config={"ops": {"raw__events": {"config": config}}})
 
 
 def _materialized(result: dg.ExecuteInProcessResult) -> set[str]:
@@ -234,6 +243,36 @@ def test_blocking_failure_stops_downstream_warning_does_not(
     assert index.exists()
     site = "".join(p.read_text(errors="ignore") for p in index.parent.rglob("*.html"))
     assert "raw_events_batch" in site and "Jane Doe" not in site
+
+
+def test_second_small_file_validates_only_its_rows_and_catches_its_violation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The incremental case: after a large file, a run for one small file reads only that file."""
+    monkeypatch.setenv("ALLIANCE_QUALITY_DOCS", "0")
+    db = str(tmp_path / "w.duckdb")
+    assets, resources = _graph(db)
+    instance = dg.DagsterInstance.ephemeral()
+    first = _run(assets, resources, instance, "", sessions=150)  # 300 events, clean
+    assert first.success
+    second = _run(assets, resources, instance, "raw_identifier", sessions=3)  # 6 events
+    assert _evaluations(second)["pseudonyms_well_formed"] == (False, "ERROR")
+    assert not second.success and _materialized(second) == {"raw/events"}
+    with duckdb.connect(db, read_only=True) as con:
+        rows = con.execute(
+            "select check_name, passed, unexpected_count, details from quality.check_results"
+            " where run_id = ? order by check_name", [second.run_id]).fetchall()
+        validated = con.execute("select file_id, events, passed from quality.validated_batches"
+                                " order by file_id").fetchall()
+    assert len(rows) == 5
+    for name, passed, unexpected, details in rows:
+        d = json.loads(details)
+        assert (d["rows_validated"], d["file_ids"]) == (6, "2"), name
+        assert (passed, unexpected) == ((False, 1) if name == "pseudonyms_well_formed"
+                                        else (True, 0)), name
+    assert json.loads(dict((r[0], r[3]) for r in rows)["pseudonyms_well_formed"])[
+        "failing_keys"] == "file_id=2 line_number=5"
+    assert validated == [(1, 300, True), (2, 6, False)]
 
 
 def test_history_failing_since_and_recovery(tmp_path: Path) -> None:
@@ -396,6 +435,7 @@ def test_checks_attach_to_the_project_graph(tmp_path: Path) -> None:
 
     resources = {"duckdb": DuckDBResource(database=str(tmp_path / "w.duckdb")),
                  "settings": AllianceSettings(data_dir=str(tmp_path))}
+    assert "gx" in defs().resources  # the GX checks' resource comes with them
     merged = dg.Definitions.merge(ingest.defs(), sql_models.defs(), defs(),
                                   dg.Definitions(resources=resources))
     graph = merged.resolve_asset_graph()

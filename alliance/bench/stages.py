@@ -74,7 +74,7 @@ def plain(spec: dict[str, Any]) -> dict[str, Any]:
     import duckdb
 
     from alliance import snapshot, sqlrunner
-    from alliance.config import SQL_DIR, paths
+    from alliance.config import SQL_DIR, paths, warehouse_config
     from alliance.ingest import ingest_files
     from alliance.instruments import load_instruments, write_parameters_table, write_seed_tables
     from alliance.pseudonyms import load_key
@@ -83,7 +83,7 @@ def plain(spec: dict[str, Any]) -> dict[str, Any]:
     key = load_key(p.secrets / "demo_pseudonym_key")
     stages: dict[str, float] = {}
     out: dict[str, Any] = {"stages": stages}
-    con = duckdb.connect(str(p.warehouse))
+    con = duckdb.connect(str(p.warehouse), config=warehouse_config())
     t = time.perf_counter()
     results = ingest_files(con, [Path(f) for f in spec["files"]], key, quarantine_dir=p.quarantine)
     stages["ingest"] = time.perf_counter() - t

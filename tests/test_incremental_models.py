@@ -1,0 +1,270 @@
+"""Incremental SQL models give exactly the rows a full rebuild gives.
+
+One simulated clinic network (data set A) is ingested and built fully. Then two more batches
+arrive: B1 = the simulator's last days (new events, amendments, retractions for existing
+episodes) plus a hand-made file of corrections that point at A (an amendment and retractions
+of A's questionnaires, a late questionnaire, a therapist reassignment, an episode closing, a
+no-show corrected to attended, and an amendment whose submission has not arrived yet); B2 = that
+late submission. After each batch the models build incrementally. A second warehouse gets the
+same raw.events (A + B1 + B2, byte for byte: recorded_at is set at ingest) and the same seeds, and
+builds everything fully: every model must hold the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from alliance import sqlrunner
+from alliance.config import SQL_DIR
+
+KEY = b"incremental-test-key-0123456789abcdef012345"
+LAST_DAYS = 8  # the simulator's last days form batch B1
+
+
+def _events(path: Path) -> list[dict]:
+    """The well-formed events of a landing file (the simulator mixes in about 1% broken lines)."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(e, dict) and isinstance(e.get("payload"), dict) and e.get("event_id"):
+            out.append(e)
+    return out
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _corrections(a_files: list[Path]) -> tuple[list[dict], list[dict]]:
+    """Hand-made events pointing at data set A: (batch B1 extras, batch B2)."""
+    events = [e for f in a_files for e in _events(f) if isinstance(e, dict) and "event_type" in e]
+    by_type: dict[str, list[dict]] = {}
+    for e in events:
+        by_type.setdefault(e["event_type"], []).append(e)
+    subs = [e for e in by_type["questionnaire.submitted"]
+            if e["payload"].get("instrument") == "PHQ-9" and e["payload"].get("answers")]
+    amended, retracted = subs[3], subs[10]
+    closed = {e["episode_id"] for e in by_type["episode.closed"]}
+    open_eps = [e for e in by_type["episode.opened"] if e["episode_id"] not in closed]
+    reassigned, to_close = open_eps[0], open_eps[1]
+    no_show = by_type["session.no_show"][0]
+    later = "2099-01-01T00:00:00+00:00"  # sorts after everything: wins every "latest" rule
+
+    def like(src: dict, event_type: str, payload: dict, **env: object) -> dict:
+        e = {k: v for k, v in src.items() if k not in ("payload",)}
+        e.update(event_id=_new_id(), event_type=event_type, schema_version=1, payload=payload)
+        e.update(env)
+        return e
+
+    b1 = [
+        like(amended, "questionnaire.amended",
+             {**amended["payload"], "answers": {k: 0 for k in amended["payload"]["answers"]},
+              "amends_event_id": amended["event_id"]}, occurred_at=later),
+        {"event_id": _new_id(), "event_type": "questionnaire.retracted", "schema_version": 1,
+         "occurred_at": later, "source": "simulator", "clinic_id": retracted["clinic_id"],
+         "patient_id": retracted["patient_id"],
+         "payload": {"retracts_event_id": retracted["event_id"], "reason": "entered_in_error"}},
+        # a late questionnaire: happened at an old session, recorded now
+        like(subs[20], "questionnaire.submitted", dict(subs[20]["payload"])),
+        # a new primary therapist half-way through an open episode (a late event too)
+        like(reassigned, "therapist.assigned", {"role": "primary"},
+             therapist_id="THR-LATE-01", occurred_at=reassigned["occurred_at"]),
+        like(to_close, "episode.closed", {"reason": "planned"}, occurred_at=later),
+        like(no_show, "session.attended", {"duration_minutes": 50, "modality": "video"},
+             occurred_at=later),
+    ]
+    if by_type.get("questionnaire.amended"):  # retract one of A's amendments only
+        target = by_type["questionnaire.amended"][0]
+        b1.append({"event_id": _new_id(), "event_type": "questionnaire.retracted",
+                   "schema_version": 1, "occurred_at": later, "source": "simulator",
+                   "clinic_id": target["clinic_id"], "patient_id": target["patient_id"],
+                   "payload": {"retracts_event_id": target["event_id"], "reason": "other"}})
+    # an amendment that arrives before its submission (B2): an orphan until then
+    late_sub = like(subs[30], "questionnaire.submitted", dict(subs[30]["payload"]))
+    b1.append(like(late_sub, "questionnaire.amended",
+                   {**late_sub["payload"], "answers": {k: 1 for k in late_sub["payload"]["answers"]},
+                    "amends_event_id": late_sub["event_id"]}, occurred_at=later))
+    return b1, [late_sub]
+
+
+def _write(path: Path, events: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    return path
+
+
+def _seed(con: duckdb.DuckDBPyConnection) -> None:
+    from alliance.instruments import load_instruments, write_parameters_table, write_seed_tables
+
+    write_seed_tables(con, load_instruments())
+    write_parameters_table(con, SQL_DIR / "parameters.yml")
+
+
+def _ingest(con: duckdb.DuckDBPyConnection, files: list[Path], tmp: Path) -> None:
+    from alliance.ingest import ingest_files
+
+    for res in ingest_files(con, files, KEY, quarantine_dir=tmp / "quarantine"):
+        assert res.accepted > 0 or res.duplicates > 0, res
+
+
+def _build_checked(con: duckdb.DuckDBPyConnection, **kw: object) -> dict[str, sqlrunner.BuildResult]:
+    """Build every model and run its tests; error-level failures fail the test."""
+    models = sqlrunner.discover_models(kw.pop("sql_dir", None))
+    out = {}
+    for fqn in sqlrunner.topological_order(models):
+        built = sqlrunner.build_model(con, models[fqn], **kw)
+        failed = [(r.test.check_name, r.failing, r.error)
+                  for r in sqlrunner.run_tests(con, models[fqn], scope=built.test_scope)
+                  if not r.passed and r.test.severity == "error"]
+        assert not failed, (fqn, built.mode, failed)
+        out[fqn] = built
+    return out
+
+
+@pytest.fixture(scope="module")
+def warehouses(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from alliance.simulation import simulate
+
+    tmp = tmp_path_factory.mktemp("incremental")
+    simulate(tmp / "landing", patients=160, months=6, seed=11, truth_path=tmp / "truth.json")
+    files = sorted((tmp / "landing").glob("*.ndjson"))
+    a_files, b_files = files[:-LAST_DAYS], files[-LAST_DAYS:]
+    extra_b1, b2 = _corrections(a_files)
+    extra = _write(tmp / "corrections-b1.ndjson", extra_b1)
+    late = _write(tmp / "corrections-b2.ndjson", b2)
+
+    inc = duckdb.connect(str(tmp / "incremental.duckdb"))
+    _ingest(inc, a_files, tmp)
+    _seed(inc)
+    first = _build_checked(inc, incremental=True)  # no state yet: full
+    _ingest(inc, [*b_files, extra], tmp)
+    round1 = _build_checked(inc, incremental=True)
+    orphans_after_b1 = inc.execute(
+        "select count(*) from staging.stg_questionnaire_versions where is_orphan").fetchone()[0]
+    _ingest(inc, [late], tmp)
+    round2 = _build_checked(inc, incremental=True)
+
+    inc.execute(f"attach '{tmp / 'full.duckdb'}' as dst")
+    inc.execute("create schema dst.raw")
+    inc.execute("create table dst.raw.events as select * from raw.events")
+    inc.execute("detach dst")
+    full = duckdb.connect(str(tmp / "full.duckdb"))
+    _seed(full)
+    _build_checked(full, incremental=False)
+    return {"tmp": tmp, "inc": inc, "full": full, "first": first, "round1": round1,
+            "round2": round2, "orphans_after_b1": orphans_after_b1}
+
+
+def _rows(con: duckdb.DuckDBPyConnection, schema: str, name: str) -> list[tuple]:
+    cols = con.execute(
+        "select column_name, data_type from duckdb_columns() where database_name = "
+        "current_database() and schema_name = ? and table_name = ? order by column_index",
+        [schema, name]).fetchall()
+    sel = ", ".join(f'round("{c}", 9)' if t in ("DOUBLE", "FLOAT") else
+                    (f'"{c}"::varchar' if t == "JSON" else f'"{c}"') for c, t in cols)
+    return con.execute(f"select {sel} from {schema}.{name} order by all").fetchall()
+
+
+def test_batches_exercise_the_hard_cases(warehouses):
+    inc = warehouses["inc"]
+    counts = dict(inc.execute(
+        "select event_type, count(*) from raw.events where file_id > (select max(file_id) "
+        f"- {LAST_DAYS + 2} from raw.events) group by all").fetchall())
+    for t in ("questionnaire.amended", "questionnaire.retracted", "therapist.assigned",
+              "episode.closed", "session.attended", "questionnaire.submitted"):
+        assert counts.get(t, 0) > 0, (t, counts)
+    # the early amendment was an orphan after B1 and found its submission in B2
+    assert warehouses["orphans_after_b1"] >= 1
+    assert inc.execute("select count(*) from staging.stg_questionnaire_versions "
+                       "where is_orphan").fetchone()[0] == warehouses["orphans_after_b1"] - 1
+
+
+def test_builds_were_incremental(warehouses):
+    assert all(b.mode == "full" for b in warehouses["first"].values())
+    for rnd in ("round1", "round2"):
+        built = warehouses[rnd]
+        for fqn in ("staging.stg_questionnaire_versions", "staging.stg_questionnaire_responses",
+                    "core.sessions", "core.episodes", "core.questionnaire_item_answers",
+                    "core.questionnaire_scores", "core.questionnaire_subscale_scores",
+                    "marts.fct_outcome_sessions", "marts.fct_sudden_gains"):
+            b = built[fqn]
+            assert b.mode == "incremental", (rnd, fqn, b.reason)
+            assert b.test_scope is not None
+        # network-wide statistics: always rebuilt whole
+        assert built["marts.fct_episode_outcomes"].mode == "full"
+    # a small batch touches a small share of the episodes
+    b = warehouses["round2"]["core.episodes"]
+    assert 1 <= b.keys_rebuilt < b.row_count / 5
+
+
+@pytest.mark.parametrize("fqn", [f for f, m in sqlrunner.discover_models().items()])
+def test_incremental_equals_full_rebuild(warehouses, fqn):
+    schema, name = fqn.split(".")
+    inc_rows = _rows(warehouses["inc"], schema, name)
+    full_rows = _rows(warehouses["full"], schema, name)
+    assert len(inc_rows) == len(full_rows), fqn
+    assert inc_rows == full_rows, fqn
+
+
+def test_changed_sql_or_parameters_force_a_full_refresh(warehouses, tmp_path: Path):
+    inc = warehouses["inc"]
+    sql_dir = tmp_path / "sql"
+    shutil.copytree(SQL_DIR, sql_dir)
+    models = sqlrunner.discover_models(sql_dir)
+    plan = {f: sqlrunner.plan_build(inc, m)[0] for f, m in models.items()}
+    assert plan["core.sessions"].mode == "incremental"
+    assert plan["marts.fct_sudden_gains"].mode == "incremental"
+
+    path = sql_dir / "core" / "sessions.sql"
+    path.write_text(path.read_text() + "\n-- a changed comment changes the code hash\n")
+    changed = sqlrunner.discover_models(sql_dir)["core.sessions"]
+    p, _, _ = sqlrunner.plan_build(inc, changed)
+    assert (p.mode, p.reason) == ("full", "SQL or sidecar changed")
+    # the run can ask for it too
+    assert sqlrunner.plan_build(inc, models["core.episodes"], incremental=False)[0].mode == "full"
+
+    inc.execute("begin transaction")
+    try:
+        inc.execute("update seeds.parameters set value_double = value_double + 0.5 "
+                    "where name = 'sg_crit2_pct'")
+        p, _, _ = sqlrunner.plan_build(inc, models["marts.fct_sudden_gains"])
+        assert (p.mode, p.reason) == ("full", "seed tables or parameters changed")
+        # a model that does not read the parameters stays incremental
+        assert sqlrunner.plan_build(inc, models["core.sessions"])[0].mode == "incremental"
+    finally:
+        inc.execute("rollback")
+
+
+def test_full_rebuild_upstream_forces_downstream_full(warehouses):
+    inc = warehouses["inc"]
+    models = sqlrunner.discover_models()
+    inc.execute("begin transaction")  # leave the shared warehouse as it was
+    try:
+        inc.execute("create temp table _before as select * from meta.model_state")
+        inc.execute("commit")
+        sqlrunner.build_model(inc, models["core.sessions"], incremental=False)
+        p, _, _ = sqlrunner.plan_build(inc, models["core.episodes"])
+        assert (p.mode, p.reason) == ("full", "upstream core.sessions was fully rebuilt since")
+        assert sqlrunner.plan_build(inc, models["core.sessions"])[0].mode == "incremental"
+    finally:
+        inc.execute("delete from meta.model_state")
+        inc.execute("insert into meta.model_state select * from _before")
+
+
+def test_as_of_builds_are_never_incremental(warehouses):
+    inc = warehouses["inc"]
+    models = sqlrunner.discover_models()
+    sqlrunner.set_as_of(inc, "2030-01-01T00:00:00+00:00")
+    try:
+        p, _, _ = sqlrunner.plan_build(inc, models["core.sessions"])
+        assert (p.mode, p.reason) == ("full", "as-of build")
+    finally:
+        sqlrunner.set_as_of(inc, None)
