@@ -1,5 +1,7 @@
 """Dagster assets for the dbt-like SQL models: one asset per `.sql` file, one check per test.
 
+All models build in one subsettable step (`models_asset`), in dependency order.
+
 The models are discovered when the definitions load, so adding `dbt_like_sql/<schema>/<name>.sql`
 (and its `.yml` sidecar) adds the asset `<schema>/<name>` with its checks; its upstream assets are
 the tables its SQL reads (parsed by `alliance.sqlrunner`), never declared here.
@@ -58,8 +60,7 @@ def _relpath(path: Path) -> str:
         return str(path)
 
 
-def model_asset(model: sqlrunner.Model) -> dg.AssetsDefinition:
-    """The Dagster asset that builds one SQL model and runs its tests as asset checks."""
+def _spec(model: sqlrunner.Model) -> dg.AssetSpec:
     metadata: dict[str, object] = {
         "dagster/table_name": model.fqn,
         "materialized": model.materialized,
@@ -69,54 +70,110 @@ def model_asset(model: sqlrunner.Model) -> dg.AssetsDefinition:
         metadata["dagster/column_schema"] = _column_schema(model)
     if model.error is not None:
         metadata["error"] = str(model.error)
-
-    @dg.asset(
+    return dg.AssetSpec(
         key=dg.AssetKey(list(model.key_path)),
         deps=[dg.AssetKey(list(d)) for d in model.deps],
         group_name=model.schema,
         kinds={"duckdb", "sql"},
         description=model.description or f"SQL model {model.fqn} ({_relpath(model.path)}).",
         metadata=metadata,
-        check_specs=_check_specs(model),
         code_version=model.code_version,
+        # not built when an upstream model failed a blocking test in the same step
+        skippable=True,
+    )
+
+
+def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models") -> dg.AssetsDefinition:
+    """One Dagster step that builds the selected SQL models in dependency order.
+
+    Every model keeps its own asset (key, group, description, column schema, code version) and
+    every column test its own asset check; only the step is shared, as dagster-dbt does for a
+    dbt project. One step instead of one per model: each Dagster step costs a few tenths of a
+    second of fixed work (events, a warehouse connection), which an incremental run for one
+    landing file spent mostly on that (docs/benchmark.md). A model whose upstream model failed a
+    blocking (error) test in this step is not built, and the step then fails, so nothing
+    downstream of it (checks, publish) runs either.
+    """
+    order = sqlrunner.topological_order(models)
+
+    @dg.multi_asset(
+        name=name,
+        specs=[_spec(models[fqn]) for fqn in order],
+        check_specs=[c for fqn in order for c in _check_specs(models[fqn])],
+        can_subset=True,
         pool=POOL,
     )
     def _build(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> Iterator[object]:
-        selected = {k.name for k in context.selected_asset_check_keys}
+        selected = set(context.selected_asset_keys)
+        selected_checks = set(context.selected_asset_check_keys)
         incremental = not wants_full_refresh(context.run.tags)
+        blocked: dict[str, str] = {}  # model fqn -> the upstream model that stopped it
+        errors: list[str] = []
         with duckdb.get_connection() as con:
-            built = sqlrunner.build_model(con, model, incremental=incremental)
-            # an incremental build's tests check the rebuilt rows (docs/sql-models.md)
-            results = sqlrunner.run_tests(con, model, selected, scope=built.test_scope)
-            # Check history (quality.check_results), in one transaction on the connection the
-            # tests ran on, so `alliance status` and the report see column tests too.
-            record_check_results(con, context.run.run_id,
-                                 [_history_row(model, r) for r in results])
-        for w in built.warnings:
-            context.log.warning(w)
-        yield dg.MaterializeResult(
-            metadata={
-                "dagster/row_count": built.row_count,
-                "dagster/column_schema": dg.TableSchema(columns=[
-                    dg.TableColumn(name=name, type=dtype,
-                                   description=next((c.description for c in model.columns
-                                                     if c.name == name), None) or None)
-                    for name, dtype in built.columns
-                ]),
-                "seconds": round(built.seconds, 3),
-                "build_mode": built.mode,
-                "build_reason": built.reason,
-                **({"keys_rebuilt": built.keys_rebuilt, "rows_rebuilt": built.rows_rebuilt}
-                   if built.keys_rebuilt is not None else {}),
-                "tests_scope": "rebuilt rows" if built.test_scope else "whole model",
-            },
-            check_results=[_check_result(r) for r in results],
-        )
+            for fqn in order:
+                model = models[fqn]
+                key = dg.AssetKey(list(model.key_path))
+                if key not in selected:
+                    continue
+                upstream = [f"{s}.{n}" for s, n in model.deps if f"{s}.{n}" in blocked]
+                if upstream:
+                    blocked[fqn] = blocked[upstream[0]]
+                    context.log.warning(f"{fqn} not built: upstream {blocked[fqn]} failed a "
+                                        "blocking test in this run")
+                    continue
+                try:
+                    built = sqlrunner.build_model(con, model, incremental=incremental)
+                except sqlrunner.ModelError as e:
+                    blocked[fqn] = fqn
+                    errors.append(str(e))
+                    context.log.error(str(e))
+                    continue
+                checks = {c.name for c in selected_checks if c.asset_key == key}
+                # an incremental build's tests check the rebuilt rows (docs/sql-models.md)
+                results = sqlrunner.run_tests(con, model, checks, scope=built.test_scope)
+                # Check history (quality.check_results), in one transaction on the connection
+                # the tests ran on, so `alliance status` and the report see column tests too.
+                record_check_results(con, context.run.run_id,
+                                     [_history_row(model, r) for r in results])
+                if any(not r.passed and r.test.severity == "error" for r in results):
+                    blocked[fqn] = fqn
+                for w in built.warnings:
+                    context.log.warning(w)
+                yield dg.MaterializeResult(
+                    asset_key=key,
+                    metadata=_materialization_metadata(model, built),
+                    check_results=[_check_result(r, key) for r in results],
+                )
+        if errors:
+            raise dg.Failure(description="SQL model(s) failed to build:\n" + "\n".join(errors))
 
     return _build
 
 
-def _check_result(r: sqlrunner.TestResult) -> dg.AssetCheckResult:
+def model_asset(model: sqlrunner.Model) -> dg.AssetsDefinition:
+    """The Dagster asset of one SQL model alone (its own step), with its tests as checks."""
+    return models_asset({model.fqn: model}, name=f"{model.schema}__{model.name}")
+
+
+def _materialization_metadata(model: sqlrunner.Model, built: sqlrunner.BuildResult) -> dict:
+    return {
+        "dagster/row_count": built.row_count,
+        "dagster/column_schema": dg.TableSchema(columns=[
+            dg.TableColumn(name=name, type=dtype,
+                           description=next((c.description for c in model.columns
+                                             if c.name == name), None) or None)
+            for name, dtype in built.columns
+        ]),
+        "seconds": round(built.seconds, 3),
+        "build_mode": built.mode,
+        "build_reason": built.reason,
+        **({"keys_rebuilt": built.keys_rebuilt, "rows_rebuilt": built.rows_rebuilt}
+           if built.keys_rebuilt is not None else {}),
+        "tests_scope": "rebuilt rows" if built.test_scope else "whole model",
+    }
+
+
+def _check_result(r: sqlrunner.TestResult, key: dg.AssetKey) -> dg.AssetCheckResult:
     metadata: dict[str, object] = {"failing_rows": r.failing}
     if r.sample_keys:
         # keys are the model's key column (pseudonyms), never free text
@@ -124,6 +181,7 @@ def _check_result(r: sqlrunner.TestResult) -> dg.AssetCheckResult:
     if r.error:
         metadata["error"] = r.error
     return dg.AssetCheckResult(
+        asset_key=key,
         check_name=r.test.check_name,
         passed=r.passed,
         severity=(dg.AssetCheckSeverity.ERROR if r.test.severity == "error"
@@ -152,8 +210,9 @@ def _history_row(model: sqlrunner.Model, r: sqlrunner.TestResult) -> dict[str, o
 
 
 def model_assets(sql_dir: Path | str | None = None) -> list[dg.AssetsDefinition]:
-    """One asset per model found under sql_dir (default: the repo's dbt_like_sql/)."""
-    return [model_asset(m) for m in sqlrunner.discover_models(sql_dir).values()]
+    """The models found under sql_dir (default: the repo's dbt_like_sql/), as one step."""
+    models = sqlrunner.discover_models(sql_dir)
+    return [models_asset(models)] if models else []
 
 
 def defs() -> dg.Definitions:

@@ -343,24 +343,27 @@ def test_dagster_materializes_staging_and_core_with_checks(tmp_path: Path) -> No
     db = tmp_path / "warehouse.duckdb"
     with duckdb.connect(str(db)) as con:
         insert_events(con, EVENTS)
-    models = sql_models.model_assets()
-    wanted = [a for a in models if ".".join(a.key.path) in MODELS]
-    sessions = next(a for a in wanted if a.key == dg.AssetKey(["core", "sessions"]))
-    assert dg.AssetKey(["staging", "stg_session_attended"]) in sessions.asset_deps[sessions.key]
-    spec = sessions.specs_by_key[sessions.key]
+    (models,) = sql_models.model_assets()  # every model, one subsettable step
+    sessions_key = dg.AssetKey(["core", "sessions"])
+    wanted = [dg.AssetKey(m.split(".")) for m in MODELS]
+    assert set(wanted) <= set(models.keys)
+    assert dg.AssetKey(["staging", "stg_session_attended"]) in models.asset_deps[sessions_key]
+    spec = models.specs_by_key[sessions_key]
     assert spec.group_name == "core" and spec.kinds >= {"duckdb"}
     assert "session_number" in [c.name for c in spec.metadata["dagster/column_schema"].columns]
-    check_specs = {c.name: c for c in sessions.check_specs}
+    check_specs = {c.name: c for c in models.check_specs if c.asset_key == sessions_key}
     assert check_specs["session_id__unique"].blocking
     assert not check_specs["episode_id__relationships"].blocking  # warn severity
 
-    result = dg.materialize(wanted, resources={"duckdb": DuckDBResource(database=str(db))})
+    result = dg.materialize([models], selection=wanted,
+                            resources={"duckdb": DuckDBResource(database=str(db))})
     assert result.success
     mats = {m.asset_key: m for m in result.get_asset_materialization_events()}
-    meta = mats[dg.AssetKey(["core", "sessions"])].materialization.metadata
+    assert set(mats) == set(wanted)  # the subset, nothing else
+    meta = mats[sessions_key].materialization.metadata
     assert meta["dagster/row_count"].value == 5
     evals = result.get_asset_check_evaluations()
-    assert len(evals) == sum(len(list(a.check_keys)) for a in wanted)
+    assert len(evals) == sum(1 for c in models.check_keys if c.asset_key in wanted)
     assert all(e.passed for e in evals), [e.check_name for e in evals if not e.passed]
 
 
