@@ -109,6 +109,7 @@ def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models") -
         incremental = not wants_full_refresh(context.run.tags)
         blocked: dict[str, str] = {}  # model fqn -> the upstream model that stopped it
         errors: list[str] = []
+        unreported: list[str] = []  # failed error tests that are not selected checks
         with duckdb.get_connection() as con:
             for fqn in order:
                 model = models[fqn]
@@ -128,24 +129,33 @@ def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models") -
                     errors.append(str(e))
                     context.log.error(str(e))
                     continue
-                checks = {c.name for c in selected_checks if c.asset_key == key}
-                # an incremental build's tests check the rebuilt rows (docs/sql-models.md)
-                results = sqlrunner.run_tests(con, model, checks, scope=built.test_scope)
+                # Every test runs, selected as a check or not: a job may leave the column
+                # tests out of its selection (ingest_job does, to save two Dagster events per
+                # test per run) but not the protection. An incremental build's tests check the
+                # rebuilt rows (docs/sql-models.md).
+                results = sqlrunner.run_tests(con, model, scope=built.test_scope)
                 # Check history (quality.check_results), in one transaction on the connection
                 # the tests ran on, so `alliance status` and the report see column tests too.
                 record_check_results(con, context.run.run_id,
                                      [_history_row(model, r) for r in results])
-                if any(not r.passed and r.test.severity == "error" for r in results):
+                failed = [r for r in results if not r.passed and r.test.severity == "error"]
+                if failed:
                     blocked[fqn] = fqn
+                    unreported.extend(f"{fqn}: {r.test.check_name}" for r in failed
+                                      if dg.AssetCheckKey(key, r.test.check_name) not in selected_checks)
                 for w in built.warnings:
                     context.log.warning(w)
                 yield dg.MaterializeResult(
                     asset_key=key,
-                    metadata=_materialization_metadata(model, built),
-                    check_results=[_check_result(r, key) for r in results],
+                    metadata={**_materialization_metadata(model, built), **_tests_summary(results)},
+                    check_results=[_check_result(r, key) for r in results
+                                   if dg.AssetCheckKey(key, r.test.check_name) in selected_checks],
                 )
-        if errors:
-            raise dg.Failure(description="SQL model(s) failed to build:\n" + "\n".join(errors))
+        if errors or unreported:
+            raise dg.Failure(description="\n".join(
+                (["SQL model(s) failed to build:"] + errors if errors else [])
+                + (["Blocking column tests failed (quality.check_results has them):"] + unreported
+                   if unreported else [])))
 
     return _build
 
@@ -153,6 +163,19 @@ def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models") -
 def model_asset(model: sqlrunner.Model) -> dg.AssetsDefinition:
     """The Dagster asset of one SQL model alone (its own step), with its tests as checks."""
     return models_asset({model.fqn: model}, name=f"{model.schema}__{model.name}")
+
+
+def _tests_summary(results: list[sqlrunner.TestResult]) -> dict[str, object]:
+    """Materialization metadata that sums up a model's column tests in this run."""
+    failed = [r.test.check_name for r in results if not r.passed]
+    return {"tests_run": len(results), "tests_failed": len(failed),
+            **({"tests_failing": ", ".join(failed)} if failed else {})}
+
+
+def column_test_check_keys(sql_dir: Path | str | None = None) -> list[dg.AssetCheckKey]:
+    """The asset check keys of every model column test (for job selections)."""
+    return [dg.AssetCheckKey(dg.AssetKey(list(m.key_path)), t.check_name)
+            for m in sqlrunner.discover_models(sql_dir).values() for t in m.tests]
 
 
 def _materialization_metadata(model: sqlrunner.Model, built: sqlrunner.BuildResult) -> dict:
