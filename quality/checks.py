@@ -25,7 +25,7 @@ from quality.batch import (
 )
 from quality.gx_runner import CheckOutcome, build_data_docs, preload_in_background
 from quality.history import record_check_result
-from quality.marts import ModelSuite, default_model_suites, validate_model
+from quality.marts import ModelSuite, default_model_suites, model_suites, validate_model
 from quality.relational import CHECKS as RELATIONAL_CHECKS
 from quality.relational import RelationalCheck, run_check
 
@@ -125,6 +125,7 @@ def batch_checks(asset: dg.AssetKey = RAW_EVENTS) -> dg.AssetChecksDefinition:
     )
     def _check(context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource,
                gx: GreatExpectationsResource) -> Iterator[dg.AssetCheckResult]:
+        # `gx` is required so that the GX import starts with the run (see the resource).
         run_id = context.run.run_id
         # Plan the chunks, then read one chunk at a time and release the (single-writer) database
         # while GX works on it; memory follows the chunk (CHUNK_EVENTS), not the batch.
@@ -159,31 +160,96 @@ def batch_checks(asset: dg.AssetKey = RAW_EVENTS) -> dg.AssetChecksDefinition:
     return _check
 
 
+# ---------------------------------------------------------------- fewer steps, same blocking
+
+
+def _descendants(models: dict[str, Any]) -> dict[tuple[str, ...], frozenset[tuple[str, ...]]]:
+    """Every SQL model's downstream models (transitively), from the deps the runner parsed."""
+    children: dict[tuple[str, ...], set[tuple[str, ...]]] = {}
+    for m in models.values():
+        for dep in m.deps:
+            children.setdefault(tuple(dep), set()).add(tuple(m.key_path))
+    out: dict[tuple[str, ...], frozenset[tuple[str, ...]]] = {}
+    for m in models.values():
+        seen: set[tuple[str, ...]] = set()
+        todo = [tuple(m.key_path)]
+        while todo:
+            for c in children.get(todo.pop(), ()):
+                if c not in seen:
+                    seen.add(c)
+                    todo.append(c)
+        out[tuple(m.key_path)] = frozenset(seen)
+    return out
+
+
+def step_groups(assets: Sequence[tuple[str, ...]], models: dict[str, Any] | None
+                ) -> list[list[tuple[str, ...]]]:
+    """Group checked assets whose checks can share one Dagster step without changing blocking.
+
+    Dagster fails a check step when any blocking check in it fails, and then skips everything
+    downstream of every asset the step checks. Checks of assets with the same set of downstream
+    models therefore block exactly what they blocked as separate steps (and neither asset can be
+    upstream of the other), so they share a step: each step costs ~0.1-0.25 s of event-log
+    writes on the platform's SQLite instance (docs/quality.md). Without `models`, one group per
+    asset. The non-SQL assets (publish, exports, reports) read marts, and
+    tests/test_quality.py checks the groups against the whole project graph.
+    """
+    if models is None:
+        return [[a] for a in dict.fromkeys(assets)]
+    down = _descendants(models)
+    groups: dict[Any, list[tuple[str, ...]]] = {}
+    for a in dict.fromkeys(assets):
+        key = down.get(a, a)  # an asset that is not a model keeps a step of its own
+        groups.setdefault(key, []).append(a)
+    return list(groups.values())
+
+
+def _group_name(assets: Sequence[tuple[str, ...]], suffix: str) -> str:
+    if len(assets) == 1:
+        return f"{'__'.join(assets[0])}_{suffix}"
+    if len(assets) == 2:
+        return f"{assets[0][0]}__{assets[0][-1]}_{assets[1][-1]}_{suffix}"
+    return f"{assets[0][0]}__{assets[0][-1]}_and_{len(assets) - 1}_more_{suffix}"
+
+
 # ---------------------------------------------------------------- marts suites
 
 
-def marts_checks(suites: Iterable[ModelSuite] | None = None) -> list[dg.AssetChecksDefinition]:
-    """One multi-check per model of quality/suites/marts.yaml (all ERROR, blocking)."""
+def marts_checks(suites: Iterable[ModelSuite] | None = None,
+                 models: dict[str, Any] | None = None) -> list[dg.AssetChecksDefinition]:
+    """The marts suites (all ERROR, blocking): one step per model, or per `step_groups` group."""
+    by_asset = {(s.schema, s.name): s for s in (default_model_suites() if suites is None
+                                                 else suites)}
     out = []
-    for suite in (default_model_suites() if suites is None else suites):
-        asset = dg.AssetKey([suite.schema, suite.name])
-        specs = [dg.AssetCheckSpec(name=c, asset=asset, blocking=True,
-                                   description=f"GX marts suite on {suite.table} (severity ERROR)",
+    for group in step_groups(list(by_asset), models):
+        members = [by_asset[a] for a in group]
+        specs = [dg.AssetCheckSpec(name=c, asset=dg.AssetKey([s.schema, s.name]), blocking=True,
+                                   description=f"GX marts suite on {s.table} (severity ERROR)",
                                    metadata={"suite": "quality/suites/marts.yaml"})
-                 for c in suite.checks]
+                 for s in members for c in s.checks]
+        name = (f"{members[0].schema}_{members[0].name}_marts_suite" if len(members) == 1
+                else _group_name(group, "marts_suites"))
 
-        def _make(suite: ModelSuite = suite, asset: dg.AssetKey = asset,
-                  specs: list[dg.AssetCheckSpec] = specs) -> dg.AssetChecksDefinition:
-            @dg.multi_asset_check(specs=specs, name=f"{suite.schema}_{suite.name}_marts_suite",
-                                  description=f"Great Expectations suite on {suite.table}.")
+        def _make(members: list[ModelSuite] = members, specs: list[dg.AssetCheckSpec] = specs,
+                  name: str = name) -> dg.AssetChecksDefinition:
+            @dg.multi_asset_check(specs=specs, name=name, can_subset=True,
+                                  description="Great Expectations suite on "
+                                  + ", ".join(s.table for s in members) + ".")
             def _check(context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource,
                        gx: GreatExpectationsResource) -> Iterator[dg.AssetCheckResult]:
-                with duckdb.get_connection() as con:
-                    outcomes = validate_model(con, suite)
+                # `gx` is required so that the GX import starts with the run (see the resource).
+                selected = context.selected_asset_check_keys
+                for suite in members:
+                    asset = dg.AssetKey([suite.schema, suite.name])
+                    if not any(k.asset_key == asset for k in selected):
+                        continue
+                    with duckdb.get_connection() as con:
+                        outcomes = validate_model(con, suite)
+                        for o in outcomes.values():
+                            _record(con, context.run.run_id, asset, o, "ERROR")
                     for o in outcomes.values():
-                        _record(con, context.run.run_id, asset, o, "ERROR")
-                for o in outcomes.values():
-                    yield _result(asset, o, "ERROR")
+                        if dg.AssetCheckKey(asset, o.check) in selected:
+                            yield _result(asset, o, "ERROR")
 
             return _check
 
@@ -197,29 +263,54 @@ def marts_checks(suites: Iterable[ModelSuite] | None = None) -> list[dg.AssetChe
 def relational_checks(
     checks: Sequence[RelationalCheck] = RELATIONAL_CHECKS,
     existing_assets: set[tuple[str, ...]] | None = None,
+    models: dict[str, Any] | None = None,
 ) -> list[dg.AssetChecksDefinition]:
-    """The SQL checks whose asset exists (all of them when `existing_assets` is None)."""
-    out = []
-    for chk in checks:
-        if existing_assets is not None and chk.asset not in existing_assets:
-            continue
-        asset = dg.AssetKey(list(chk.asset))
-        # Wait for the other tables the query reads when they are built in the same run.
-        deps = [dg.AssetKey(t.split(".")) for t in chk.requires
-                if tuple(t.split(".")) != chk.asset
-                and (existing_assets is None or tuple(t.split(".")) in existing_assets)]
+    """The SQL checks whose asset exists (all of them when `existing_assets` is None).
 
-        def _make(chk: RelationalCheck = chk, asset: dg.AssetKey = asset,
-                  deps: list[dg.AssetKey] = deps) -> dg.AssetChecksDefinition:
-            @dg.asset_check(asset=asset, name=chk.name, blocking=chk.severity == "ERROR",
-                            description=f"{chk.description} (SQL, severity {chk.severity})",
-                            additional_deps=deps)
+    One step per checked asset, or per `step_groups` group of assets when `models` is given.
+    WARN checks block nothing, so they share one step whatever their assets.
+    """
+    todo = [c for c in checks if existing_assets is None or c.asset in existing_assets]
+    blocking = [c for c in todo if c.severity == "ERROR"]
+    warn = [c for c in todo if c.severity != "ERROR"]
+    batches = [[c for c in blocking if c.asset in g]
+               for g in step_groups([c.asset for c in blocking], models)]
+    if warn:
+        batches += [warn] if models is not None else [[c] for c in warn]
+    out = []
+    for batch in batches:
+        specs = []
+        for chk in batch:
+            # Wait for the other tables the query reads when they are built in the same run.
+            deps = [dg.AssetKey(t.split(".")) for t in chk.requires
+                    if tuple(t.split(".")) != chk.asset
+                    and (existing_assets is None or tuple(t.split(".")) in existing_assets)]
+            specs.append(dg.AssetCheckSpec(
+                name=chk.name, asset=dg.AssetKey(list(chk.asset)),
+                blocking=chk.severity == "ERROR", additional_deps=deps,
+                description=f"{chk.description} (SQL, severity {chk.severity})"))
+        assets = list(dict.fromkeys(c.asset for c in batch))
+        name = (f"{'__'.join(batch[0].asset)}_{batch[0].name}" if len(batch) == 1
+                else _group_name(assets, "checks"))
+
+        def _make(batch: list[RelationalCheck] = batch, specs: list[dg.AssetCheckSpec] = specs,
+                  name: str = name) -> dg.AssetChecksDefinition:
+            @dg.multi_asset_check(specs=specs, name=name, can_subset=True,
+                                  description="SQL checks: " + ", ".join(
+                                      f"{c.name} on {'.'.join(c.asset)}" for c in batch) + ".")
             def _check(context: dg.AssetCheckExecutionContext,
-                       duckdb: DuckDBResource) -> dg.AssetCheckResult:
+                       duckdb: DuckDBResource) -> Iterator[dg.AssetCheckResult]:
+                selected = context.selected_asset_check_keys
+                results = []
                 with duckdb.get_connection() as con:
-                    outcome = run_check(con, chk)
-                    _record(con, context.run.run_id, asset, outcome, chk.severity)
-                return _result(asset, outcome, chk.severity)
+                    for chk in batch:
+                        asset = dg.AssetKey(list(chk.asset))
+                        if dg.AssetCheckKey(asset, chk.name) not in selected:
+                            continue
+                        outcome = run_check(con, chk)
+                        _record(con, context.run.run_id, asset, outcome, chk.severity)
+                        results.append(_result(asset, outcome, chk.severity))
+                yield from results
 
             return _check
 
@@ -227,21 +318,23 @@ def relational_checks(
     return out
 
 
-def _model_assets() -> set[tuple[str, ...]]:
-    from alliance.sqlrunner import discover_models
-
-    keys: set[tuple[str, ...]] = {tuple(m.key_path) for m in discover_models().values()}
+def _model_assets(models: dict[str, Any]) -> set[tuple[str, ...]]:
+    keys: set[tuple[str, ...]] = {tuple(m.key_path) for m in models.values()}
     return keys | {("raw", "events"), ("raw", "ingested_files"), ("raw", "quarantine")}
 
 
 def defs() -> dg.Definitions:
     """The quality checks of the repository's assets, for orchestration/definitions.py."""
-    existing = _model_assets()
+    from alliance.sqlrunner import discover_models
+
+    # Parsed once for both uses: discovering the models (sqlglot + YAML sidecars) is most of the
+    # cost of this function (~0.7 s per call on the dev container).
+    models = discover_models()
     return dg.Definitions(
         asset_checks=[
             batch_checks(),
-            *marts_checks(),
-            *relational_checks(existing_assets=existing),
+            *marts_checks(model_suites(models), models=models),
+            *relational_checks(existing_assets=_model_assets(models), models=models),
         ],
         resources={GX_RESOURCE_KEY: GreatExpectationsResource()},
     )
