@@ -7,7 +7,8 @@ The models are discovered when the definitions load, so adding `dbt_like_sql/<sc
 the tables its SQL reads (parsed by `alliance.sqlrunner`), never declared here.
 """
 
-from collections.abc import Iterator
+import graphlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import dagster as dg
@@ -15,6 +16,7 @@ from dagster_duckdb import DuckDBResource
 
 from alliance import sqlrunner
 from alliance.config import REPO_ROOT
+from quality.checks import InlineCheck, model_inline_checks
 from quality.history import record_check_results
 
 # As-of rebuilds never touch the working warehouse: asof_job (orchestration/jobs.py) builds them in
@@ -83,23 +85,54 @@ def _spec(model: sqlrunner.Model) -> dg.AssetSpec:
     )
 
 
-def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models") -> dg.AssetsDefinition:
+def _plan(models: dict[str, sqlrunner.Model],
+          checks: Sequence[InlineCheck]) -> list[tuple[str, object]]:
+    """Models and inline checks in one order: a check after the models it reads and before
+    every model downstream of the model it checks (so a failure can still stop them)."""
+    sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
+    children: dict[str, list[str]] = {}
+    for fqn, model in models.items():
+        ups = [f"{s}.{n}" for s, n in model.deps if f"{s}.{n}" in models]
+        sorter.add(fqn, *ups)
+        for u in ups:
+            children.setdefault(u, []).append(fqn)
+    for i, chk in enumerate(checks):
+        node = f"check:{i}"
+        required = [".".join(r) for r in chk.requires if ".".join(r) in models]
+        sorter.add(node, *required)
+        for child in children.get(".".join(chk.asset), []):
+            if child not in required:  # a check that reads a child cannot run before it
+                sorter.add(child, node)
+    try:
+        order = list(sorter.static_order())
+    except graphlib.CycleError:
+        order = sqlrunner.topological_order(models) + [f"check:{i}" for i in range(len(checks))]
+    return [("check", checks[int(n[6:])]) if n.startswith("check:") else ("model", models[n])
+            for n in order]
+
+
+def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models",
+                 inline_checks: Sequence[InlineCheck] = ()) -> dg.AssetsDefinition:
     """One Dagster step that builds the selected SQL models in dependency order.
 
     Every model keeps its own asset (key, group, description, column schema, code version) and
     every column test its own asset check; only the step is shared, as dagster-dbt does for a
     dbt project. One step instead of one per model: each Dagster step costs a few tenths of a
     second of fixed work (events, a warehouse connection), which an incremental run for one
-    landing file spent mostly on that (docs/benchmark.md). A model whose upstream model failed a
-    blocking (error) test in this step is not built, and the step then fails, so nothing
-    downstream of it (checks, publish) runs either.
+    landing file spent mostly on that (docs/benchmark.md). The quality checks on models
+    (`inline_checks`: GX marts suites, relational SQL checks) run in the same step, right after
+    the models they read. A model whose upstream model failed a blocking (error) test or check
+    in this step is not built, and the step then fails, so nothing downstream of it (publish)
+    runs either.
     """
-    order = sqlrunner.topological_order(models)
+    plan = _plan(models, inline_checks)
+    order = [m.fqn for kind, m in plan if kind == "model"]
 
     @dg.multi_asset(
         name=name,
         specs=[_spec(models[fqn]) for fqn in order],
-        check_specs=[c for fqn in order for c in _check_specs(models[fqn])],
+        check_specs=[c for fqn in order for c in _check_specs(models[fqn])]
+        + [spec for chk in inline_checks for spec in chk.specs],
         can_subset=True,
         pool=POOL,
     )
@@ -107,12 +140,27 @@ def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models") -
         selected = set(context.selected_asset_keys)
         selected_checks = set(context.selected_asset_check_keys)
         incremental = not wants_full_refresh(context.run.tags)
-        blocked: dict[str, str] = {}  # model fqn -> the upstream model that stopped it
+        blocked: dict[str, str] = {}  # model fqn -> the model whose failure stopped it
+        built_now: set[str] = set()
         errors: list[str] = []
         unreported: list[str] = []  # failed error tests that are not selected checks
         with duckdb.get_connection() as con:
-            for fqn in order:
-                model = models[fqn]
+            for kind, item in plan:
+                if kind == "check":
+                    chk: InlineCheck = item  # type: ignore[assignment]
+                    target = ".".join(chk.asset)
+                    if (target not in built_now
+                            or not any(s.key in selected_checks for s in chk.specs)
+                            or any(".".join(r) in blocked for r in chk.requires)):
+                        continue
+                    outcomes = chk.run(con)
+                    chk.record(con, context.run.run_id, outcomes)
+                    if chk.severity == "ERROR" and not all(o.passed for o in outcomes.values()):
+                        blocked[target] = target
+                    yield from chk.results(outcomes, selected_checks)
+                    continue
+                model: sqlrunner.Model = item  # type: ignore[assignment]
+                fqn = model.fqn
                 key = dg.AssetKey(list(model.key_path))
                 if key not in selected:
                     continue
@@ -120,7 +168,7 @@ def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models") -
                 if upstream:
                     blocked[fqn] = blocked[upstream[0]]
                     context.log.warning(f"{fqn} not built: upstream {blocked[fqn]} failed a "
-                                        "blocking test in this run")
+                                        "blocking test or check in this run")
                     continue
                 try:
                     built = sqlrunner.build_model(con, model, incremental=incremental)
@@ -129,6 +177,7 @@ def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models") -
                     errors.append(str(e))
                     context.log.error(str(e))
                     continue
+                built_now.add(fqn)
                 # Every test runs, selected as a check or not: a job may leave the column
                 # tests out of its selection (ingest_job does, to save two Dagster events per
                 # test per run) but not the protection. An incremental build's tests check the
@@ -233,9 +282,10 @@ def _history_row(model: sqlrunner.Model, r: sqlrunner.TestResult) -> dict[str, o
 
 
 def model_assets(sql_dir: Path | str | None = None) -> list[dg.AssetsDefinition]:
-    """The models found under sql_dir (default: the repo's dbt_like_sql/), as one step."""
+    """The models found under sql_dir (default: the repo's dbt_like_sql/), as one step, with
+    the quality checks on them (quality/checks.py `model_inline_checks`)."""
     models = sqlrunner.discover_models(sql_dir)
-    return [models_asset(models)] if models else []
+    return [models_asset(models, inline_checks=model_inline_checks(models))] if models else []
 
 
 def defs() -> dg.Definitions:

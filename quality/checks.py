@@ -7,7 +7,8 @@ blocking: when one fails, assets downstream of the checked asset do not run in t
 
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -318,6 +319,73 @@ def relational_checks(
     return out
 
 
+# ---------------------------------------------------------------- checks inside the models step
+
+
+@dataclass(frozen=True)
+class InlineCheck:
+    """A quality check on a SQL model, run inside the models step (assets/sql_models.py).
+
+    The models build in one Dagster step, so a check in a step of its own could only run after
+    every model, and its blocking would no longer stop the models built on the table it found
+    broken. Run inline, right after the models it reads are built and before any model
+    downstream of its asset, an ERROR failure stops those descendants as a failing column test
+    does, and the failed step keeps publish from running.
+    """
+
+    asset: tuple[str, ...]  # the model it checks
+    severity: str  # ERROR (blocking) | WARN
+    specs: tuple[dg.AssetCheckSpec, ...]
+    requires: frozenset[tuple[str, ...]]  # models that must be built first (asset included)
+    run: Callable[[Any], dict[str, CheckOutcome]]  # connection -> outcome per check name
+    label: str
+
+    def record(self, con: Any, run_id: str, outcomes: dict[str, CheckOutcome]) -> None:
+        """Write the outcomes to quality.check_results (for `alliance status` and reports)."""
+        asset = dg.AssetKey(list(self.asset))
+        for o in outcomes.values():
+            _record(con, run_id, asset, o, self.severity)
+
+    def results(self, outcomes: dict[str, CheckOutcome],
+                selected: set[dg.AssetCheckKey]) -> list[dg.AssetCheckResult]:
+        """The Dagster check results of the selected checks."""
+        asset = dg.AssetKey(list(self.asset))
+        return [_result(asset, o, self.severity) for o in outcomes.values()
+                if dg.AssetCheckKey(asset, o.check) in selected]
+
+
+def model_inline_checks(models: dict[str, Any]) -> list[InlineCheck]:
+    """The GX marts suites and relational SQL checks whose asset is one of `models`."""
+    keys = {tuple(m.key_path) for m in models.values()}
+    out: list[InlineCheck] = []
+    for suite in model_suites(models):
+        asset = (suite.schema, suite.name)
+        out.append(InlineCheck(
+            asset=asset, severity="ERROR",
+            specs=tuple(dg.AssetCheckSpec(
+                name=c, asset=dg.AssetKey(list(asset)), blocking=True,
+                description=f"GX marts suite on {suite.table} (severity ERROR)",
+                metadata={"suite": "quality/suites/marts.yaml"}) for c in suite.checks),
+            requires=frozenset({asset}),
+            run=lambda con, suite=suite: validate_model(con, suite),
+            label=f"GX marts suite on {suite.table}"))
+    for chk in RELATIONAL_CHECKS:
+        if chk.asset not in keys:
+            continue
+        required = {tuple(t.split(".")) for t in chk.requires} & keys
+        deps = [dg.AssetKey(list(t)) for t in sorted(required - {chk.asset})]
+        out.append(InlineCheck(
+            asset=chk.asset, severity=chk.severity,
+            specs=(dg.AssetCheckSpec(
+                name=chk.name, asset=dg.AssetKey(list(chk.asset)),
+                blocking=chk.severity == "ERROR", additional_deps=deps,
+                description=f"{chk.description} (SQL, severity {chk.severity})"),),
+            requires=frozenset(required | {chk.asset}),
+            run=lambda con, chk=chk: {chk.name: run_check(con, chk)},
+            label=f"SQL check {chk.name} on {'.'.join(chk.asset)}"))
+    return out
+
+
 def _model_assets(models: dict[str, Any]) -> set[tuple[str, ...]]:
     keys: set[tuple[str, ...]] = {tuple(m.key_path) for m in models.values()}
     return keys | {("raw", "events"), ("raw", "ingested_files"), ("raw", "quarantine")}
@@ -330,11 +398,14 @@ def defs() -> dg.Definitions:
     # Parsed once for both uses: discovering the models (sqlglot + YAML sidecars) is most of the
     # cost of this function (~0.7 s per call on the dev container).
     models = discover_models()
+    model_keys = {tuple(m.key_path) for m in models.values()}
+    # Checks on SQL models run inside the models step (model_inline_checks, used by
+    # assets/sql_models.py); only the checks on raw/* tables are steps of their own here.
     return dg.Definitions(
         asset_checks=[
             batch_checks(),
-            *marts_checks(model_suites(models), models=models),
-            *relational_checks(existing_assets=_model_assets(models), models=models),
+            *relational_checks(checks=[c for c in RELATIONAL_CHECKS if c.asset not in model_keys],
+                               existing_assets=_model_assets(models), models=models),
         ],
         resources={GX_RESOURCE_KEY: GreatExpectationsResource()},
     )

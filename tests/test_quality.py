@@ -452,34 +452,59 @@ def test_checks_attach_to_the_project_graph(tmp_path: Path) -> None:
 
 
 
-def test_shared_check_steps_block_what_separate_steps_blocked() -> None:
-    """Checks share a step only when their assets have the same downstream assets (whole graph).
-
-    Dagster fails a step when one of its blocking checks fails and skips everything downstream of
-    every asset the step checks, so sharing is only safe between assets with equal descendants.
-    """
+def test_checks_on_models_run_inside_the_models_step() -> None:
+    """Checks on SQL models are the models step's own checks; only raw/* checks are steps."""
+    from assets.sql_models import model_assets
     from orchestration.definitions import build_definitions
 
     project = build_definitions()
-    graph = project.resolve_asset_graph()
-
-    def below(key: dg.AssetKey) -> frozenset[dg.AssetKey]:
-        seen: set[dg.AssetKey] = set()
-        todo = [key]
-        while todo:
-            for child in graph.get(todo.pop()).child_keys:
-                if child not in seen:
-                    seen.add(child)
-                    todo.append(child)
-        return frozenset(seen)
-
-    shared = 0
+    model_keys = {k for a in model_assets() for k in a.keys}
     for checks in project.asset_checks or []:
-        blocking = {s.asset_key for s in checks.check_specs if s.blocking}
-        if len({s.asset_key for s in checks.check_specs}) > 1:
-            shared += 1
-            assert len({below(k) for k in blocking}) <= 1, checks.node_def.name
-    assert shared >= 3  # conservation checks of sibling views, marts suites, WARN checks
+        assert not {s.asset_key for s in checks.check_specs} & model_keys, checks.node_def.name
+    (models,) = [a for a in project.assets if dg.AssetKey(["staging", "stg_events"]) in a.keys]
+    own = {(k.asset_key.to_user_string(), k.name) for k in models.check_keys}
+    assert ("staging/stg_events", "events_conserved") in own
+    assert any(key.startswith("marts/") for key, _ in own)  # the GX marts suites
+
+
+def test_failing_inline_check_stops_descendants_and_publish(tmp_path: Path) -> None:
+    """An ERROR check on a model stops the models built on it and everything after the step."""
+    from assets.sql_models import models_asset
+    from quality.checks import InlineCheck
+    from quality.gx_runner import CheckOutcome
+
+    sql_dir = tmp_path / "models"
+    for schema, name, sql in (("core", "up", "select 'se_1' as id"),
+                              ("marts", "down", "select * from core.up")):
+        (sql_dir / schema).mkdir(parents=True, exist_ok=True)
+        (sql_dir / schema / f"{name}.sql").write_text(sql)
+    from alliance import sqlrunner
+
+    models = sqlrunner.discover_models(sql_dir)
+    up = dg.AssetKey(["core", "up"])
+    failing = InlineCheck(
+        asset=("core", "up"), severity="ERROR",
+        specs=(dg.AssetCheckSpec("ids_known", asset=up, blocking=True),),
+        requires=frozenset({("core", "up")}),
+        run=lambda con: {"ids_known": CheckOutcome("ids_known", False, 1, ["unknown id"],
+                                                   ["se_1"], 1)},
+        label="test check")
+    step = models_asset(models, inline_checks=[failing])
+
+    @dg.asset(deps=[dg.AssetKey(["marts", "down"])])
+    def publish_like() -> None:
+        raise AssertionError("must not run after a failed blocking check")
+
+    result = dg.materialize([step, publish_like], raise_on_error=False,
+                            resources={"duckdb": DuckDBResource(database=str(tmp_path / "w.duckdb"))})
+    assert not result.success
+    materialized = {m.asset_key for m in result.get_asset_materialization_events()}
+    assert materialized == {up}  # marts/down not built on the table that failed its check
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert (evaluation.check_name, evaluation.passed) == ("ids_known", False)
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:  # and the history has it
+        assert con.execute("select count(*) from quality.check_results where check_name = "
+                           "'ids_known' and not passed").fetchone()[0] == 1
 
 
 # ---------------------------------------------------------------- every check reaches the history
