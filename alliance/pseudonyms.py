@@ -35,6 +35,19 @@ def pseudonymiser(key: bytes) -> Callable[[str, str, str], str]:
     return to_pseudonym
 
 
+def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
+    """The HMAC-SHA256 inner and outer padded keys (RFC 2104), for computing pseudonyms in SQL.
+
+    HMAC(key, m) = sha256(outer || sha256(inner || m)); `alliance.ingest` evaluates that over a
+    batch's distinct identifiers in DuckDB, the pads passed as statement parameters (never in SQL
+    text or a table). tests/test_ingest.py checks it equals `pseudonymiser`.
+    """
+    if len(key) > 64:  # SHA-256 block size
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
+
+
 def pseudonym(key: bytes, kind: str, clinic_id: str, raw_id: str) -> str:
     """The pseudonym of one identifier; identifiers are scoped by clinic and kind."""
     return pseudonymiser(key)(kind, clinic_id, raw_id)
