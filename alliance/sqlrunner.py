@@ -451,14 +451,28 @@ def _replace(model: Model, **changes: Any) -> Model:
     return replace(model, **changes)
 
 
+_DISCOVERED: dict[tuple, dict[str, Model]] = {}
+
+
 def discover_models(sql_dir: Path | str | None = None) -> dict[str, Model]:
-    """Every model under sql_dir (default: the repo's dbt_like_sql/), keyed by `schema.name`."""
-    root = Path(sql_dir) if sql_dir is not None else SQL_DIR
-    models: dict[str, Model] = {}
-    for sql_path in sorted(root.glob("*/*.sql")):
-        model = load_model(sql_path)
-        models[model.fqn] = model
-    return models
+    """Every model under sql_dir (default: the repo's dbt_like_sql/), keyed by `schema.name`.
+
+    Parsed once per process while no `.sql`/`.yml` file changes (size and mtime): loading the
+    definitions asks for the models three times (assets, quality checks, job selections), and
+    parsing them (sqlglot, YAML) is most of that cost.
+    """
+    root = (Path(sql_dir) if sql_dir is not None else SQL_DIR).resolve()
+    files = sorted(p for p in root.glob("*/*") if p.suffix in (".sql", ".yml"))
+    stamp = (str(root), tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+    cached = _DISCOVERED.get(stamp)
+    if cached is None:
+        cached = {}
+        for sql_path in sorted(root.glob("*/*.sql")):
+            model = load_model(sql_path)
+            cached[model.fqn] = model
+        _DISCOVERED.clear()
+        _DISCOVERED[stamp] = cached
+    return dict(cached)  # Model is frozen; the dict is the caller's own
 
 
 def topological_order(models: dict[str, Model]) -> list[str]:
