@@ -51,7 +51,7 @@ def test_results_files_hold_every_stage_baseline_and_ratio(bench) -> None:
     assert run["ok"], "\n".join(logs)
     full = run["full"]
     assert full["success"] and not full["failed_checks"]
-    for stage in ("ingest", "validation", "seeds", "sql_models", "model_checks", "publish",
+    for stage in ("ingest", "validation", "seeds", "sql_models", "publish",
                   "reports", "orchestration"):
         assert isinstance(full["stages"][stage], float) and full["stages"][stage] >= 0, stage
     assert full["stages"]["ingest"] > 0 and full["stages"]["sql_models"] > 0

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-STAGES = ("ingest", "validation", "seeds", "sql_models", "model_checks", "publish", "exports",
+STAGES = ("ingest", "validation", "seeds", "sql_models", "publish", "exports",
           "reports", "orchestration")
 # The targets (docs/benchmark.md).
 TARGETS = {
@@ -194,10 +194,9 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{_x(r.get('validation_over_gx_alone'))} of GX alone, "
             f"{_x(r.get('validation_over_gx_with_load'))} of GX + read |",
             f"| seeds | {_s(st.get('seeds'))} | {_s(plain.get('seeds'))} | | |",
-            f"| SQL models (+ their SQL tests) | {_s(st.get('sql_models'))} | "
+            f"| SQL models (+ their SQL tests and the quality checks on models; plain: models + tests) | {_s(st.get('sql_models'))} | "
             f"{_s((plain.get('sql_models') or 0) + (plain.get('model_tests') or 0) if plain else None)}"
             " | | |",
-            f"| model checks (GX marts suites, relational SQL) | {_s(st.get('model_checks'))} | | | |",
             f"| publish (serving snapshot) | {_s(st.get('publish'))} | {_s(plain.get('publish'))} | | |",
             f"| exports | {_s(st.get('exports'))} | | | |",
             f"| reports ({len(full.get('reports', []))} clinic reports) | {_s(st.get('reports'))} "
