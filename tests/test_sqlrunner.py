@@ -388,3 +388,15 @@ def test_dagster_blocking_check_stops_downstream(tmp_path: Path) -> None:
 def test_set_as_of_rejects_what_is_not_a_timestamp() -> None:
     with pytest.raises(ValueError, match="not a timestamp"):
         sqlrunner.set_as_of(duckdb.connect(), "last tuesday")
+
+
+def test_discovered_models_follow_edits_to_their_files(tmp_path: Path) -> None:
+    """discover_models is parsed once per process, but an edited SQL or sidecar file is re-read."""
+    path = write_model(tmp_path, "core", "m", "select 1 as a")
+    assert sqlrunner.discover_models(tmp_path)["core.m"].sql.strip() == "select 1 as a"
+    path.write_text("select 1 as a, 2 as b")
+    assert "2 as b" in sqlrunner.discover_models(tmp_path)["core.m"].sql
+    (tmp_path / "core" / "m.yml").write_text("description: Now documented.\n")
+    assert sqlrunner.discover_models(tmp_path)["core.m"].description == "Now documented."
+    write_model(tmp_path, "marts", "n", "select * from core.m")
+    assert set(sqlrunner.discover_models(tmp_path)) == {"core.m", "marts.n"}
