@@ -19,7 +19,8 @@ from alliance.ingest import landing_files
 DEFAULT_SEED = 42
 DEFAULT_MONTHS = 18  # the simulator's default window: one export file per day
 # The follow-up file reuses the simulator with another seed (new event_ids); its patient, episode
-# and session identifiers get an "F" prefix so they never collide with the base data set's.
+# and session identifiers get an "F<seed>-" prefix so they never collide with the base data set's
+# (nor with another seed's follow-up applied to the same warehouse).
 FOLLOWUP_SEED_OFFSET = 1000
 FOLLOWUP_ID_PREFIXES = ('"PAT-', '"EPI-', '"SES-')
 
@@ -65,13 +66,13 @@ def followup_file(data_root: Path, events: int, *, seed: int = DEFAULT_SEED,
     """One extra export file holding about `share` x `events` new events (cached).
 
     Simulated with a different seed, so every event_id is new; the days' files are concatenated
-    into one `export-followup-s<seed>.ndjson`, as a producer sending a catch-up export would.
+    into one `export-followup-f<seed>.ndjson`, as a producer sending a catch-up export would.
     """
     from alliance.simulator import simulate
 
     out_dir = dataset_dir(data_root, events) / "increment"
     fseed = seed + FOLLOWUP_SEED_OFFSET
-    target = out_dir / f"export-followup-s{fseed}.ndjson"
+    target = out_dir / f"export-followup-f{fseed}.ndjson"  # f: ids prefixed F<seed>-
     if target.exists():
         return target
     n = max(1, round(events * share))
@@ -86,7 +87,8 @@ def followup_file(data_root: Path, events: int, *, seed: int = DEFAULT_SEED,
             for f in landing_files(sim_out):
                 text = f.read_text(encoding="utf-8")
                 for p in FOLLOWUP_ID_PREFIXES:
-                    text = text.replace(p, p + "F")
+                    # the seed in the prefix keeps follow-ups of different seeds apart too
+                    text = text.replace(p, f"{p}F{fseed}-")
                 dst.write(text if text.endswith("\n") or not text else text + "\n")
         partial.replace(target)
     return target
