@@ -326,8 +326,8 @@ def _json_text_sql(ref: str) -> str:
 def _validation_sql(contract: Contract) -> list[str]:
     """Statements that turn _lines into _checked: envelope extracted, first violation named.
 
-    Each stage is materialised so every JSON value is parsed once; the rules then compare plain
-    columns (jt_* = JSON type, sv_* = value as text), which keeps a million lines to seconds.
+    Each line is parsed once into typed columns (jt_* = JSON type code, sv_* = value as text)
+    that the rules compare in the same pipeline, which keeps a million lines to seconds.
     """
     env = contract.envelope
     env_names = list(env)

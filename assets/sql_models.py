@@ -89,24 +89,32 @@ def _plan(models: dict[str, sqlrunner.Model],
           checks: Sequence[InlineCheck]) -> list[tuple[str, object]]:
     """Models and inline checks in one order: a check after the models it reads and before
     every model downstream of the model it checks (so a failure can still stop them)."""
+    sqlrunner.topological_order(models)  # a cycle among the models is an error naming a file
     sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
+    parents: dict[str, list[str]] = {}
     children: dict[str, list[str]] = {}
     for fqn, model in models.items():
-        ups = [f"{s}.{n}" for s, n in model.deps if f"{s}.{n}" in models]
-        sorter.add(fqn, *ups)
-        for u in ups:
+        parents[fqn] = [f"{s}.{n}" for s, n in model.deps if f"{s}.{n}" in models]
+        sorter.add(fqn, *parents[fqn])
+        for u in parents[fqn]:
             children.setdefault(u, []).append(fqn)
     for i, chk in enumerate(checks):
         node = f"check:{i}"
         required = [".".join(r) for r in chk.requires if ".".join(r) in models]
         sorter.add(node, *required)
+        # A child waits for the check unless the check reads it or something built from it
+        # (that child must be built first; the check then cannot stop it).
+        upstream_of_check: set[str] = set()
+        todo = list(required)
+        while todo:
+            m = todo.pop()
+            if m not in upstream_of_check:
+                upstream_of_check.add(m)
+                todo.extend(parents[m])
         for child in children.get(".".join(chk.asset), []):
-            if child not in required:  # a check that reads a child cannot run before it
+            if child not in upstream_of_check:
                 sorter.add(child, node)
-    try:
-        order = list(sorter.static_order())
-    except graphlib.CycleError:
-        order = sqlrunner.topological_order(models) + [f"check:{i}" for i in range(len(checks))]
+    order = list(sorter.static_order())
     return [("check", checks[int(n[6:])]) if n.startswith("check:") else ("model", models[n])
             for n in order]
 
@@ -207,11 +215,6 @@ def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models",
                    if unreported else [])))
 
     return _build
-
-
-def model_asset(model: sqlrunner.Model) -> dg.AssetsDefinition:
-    """The Dagster asset of one SQL model alone (its own step), with its tests as checks."""
-    return models_asset({model.fqn: model}, name=f"{model.schema}__{model.name}")
 
 
 def _tests_summary(results: list[sqlrunner.TestResult]) -> dict[str, object]:

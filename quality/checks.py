@@ -161,182 +161,26 @@ def batch_checks(asset: dg.AssetKey = RAW_EVENTS) -> dg.AssetChecksDefinition:
     return _check
 
 
-# ---------------------------------------------------------------- fewer steps, same blocking
-
-
-def _descendants(models: dict[str, Any]) -> dict[tuple[str, ...], frozenset[tuple[str, ...]]]:
-    """Every SQL model's downstream models (transitively), from the deps the runner parsed."""
-    children: dict[tuple[str, ...], set[tuple[str, ...]]] = {}
-    for m in models.values():
-        for dep in m.deps:
-            children.setdefault(tuple(dep), set()).add(tuple(m.key_path))
-    out: dict[tuple[str, ...], frozenset[tuple[str, ...]]] = {}
-    for m in models.values():
-        seen: set[tuple[str, ...]] = set()
-        todo = [tuple(m.key_path)]
-        while todo:
-            for c in children.get(todo.pop(), ()):
-                if c not in seen:
-                    seen.add(c)
-                    todo.append(c)
-        out[tuple(m.key_path)] = frozenset(seen)
-    return out
-
-
-def step_groups(assets: Sequence[tuple[str, ...]], models: dict[str, Any] | None
-                ) -> list[list[tuple[str, ...]]]:
-    """Group checked assets whose checks can share one Dagster step without changing blocking.
-
-    Dagster fails a check step when any blocking check in it fails, and then skips everything
-    downstream of every asset the step checks. Checks of assets with the same set of downstream
-    models therefore block exactly what they blocked as separate steps (and neither asset can be
-    upstream of the other), so they share a step: each step costs ~0.1-0.25 s of event-log
-    writes on the platform's SQLite instance (docs/quality.md). Without `models`, one group per
-    asset. The non-SQL assets (publish, exports, reports) read marts, and
-    tests/test_quality.py checks the groups against the whole project graph.
-    """
-    if models is None:
-        return [[a] for a in dict.fromkeys(assets)]
-    down = _descendants(models)
-    groups: dict[Any, list[tuple[str, ...]]] = {}
-    for a in dict.fromkeys(assets):
-        key = down.get(a, a)  # an asset that is not a model keeps a step of its own
-        groups.setdefault(key, []).append(a)
-    return list(groups.values())
-
-
-def _group_name(assets: Sequence[tuple[str, ...]], suffix: str) -> str:
-    if len(assets) == 1:
-        return f"{'__'.join(assets[0])}_{suffix}"
-    if len(assets) == 2:
-        return f"{assets[0][0]}__{assets[0][-1]}_{assets[1][-1]}_{suffix}"
-    return f"{assets[0][0]}__{assets[0][-1]}_and_{len(assets) - 1}_more_{suffix}"
-
-
-# ---------------------------------------------------------------- marts suites
-
-
-def marts_checks(suites: Iterable[ModelSuite] | None = None,
-                 models: dict[str, Any] | None = None) -> list[dg.AssetChecksDefinition]:
-    """The marts suites (all ERROR, blocking): one step per model, or per `step_groups` group."""
-    by_asset = {(s.schema, s.name): s for s in (default_model_suites() if suites is None
-                                                 else suites)}
-    out = []
-    for group in step_groups(list(by_asset), models):
-        members = [by_asset[a] for a in group]
-        specs = [dg.AssetCheckSpec(name=c, asset=dg.AssetKey([s.schema, s.name]), blocking=True,
-                                   description=f"GX marts suite on {s.table} (severity ERROR)",
-                                   metadata={"suite": "quality/suites/marts.yaml"})
-                 for s in members for c in s.checks]
-        name = (f"{members[0].schema}_{members[0].name}_marts_suite" if len(members) == 1
-                else _group_name(group, "marts_suites"))
-
-        def _make(members: list[ModelSuite] = members, specs: list[dg.AssetCheckSpec] = specs,
-                  name: str = name) -> dg.AssetChecksDefinition:
-            @dg.multi_asset_check(specs=specs, name=name, can_subset=True,
-                                  description="Great Expectations suite on "
-                                  + ", ".join(s.table for s in members) + ".")
-            def _check(context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource,
-                       gx: GreatExpectationsResource) -> Iterator[dg.AssetCheckResult]:
-                # `gx` is required so that the GX import starts with the run (see the resource).
-                selected = context.selected_asset_check_keys
-                for suite in members:
-                    asset = dg.AssetKey([suite.schema, suite.name])
-                    if not any(k.asset_key == asset for k in selected):
-                        continue
-                    with duckdb.get_connection() as con:
-                        outcomes = validate_model(con, suite)
-                        for o in outcomes.values():
-                            _record(con, context.run.run_id, asset, o, "ERROR")
-                    for o in outcomes.values():
-                        if dg.AssetCheckKey(asset, o.check) in selected:
-                            yield _result(asset, o, "ERROR")
-
-            return _check
-
-        out.append(_make())
-    return out
-
-
-# ---------------------------------------------------------------- relational SQL checks
-
-
-def relational_checks(
-    checks: Sequence[RelationalCheck] = RELATIONAL_CHECKS,
-    existing_assets: set[tuple[str, ...]] | None = None,
-    models: dict[str, Any] | None = None,
-) -> list[dg.AssetChecksDefinition]:
-    """The SQL checks whose asset exists (all of them when `existing_assets` is None).
-
-    One step per checked asset, or per `step_groups` group of assets when `models` is given.
-    WARN checks block nothing, so they share one step whatever their assets.
-    """
-    todo = [c for c in checks if existing_assets is None or c.asset in existing_assets]
-    blocking = [c for c in todo if c.severity == "ERROR"]
-    warn = [c for c in todo if c.severity != "ERROR"]
-    batches = [[c for c in blocking if c.asset in g]
-               for g in step_groups([c.asset for c in blocking], models)]
-    if warn:
-        batches += [warn] if models is not None else [[c] for c in warn]
-    out = []
-    for batch in batches:
-        specs = []
-        for chk in batch:
-            # Wait for the other tables the query reads when they are built in the same run.
-            deps = [dg.AssetKey(t.split(".")) for t in chk.requires
-                    if tuple(t.split(".")) != chk.asset
-                    and (existing_assets is None or tuple(t.split(".")) in existing_assets)]
-            specs.append(dg.AssetCheckSpec(
-                name=chk.name, asset=dg.AssetKey(list(chk.asset)),
-                blocking=chk.severity == "ERROR", additional_deps=deps,
-                description=f"{chk.description} (SQL, severity {chk.severity})"))
-        assets = list(dict.fromkeys(c.asset for c in batch))
-        name = (f"{'__'.join(batch[0].asset)}_{batch[0].name}" if len(batch) == 1
-                else _group_name(assets, "checks"))
-
-        def _make(batch: list[RelationalCheck] = batch, specs: list[dg.AssetCheckSpec] = specs,
-                  name: str = name) -> dg.AssetChecksDefinition:
-            @dg.multi_asset_check(specs=specs, name=name, can_subset=True,
-                                  description="SQL checks: " + ", ".join(
-                                      f"{c.name} on {'.'.join(c.asset)}" for c in batch) + ".")
-            def _check(context: dg.AssetCheckExecutionContext,
-                       duckdb: DuckDBResource) -> Iterator[dg.AssetCheckResult]:
-                selected = context.selected_asset_check_keys
-                results = []
-                with duckdb.get_connection() as con:
-                    for chk in batch:
-                        asset = dg.AssetKey(list(chk.asset))
-                        if dg.AssetCheckKey(asset, chk.name) not in selected:
-                            continue
-                        outcome = run_check(con, chk)
-                        _record(con, context.run.run_id, asset, outcome, chk.severity)
-                        results.append(_result(asset, outcome, chk.severity))
-                yield from results
-
-            return _check
-
-        out.append(_make())
-    return out
-
-
-# ---------------------------------------------------------------- checks inside the models step
+# ---------------------------------------------------------------- checks on tables
 
 
 @dataclass(frozen=True)
 class InlineCheck:
-    """A quality check on a SQL model, run inside the models step (assets/sql_models.py).
+    """A quality check on a table: its Dagster specs, the tables it reads, and how to run it.
 
-    The models build in one Dagster step, so a check in a step of its own could only run after
-    every model, and its blocking would no longer stop the models built on the table it found
-    broken. Run inline, right after the models it reads are built and before any model
-    downstream of its asset, an ERROR failure stops those descendants as a failing column test
-    does, and the failed step keeps publish from running.
+    The checks on SQL models run inside the models step (assets/sql_models.py): the models build
+    in one Dagster step, so a check in a step of its own could only run after every model, and
+    its blocking would no longer stop the models built on the table it found broken. Run inline,
+    right after the models it reads are built and before any model downstream of its asset, an
+    ERROR failure stops those descendants as a failing column test does, and the failed step
+    keeps publish from running. `check_step` wraps one as a step of its own (for tables that are
+    not models).
     """
 
-    asset: tuple[str, ...]  # the model it checks
+    asset: tuple[str, ...]  # the table it checks
     severity: str  # ERROR (blocking) | WARN
     specs: tuple[dg.AssetCheckSpec, ...]
-    requires: frozenset[tuple[str, ...]]  # models that must be built first (asset included)
+    requires: frozenset[tuple[str, ...]]  # tables that must be built first (asset included)
     run: Callable[[Any], dict[str, CheckOutcome]]  # connection -> outcome per check name
     label: str
 
@@ -354,36 +198,78 @@ class InlineCheck:
                 if dg.AssetCheckKey(asset, o.check) in selected]
 
 
+def suite_check(suite: ModelSuite) -> InlineCheck:
+    """The GX marts suite of one model (all its checks ERROR, blocking)."""
+    asset = (suite.schema, suite.name)
+    return InlineCheck(
+        asset=asset, severity="ERROR",
+        specs=tuple(dg.AssetCheckSpec(
+            name=c, asset=dg.AssetKey(list(asset)), blocking=True,
+            description=f"GX marts suite on {suite.table} (severity ERROR)",
+            metadata={"suite": "quality/suites/marts.yaml"}) for c in suite.checks),
+        requires=frozenset({asset}),
+        run=lambda con: validate_model(con, suite),
+        label=f"Great Expectations suite on {suite.table}.")
+
+
+def relational_check(chk: RelationalCheck,
+                     known: set[tuple[str, ...]] | None = None) -> InlineCheck:
+    """One relational SQL check; it waits for the tables it reads that are in `known` (all when
+    None), when they are built in the same run."""
+    required = {tuple(t.split(".")) for t in chk.requires}
+    if known is not None:
+        required &= known
+    deps = [dg.AssetKey(list(t)) for t in sorted(required - {chk.asset})]
+    return InlineCheck(
+        asset=chk.asset, severity=chk.severity,
+        specs=(dg.AssetCheckSpec(
+            name=chk.name, asset=dg.AssetKey(list(chk.asset)),
+            blocking=chk.severity == "ERROR", additional_deps=deps,
+            description=f"{chk.description} (SQL, severity {chk.severity})"),),
+        requires=frozenset(required | {chk.asset}),
+        run=lambda con: {chk.name: run_check(con, chk)},
+        label=f"SQL checks: {chk.name} on {'.'.join(chk.asset)}.")
+
+
+def check_step(chk: InlineCheck, name: str, gx: bool = False) -> dg.AssetChecksDefinition:
+    """`chk` as a Dagster step of its own; `gx` requires the GX resource (starts its import)."""
+
+    @dg.multi_asset_check(specs=list(chk.specs), name=name, can_subset=True,
+                          description=chk.label,
+                          required_resource_keys={"duckdb"} | ({GX_RESOURCE_KEY} if gx else set()))
+    def _check(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
+        selected = set(context.selected_asset_check_keys)
+        if not any(s.key in selected for s in chk.specs):
+            return
+        with context.resources.duckdb.get_connection() as con:
+            outcomes = chk.run(con)
+            chk.record(con, context.run.run_id, outcomes)
+        yield from chk.results(outcomes, selected)
+
+    return _check
+
+
+def marts_checks(suites: Iterable[ModelSuite] | None = None) -> list[dg.AssetChecksDefinition]:
+    """The marts suites as steps of their own, one per model (the project runs them inline)."""
+    return [check_step(suite_check(s), f"{s.schema}_{s.name}_marts_suite", gx=True)
+            for s in (default_model_suites() if suites is None else suites)]
+
+
+def relational_checks(
+    checks: Sequence[RelationalCheck] = RELATIONAL_CHECKS,
+    existing_assets: set[tuple[str, ...]] | None = None,
+) -> list[dg.AssetChecksDefinition]:
+    """The SQL checks whose asset exists (all of them when `existing_assets` is None), one step
+    per check."""
+    return [check_step(relational_check(c, existing_assets), f"{'__'.join(c.asset)}_{c.name}")
+            for c in checks if existing_assets is None or c.asset in existing_assets]
+
+
 def model_inline_checks(models: dict[str, Any]) -> list[InlineCheck]:
     """The GX marts suites and relational SQL checks whose asset is one of `models`."""
     keys = {tuple(m.key_path) for m in models.values()}
-    out: list[InlineCheck] = []
-    for suite in model_suites(models):
-        asset = (suite.schema, suite.name)
-        out.append(InlineCheck(
-            asset=asset, severity="ERROR",
-            specs=tuple(dg.AssetCheckSpec(
-                name=c, asset=dg.AssetKey(list(asset)), blocking=True,
-                description=f"GX marts suite on {suite.table} (severity ERROR)",
-                metadata={"suite": "quality/suites/marts.yaml"}) for c in suite.checks),
-            requires=frozenset({asset}),
-            run=lambda con, suite=suite: validate_model(con, suite),
-            label=f"GX marts suite on {suite.table}"))
-    for chk in RELATIONAL_CHECKS:
-        if chk.asset not in keys:
-            continue
-        required = {tuple(t.split(".")) for t in chk.requires} & keys
-        deps = [dg.AssetKey(list(t)) for t in sorted(required - {chk.asset})]
-        out.append(InlineCheck(
-            asset=chk.asset, severity=chk.severity,
-            specs=(dg.AssetCheckSpec(
-                name=chk.name, asset=dg.AssetKey(list(chk.asset)),
-                blocking=chk.severity == "ERROR", additional_deps=deps,
-                description=f"{chk.description} (SQL, severity {chk.severity})"),),
-            requires=frozenset(required | {chk.asset}),
-            run=lambda con, chk=chk: {chk.name: run_check(con, chk)},
-            label=f"SQL check {chk.name} on {'.'.join(chk.asset)}"))
-    return out
+    return [suite_check(s) for s in model_suites(models)] + [
+        relational_check(c, keys) for c in RELATIONAL_CHECKS if c.asset in keys]
 
 
 def _model_assets(models: dict[str, Any]) -> set[tuple[str, ...]]:
@@ -405,7 +291,7 @@ def defs() -> dg.Definitions:
         asset_checks=[
             batch_checks(),
             *relational_checks(checks=[c for c in RELATIONAL_CHECKS if c.asset not in model_keys],
-                               existing_assets=_model_assets(models), models=models),
+                               existing_assets=_model_assets(models)),
         ],
         resources={GX_RESOURCE_KEY: GreatExpectationsResource()},
     )

@@ -67,7 +67,7 @@ def profile(spec: dict[str, Any]) -> dict[str, Any]:
 
     from alliance import ingest as ingest_mod
     from alliance import sqlrunner
-    from alliance.config import SQL_DIR, paths
+    from alliance.config import SQL_DIR, paths, warehouse_config
     from alliance.instruments import load_instruments, write_parameters_table, write_seed_tables
     from alliance.pseudonyms import load_key
 
@@ -78,7 +78,7 @@ def profile(spec: dict[str, Any]) -> dict[str, Any]:
     for name in ("_read_file", "file_sha256", "_pseudonym_table", "_register_instruments",
                  "load_contract"):
         setattr(ingest_mod, name, _timed(getattr(ingest_mod, name), python_parts, name))
-    con = duckdb.connect(str(p.warehouse))
+    con = duckdb.connect(str(p.warehouse), config=warehouse_config())
     timed = TimedConnection(con)
     t = time.perf_counter()
     ingest_mod.ingest_files(timed, [Path(f) for f in spec["files"]], key,  # type: ignore[arg-type]
