@@ -20,6 +20,7 @@ import os
 import re
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from pathlib import Path
@@ -361,6 +362,39 @@ def read_csv_rows(
             else:
                 rows.append((line, dict(zip(header, values, strict=True))))
     return header, rows
+
+
+def account_csv_rows(
+    result: ImportResult, path: Path, header: list[str],
+    rows: list[tuple[int, dict[str, str] | None]],
+    row_events: Callable[[dict[str, str]], list[dict[str, Any]]], nothing_reason: str,
+) -> None:
+    """Turn `read_csv_rows` output into events, accounting for every row of the file.
+
+    Blank lines are skipped, rows of the wrong width and rows `row_events` rejects (raising
+    Quarantined) are quarantined with their line, and a row that yields no event is skipped for
+    `nothing_reason`: records read = produced + skipped + quarantined.
+    """
+    where = str(path)
+    result.account(where)
+    for line, row in rows:
+        result.read(where)
+        if row == {}:
+            result.skip(where, "blank line")
+            continue
+        if row is None:
+            result.reject(where, line, Quarantined("wrong_column_count", "",
+                                                   f"row does not have {len(header)} columns"))
+            continue
+        try:
+            events = row_events(row)
+        except Quarantined as q:
+            result.reject(where, line, q, f"row {line}")
+            continue
+        if events:
+            result.produce(where, events)
+        else:
+            result.skip(where, nothing_reason)
 
 
 MISSING = {"", "na", "n/a", "nan", "null", "none", "."}

@@ -23,6 +23,7 @@ from alliance.importers.common import (
     ImportResult,
     MappingError,
     Quarantined,
+    account_csv_rows,
     check_clinic,
     event_id,
     is_missing,
@@ -229,25 +230,7 @@ def import_redcap(path: Path | str, dictionary: Path | str, mapping: dict[str, A
     if imp.record not in header:
         raise MappingError(f"{path}: line 1: record id field {imp.record!r} not in the header")
     result = ImportResult("redcap")
-    result.account(str(path))
-    for line, row in rows:
-        result.read(str(path))
-        if row == {}:
-            result.skip(str(path), "blank line")
-            continue
-        if row is None:
-            result.reject(str(path), line, Quarantined("wrong_column_count", "",
-                                                       f"row does not have {len(header)} columns"))
-            continue
-        try:
-            events = imp.row_events(row)
-        except Quarantined as q:
-            result.reject(str(path), line, q, f"row {line}")
-            continue
-        if events:
-            result.produce(str(path), events)
-        else:
-            result.skip(str(path), "no complete mapped form on the row")
+    account_csv_rows(result, path, header, rows, imp.row_events, "no complete mapped form on the row")
     synth = imp.synthesised_episodes()
     result.events.extend(synth)
     result.synthesised = len(synth)

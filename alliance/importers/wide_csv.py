@@ -24,6 +24,7 @@ from alliance.importers.common import (
     ImportResult,
     MappingError,
     Quarantined,
+    account_csv_rows,
     check_clinic,
     event_id,
     is_missing,
@@ -204,25 +205,8 @@ def import_wide_csv(path: Path | str, mapping: dict[str, Any] | str | Path,
                            f"(mapping {imp.where})")
     cols = imp.columns(header) if imp.format == "wide" else []
     result = ImportResult("wide_csv")
-    result.account(str(path))
-    for line, row in rows:
-        result.read(str(path))
-        if row == {}:
-            result.skip(str(path), "blank line")
-            continue
-        if row is None:
-            result.reject(str(path), line, Quarantined("wrong_column_count", "",
-                                                       f"row does not have {len(header)} columns"))
-            continue
-        try:
-            events = imp.row_events(row, cols)
-        except Quarantined as q:
-            result.reject(str(path), line, q, f"row {line}")
-            continue
-        if events:
-            result.produce(str(path), events)
-        else:
-            result.skip(str(path), "no non-missing score")
+    account_csv_rows(result, path, header, rows, lambda row: imp.row_events(row, cols),
+                     "no non-missing score")
     synth = imp.synthesised_gap_sessions() + imp.synthesised_episodes()
     result.events.extend(synth)
     result.synthesised = len(synth)
