@@ -306,7 +306,8 @@ def _json_type_sql(ref: str) -> str:
     '"' string, '{' object, '[' array, 't'/'f' boolean, a digit or '-' number. JSON null comes
     out of json_transform as SQL NULL, the same as a missing key: both are "missing" to the rules.
     """
-    return f"left({ref}::varchar, 1)"
+    # chr(ascii()) rather than left(): no Unicode-aware substring for every value.
+    return f"chr(ascii({ref}::varchar))"
 
 
 def _type_name_sql(jt: str, sv: str) -> str:
@@ -318,9 +319,10 @@ def _type_name_sql(jt: str, sv: str) -> str:
 
 def _json_text_sql(ref: str) -> str:
     """SQL for a JSON text's value as text (json_extract_string): strings unquoted, else as is."""
-    return (f"case when left({ref}::varchar, 1) = '\"' then case when contains({ref}::varchar, '\\') "
-            f"then json_extract_string({ref}, '$') else substr({ref}::varchar, 2, "
-            f"length({ref}::varchar) - 2) end else {ref}::varchar end")
+    # The quotes stripped by a slice (no character counting); escapes need the JSON decoder.
+    return (f"case when ascii({ref}::varchar) = 34 then case when contains({ref}::varchar, '\\') "
+            f"then json_extract_string({ref}, '$') else ({ref}::varchar)[2:-2] end "
+            f"else {ref}::varchar end")
 
 
 def _validation_sql(contract: Contract) -> list[str]:

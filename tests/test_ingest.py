@@ -263,13 +263,16 @@ def test_unreadable_file_is_recorded_once(con, tmp_path):
     assert con.execute("select count(*) from raw.ingested_files").fetchone()[0] == 1
 
 
+@pytest.mark.parametrize("ascii_only", [True, False], ids=["escaped", "raw-utf8"])
 @pytest.mark.parametrize("key", [KEY, b"k" * 80], ids=["key-32", "key-longer-than-a-block"])
-def test_sql_pseudonyms_equal_the_python_hmac(tmp_path, key):
-    """The ingest computes HMAC-SHA256 in DuckDB; it must equal alliance.pseudonyms for every kind."""
-    row = ev("e1", "session.attended", patient_id="PAT-Ü-1", therapist_id="TH|2",
-             episode_id="EP-1", session_id="SES-é")
+def test_sql_pseudonyms_equal_the_python_hmac(tmp_path, key, ascii_only):
+    """The ingest computes HMAC-SHA256 in DuckDB; it must equal alliance.pseudonyms for every kind,
+    whether non-ASCII identifiers arrive as JSON escapes or as raw UTF-8 (and with quotes)."""
+    row = ev("e1", "session.attended", patient_id="PAT-Ü-1", therapist_id='TH|"2"',
+             episode_id="EP-1", session_id="SES-é😀")
     con = duckdb.connect(str(tmp_path / "w.duckdb"))
-    ingest_files(con, [write(tmp_path / "a.ndjson", [row])], key, instruments=None)
+    line = json.dumps(row, ensure_ascii=ascii_only)
+    ingest_files(con, [write(tmp_path / "a.ndjson", [line])], key, instruments=None)
     got = con.execute(
         "select patient_id, therapist_id, episode_id, session_id from raw.events").fetchone()
     assert got == tuple(pseudonym(key, kind, "clinic-01", row[f"{kind}_id"])
