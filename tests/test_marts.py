@@ -111,6 +111,26 @@ def test_aggregates_are_consistent(warehouse):
     assert abs(es) < 1e-6
 
 
+def test_reliable_change_of_exactly_the_instrument_value_counts(warehouse):
+    """jt_sd_source = instrument (the default): a change of at least the instrument's reliable
+    change value is reliable, as its definition says and fct_outcome_sessions counts it; a change
+    of exactly that value must not fall to floating-point rounding of change / (rc / z) vs z."""
+    con, _ = warehouse
+    at_edge, edge_missed, inconsistent = con.execute("""
+        select count(*) filter (where abs(e.improvement) = i.reliable_change),
+            count(*) filter (where e.improvement = i.reliable_change and not e.reliably_improved
+                or e.improvement = -i.reliable_change and not e.reliably_deteriorated),
+            count(*) filter (where e.reliably_improved is distinct from (e.improvement >= i.reliable_change)
+                or e.reliably_deteriorated is distinct from (e.improvement <= -i.reliable_change)
+                or (e.jt_category in ('improved', 'recovered')) is distinct from e.reliably_improved)
+        from marts.fct_episode_outcomes e
+        join seeds.instruments i using (instrument, instrument_version)
+        where e.is_paired and i.reliable_change is not null""").fetchone()
+    assert at_edge > 0  # the demo network has changes of exactly 6 (PHQ-9) and 4 (GAD-7)
+    assert edge_missed == 0
+    assert inconsistent == 0
+
+
 def test_demo_size_runtime(warehouse):
     _, truth = warehouse
     # simulate + ingest + build at demo size; the budget for this file is about a minute

@@ -142,7 +142,16 @@ jt_cutoffs as (
         *,
         coalesce(jt_cutoff_abc, instrument_cutoff) as jt_cutoff,
         case when jt_cutoff_abc is not null then jt_cutoff_type else 'instrument' end as jt_cutoff_used,
-        improvement / jt_s_diff as rci
+        improvement / jt_s_diff as rci,
+        -- Reliable change. With the instrument's value, a change of at least that size counts
+        -- (the definitions give "the smallest change counted as reliable"); comparing the points
+        -- directly keeps a change of exactly that size from falling to rounding (6 / (6 / z) is
+        -- not always >= z in floating point). With the intake error term, |RCI| > z (Jacobson &
+        -- Truax 1991).
+        case when jt_sd_source = 'intake' then improvement / jt_s_diff > jt_z
+            else improvement >= instrument_reliable_change end as rc_improved,
+        case when jt_sd_source = 'intake' then improvement / jt_s_diff < -jt_z
+            else improvement <= -instrument_reliable_change end as rc_deteriorated
     from jt_terms
 ),
 
@@ -168,10 +177,10 @@ jt_categories as (
         *,
         case
             when not is_paired or rci is null then null
-            when rci > jt_z and clinical_before and not clinical_after then 'recovered'
-            when rci > jt_z then 'improved'
-            when rci < -jt_z and not clinical_before and clinical_after then 'harmed'
-            when rci < -jt_z then 'deteriorated'
+            when rc_improved and clinical_before and not clinical_after then 'recovered'
+            when rc_improved then 'improved'
+            when rc_deteriorated and not clinical_before and clinical_after then 'harmed'
+            when rc_deteriorated then 'deteriorated'
             else 'unchanged'
         end as jt_category
     from jt_ranges
@@ -297,9 +306,8 @@ final as (
         jt_categories.intake_sd,
         jt_categories.jt_s_diff,
         jt_categories.rci,
-        case when jt_categories.is_paired then jt_categories.rci > jt_categories.jt_z end
-            as reliably_improved,
-        case when jt_categories.is_paired then jt_categories.rci < -jt_categories.jt_z end
+        case when jt_categories.is_paired then jt_categories.rc_improved end as reliably_improved,
+        case when jt_categories.is_paired then jt_categories.rc_deteriorated end
             as reliably_deteriorated,
         jt_categories.jt_cutoff_used,
         jt_categories.jt_cutoff,
@@ -332,11 +340,11 @@ final as (
         dropout.dropout_end_reason,
         dropout.dropout_attendance,
         episodes.is_closed and coalesce(episodes.end_reason, 'other') <> 'planned'
-            and not coalesce(jt_categories.rci > jt_categories.jt_z, false) as dropout_unimproved,
+            and not coalesce(jt_categories.rc_improved, false) as dropout_unimproved,
         case jt_categories.dropout_definition
             when 'attendance' then dropout.dropout_attendance
             when 'unimproved' then episodes.is_closed and coalesce(episodes.end_reason, 'other') <> 'planned'
-                and not coalesce(jt_categories.rci > jt_categories.jt_z, false)
+                and not coalesce(jt_categories.rc_improved, false)
             else dropout.dropout_end_reason
         end as is_dropout,
         ---------- alliance (episode level)
