@@ -237,6 +237,17 @@ def instrument_items(con: duckdb.DuckDBPyConnection) -> Any | None:
     ))
 
 
+def instrument_keys(con: duckdb.DuckDBPyConnection) -> set[str] | None:
+    """`instrument|version` of every defined instrument (seeds.instruments), or None.
+
+    From seeds.instruments, not from the items: a total-only instrument (BDI-II) has no items.
+    """
+    if not _table_exists(con, "seeds", "instruments"):
+        return None
+    return {f"{i}|{v}" for i, v in con.execute(
+        "select instrument, instrument_version::varchar from seeds.instruments").fetchall()}
+
+
 @dataclass
 class Batch:
     """The new events of one or more ingested files, ready for the suites."""
@@ -245,6 +256,7 @@ class Batch:
     events: Any  # pandas DataFrame: envelope + payload_* columns + instrument_key
     answers: Any | None  # pandas DataFrame: one row per item answer, or None without seeds
     items: Any | None  # seeds.instrument_items, or None
+    instruments: set[str] | None = None  # `instrument|version` of seeds.instruments, or None
 
 
 def load_batch(con: duckdb.DuckDBPyConnection, file_ids: Sequence[int]) -> Batch:
@@ -323,7 +335,7 @@ def load_batch(con: duckdb.DuckDBPyConnection, file_ids: Sequence[int]) -> Batch
             """,
             [ids],
         ))
-    return Batch(ids, events, answers, items)
+    return Batch(ids, events, answers, items, instrument_keys(con))
 
 
 # ---------------------------------------------------------------- validating
@@ -382,13 +394,22 @@ def _combine(
     )
 
 
-def _known_codes(items: Any | None, notes: list[str]) -> tuple[set[str] | None, set[str] | None]:
-    """Known `instrument|version|item` keys and `instrument|version` keys from the seeds."""
+def _known_codes(
+    items: Any | None, notes: list[str], instruments: Iterable[str] | None = None
+) -> tuple[set[str] | None, set[str] | None]:
+    """Known `instrument|version|item` keys and `instrument|version` keys from the seeds.
+
+    The instrument keys come from `instruments` (seeds.instruments) when given; deriving them
+    from the items alone would miss the total-only instruments.
+    """
     if items is None:
         notes.append("seeds.instrument_items not found: instrument codes and answers not checked")
         return None, None
     known_items = {f"{r.instrument}|{r.instrument_version}|{r.item}" for r in items.itertuples()}
-    return known_items, {k.rsplit("|", 1)[0] for k in known_items}
+    known_instruments = {k.rsplit("|", 1)[0] for k in known_items}
+    if instruments is not None:
+        known_instruments |= set(instruments)
+    return known_items, known_instruments
 
 
 def _validate_frames(
@@ -411,6 +432,7 @@ def validate_batch(
     answers: Any | None = None,
     items: Any | None = None,
     *,
+    instruments: Iterable[str] | None = None,
     params: BatchParams | None = None,
     now: datetime | None = None,
     file_ids: Sequence[int] = (),
@@ -422,7 +444,7 @@ def validate_batch(
     params = params or default_params()
     started = time.perf_counter()
     notes: list[str] = []
-    known_items, known_instruments = _known_codes(items, notes)
+    known_items, known_instruments = _known_codes(items, notes, instruments)
     results = _validate_frames(events, answers, known_items, known_instruments, params,
                                now or datetime.now(UTC))
     return _combine(results, params, notes, len(events), file_ids, started)
@@ -501,7 +523,7 @@ def validate_chunks(
     for chunk in chunks:
         batch = load(chunk)
         if known is None:  # the seeds are the same for every chunk
-            known = _known_codes(batch.items, notes)
+            known = _known_codes(batch.items, notes, batch.instruments)
         rows += len(batch.events)
         for r in _validate_frames(batch.events, batch.answers, *known, params, now):
             parts.setdefault(r.suite, []).append(r)

@@ -127,6 +127,23 @@ def test_each_violation_fails_its_check_with_count_and_severity(tmp_path: Path) 
         c.expectations_evaluated for c in clean.checks.values())
 
 
+def test_total_only_instrument_is_a_known_code(tmp_path: Path) -> None:
+    """A total-only instrument (no items, e.g. BDI-II) is known from seeds.instruments: its
+    responses pass codes_known, while an instrument no definition knows still fails it."""
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    add_file(con, 1, n=3)
+    con.execute("insert into seeds.instruments values ('BDI-II', '1', 0.0, 63.0)")
+    total_only = {"instrument": "BDI-II", "instrument_version": "1", "respondent": "patient",
+                  "administered_at": T0.isoformat(), "total": 17}
+    con.execute("update raw.events set payload = ? where event_id = 'q1000'", [json.dumps(total_only)])
+    v = validate_files(con, [1])
+    assert v.checks["codes_known"].passed, v.checks["codes_known"].failing_expectations
+    con.execute("update raw.events set payload = ? where event_id = 'q1001'",
+                [json.dumps({**total_only, "instrument": "XYZ-1"})])
+    v = validate_files(con, [1])
+    assert not v.checks["codes_known"].passed and v.checks["codes_known"].unexpected_count == 1
+
+
 def test_batch_in_chunks_counts_like_one_chunk(tmp_path: Path) -> None:
     """A batch split into several chunks (one file each) gives the verdict of one chunk."""
     con = duckdb.connect(str(tmp_path / "w.duckdb"))

@@ -131,7 +131,8 @@ def gx(spec: dict[str, Any]) -> dict[str, Any]:
         t = time.perf_counter()
         batch = load_batch(con, ids)
         load_s = time.perf_counter() - t
-    validation = validate_batch(batch.events, batch.answers, batch.items, file_ids=ids)
+    validation = validate_batch(batch.events, batch.answers, batch.items,
+                                instruments=batch.instruments, file_ids=ids)
     return {"seconds": validation.seconds, "load_seconds": load_s, "import_seconds": import_s,
             "rows": validation.rows, "passed": validation.passed,
             "answers": 0 if batch.answers is None else len(batch.answers)}
