@@ -402,8 +402,11 @@ def _validation_sql(contract: Contract) -> list[str]:
             if vv:
                 tr.append((f"{present(n)} and ({vv[0]})", "invalid_value", fname, vv[1]))
         if tname in QUESTIONNAIRE_TYPES:
-            tr.append((f"{missing('p_answers')} and {missing('p_total')}", "missing_answers",
-                       "payload.answers", _lit("and payload.total are both missing: one is required")))
+            # An empty answers object holds no answer: it counts as missing (minified by
+            # json_transform, so '{ }' arrives as '{}').
+            tr.append((f"({missing('p_answers')} or sv_p_answers = '{{}}') and {missing('p_total')}",
+                       "missing_answers", "payload.answers",
+                       _lit("and payload.total are both missing (or answers is empty): one is required")))
 
     generic = len(rules)
     per_type = []

@@ -71,6 +71,9 @@ BAD = {  # line content -> expected (reason_code, field)
     json.dumps(ev("x11", "questionnaire.submitted", payload={
         "instrument": "PHQ-9", "instrument_version": "1", "respondent": "patient",
         "administered_at": T})): ("missing_answers", "payload.answers"),
+    json.dumps(ev("x12", "questionnaire.submitted", payload={
+        "instrument": "PHQ-9", "instrument_version": "1", "respondent": "patient",
+        "administered_at": T, "answers": {}})): ("missing_answers", "payload.answers"),
 }
 
 
