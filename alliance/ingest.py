@@ -187,7 +187,10 @@ class FileResult:
 
 def ensure_raw_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create the raw schema, its tables and their documentation if missing."""
+    from alliance.rejections import ensure_rejections_table
+
     con.execute(RAW_DDL)
+    ensure_rejections_table(con)
     for table, comment in TABLE_COMMENTS.items():
         con.execute(f"comment on table {table} is '{_sq(comment)}'")
     for table, cols in COLUMN_COMMENTS.items():
@@ -864,13 +867,17 @@ def _ingest_group(
             from _answer_violations v
             where c.file_id = v.file_id and c.line_number = v.line_number and c.reason_code is null
         """)
-    # Duplicates: against the log first, then within the batch (first line wins).
+    # Duplicates: against the log first, then within the batch (first line wins). Events of a
+    # rejected file (alliance.rejections) do not count as logged: their corrected re-send is new.
     con.execute("""
         create or replace temp table _dedup as
         with valid as (
             select c.file_id, c.line_number, c.event_id, c.content_hash,
                 e.content_hash as logged_hash
-            from _checked c left join raw.events e on e.event_id = c.event_id
+            from _checked c left join (
+                select event_id, content_hash from raw.events
+                where file_id not in (select file_id from raw.rejected_files)
+            ) e on e.event_id = c.event_id
             where c.reason_code is null
         ),
         ranked as (

@@ -646,6 +646,9 @@ def build_model(con: duckdb.DuckDBPyConnection, model: Model, *,
 
 
 def _ensure_meta(con: duckdb.DuckDBPyConnection) -> None:
+    from alliance.rejections import ensure_rejections_table
+
+    ensure_rejections_table(con)  # staging.stg_events reads it, even before any ingest
     con.execute("create schema if not exists meta")
     con.execute(f"""create table if not exists {STATE_TABLE} (
         model varchar primary key, materialized varchar, code_hash varchar, inputs_hash varchar,
@@ -669,6 +672,14 @@ def _current_file_id(con: duckdb.DuckDBPyConnection) -> int | None:
 def inputs_hash(con: duckdb.DuckDBPyConnection, model: Model) -> str:
     """A hash of the content of the seed tables the model reads (parameters, instruments)."""
     h = hashlib.sha256()
+    # A rejected file takes its events out of every model (staging.stg_events): with rejections
+    # in the hash, the next build after one is a full rebuild. Nothing is added while there are
+    # none, so the hashes of warehouses without rejections stay as they were.
+    if _table_exists(con, "raw", "rejected_files"):
+        rej = con.execute("select string_agg(file_id::varchar, ',' order by file_id) "
+                          "from raw.rejected_files").fetchone()[0]
+        if rej:
+            h.update(f"rejected:{rej};".encode())
     for schema, name in model.deps:
         if schema != "seeds" or not _table_exists(con, schema, name):
             continue
@@ -694,7 +705,7 @@ def plan_build(con: duckdb.DuckDBPyConnection, model: Model, *,
 
     Full refresh when the run asks for it, the model declares no incremental key, the as-of
     variable is set, there is no event log or no state, the SQL or sidecar changed, a seed table
-    it reads changed, an upstream model has no state or was fully rebuilt after this model's last
+    it reads changed (or a file was rejected: alliance.rejections), an upstream model has no state or was fully rebuilt after this model's last
     build, or the model's table is missing. Views are always recreated (it costs nothing); for
     them "incremental" only narrows which rows their tests re-check.
     """

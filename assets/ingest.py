@@ -15,6 +15,16 @@ from quality.history import record_check_results
 RAW_EVENTS = dg.AssetKey(["raw", "events"])
 RAW_FILES = dg.AssetKey(["raw", "ingested_files"])
 RAW_QUARANTINE = dg.AssetKey(["raw", "quarantine"])
+RAW_REJECTED = dg.AssetKey(["raw", "rejected_files"])
+
+# Written by a data engineer's decision (`alliance reject-file`), not by a pipeline step: an
+# external asset, so the graph shows that staging reads it and the CLI reports each rejection.
+rejected_files = dg.AssetSpec(
+    RAW_REJECTED, kinds={"duckdb"}, group_name="ingest", owners=["team:data-engineering"],
+    description="Ingested files rejected after a blocking check failed (alliance reject-file): "
+    "their events leave staging.stg_events and every model from the next run. Append-only.",
+    metadata={"dagster/table_name": "raw.rejected_files"},
+)
 
 
 class IngestConfig(dg.Config):
@@ -144,4 +154,4 @@ def line_conservation(
 
 
 def defs() -> dg.Definitions:
-    return dg.Definitions(assets=[ingest], asset_checks=[line_conservation])
+    return dg.Definitions(assets=[ingest, rejected_files], asset_checks=[line_conservation])

@@ -1,4 +1,5 @@
-"""`alliance run`, `alliance ingest`, `alliance status`, `alliance dev`: the operator's commands.
+"""`alliance run`, `alliance ingest`, `alliance status`, `alliance reject-file`, `alliance dev`: the
+operator's commands.
 
 Thin wrappers over the same Dagster definitions the UI shows: each command executes a job from
 orchestration.definitions in this process against the persistent instance under data/dagster, so
@@ -49,6 +50,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--runs", type=int, default=8, help="how many recent runs to list")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
+
+    from alliance.rejections import REASON_CODES
+
+    j = sub.add_parser(
+        "reject-file",
+        help="reject ingested files whose events failed a blocking check (nothing is deleted)",
+        description="Records in raw.rejected_files that the files (by file_id or file name, see "
+        "raw.ingested_files or the failing check's keys) are rejected: their events leave "
+        "staging and every model from the next run (a full rebuild), the batch suite stops "
+        "re-checking them, and a corrected export reusing their event ids is accepted. Run the "
+        "pipeline afterwards (alliance run) to rebuild and publish. Reason codes: "
+        + "; ".join(f"{k} = {v}" for k, v in REASON_CODES.items()) + ".",
+    )
+    j.add_argument("files", nargs="+", metavar="FILE", help="file_id or file name")
+    j.add_argument("--reason", required=True, choices=sorted(REASON_CODES))
+    j.set_defaults(func=cmd_reject_file)
 
     d = sub.add_parser(
         "dev",
@@ -206,6 +223,60 @@ def collect_status(n_runs: int = 8) -> dict[str, Any]:
         for f in failing
     ]
     return out
+
+
+def cmd_reject_file(args: argparse.Namespace) -> int:
+    """Record the rejection of ingested files (alliance.rejections) in the working warehouse."""
+    import duckdb
+
+    from alliance.config import warehouse_config
+    from alliance.rejections import RejectionError, reject_files
+
+    p = paths()
+    if not p.warehouse.exists():
+        print(f"error: no warehouse at {p.warehouse}", file=sys.stderr)
+        return 2
+    try:
+        con = duckdb.connect(str(p.warehouse), config=warehouse_config())
+    except duckdb.IOException as e:
+        print(f"error: {p.warehouse} is in use by a running job; retry when it is done ({e})",
+              file=sys.stderr)
+        return 2
+    try:
+        done = reject_files(con, args.files, args.reason)
+    except RejectionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        con.close()
+    if not done:
+        print("nothing to do: the files were rejected before")
+    for r in done:
+        print(f"rejected file_id {r.file_id} ({r.file_name}, {r.events:,} events) as "
+              f"{r.reason_code} at {r.rejected_at.isoformat(timespec='seconds')}")
+    if done:
+        _report_rejections(p, done)
+        print("next: `alliance run` rebuilds every model without them and publishes; a corrected "
+              "export can be dropped into landing/ as usual")
+    return 0
+
+
+def _report_rejections(p: Any, done: list[Any]) -> None:
+    """Record the rejections on the raw/rejected_files asset, so the UI shows when and which."""
+    import dagster as dg
+
+    from orchestration.instance import get_instance
+
+    try:
+        get_instance(p).report_runless_asset_event(dg.AssetMaterialization(
+            asset_key=["raw", "rejected_files"],
+            description="alliance reject-file",
+            metadata={"file_ids": dg.MetadataValue.json([r.file_id for r in done]),
+                      "reason_code": done[0].reason_code,
+                      "events_left_out": sum(r.events for r in done)}))
+    except Exception as e:  # noqa: BLE001 - the rejection itself is recorded in the warehouse
+        print(f"warning: the rejection is recorded, but not shown in the Dagster UI: {e}",
+              file=sys.stderr)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

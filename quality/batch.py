@@ -549,15 +549,30 @@ create table if not exists quality.validated_batches (
 
 
 def pending_file_ids(con: duckdb.DuckDBPyConnection) -> list[int]:
-    """Files in raw.ingested_files whose events were never validated by the batch suite."""
+    """Files the batch suite must (re)check: never validated, or blocked at their last validation.
+
+    A file whose last validation had a blocking failure stays pending, so the failure blocks every
+    run (its events are in the append-only log) until the file is rejected
+    (`alliance reject-file`, alliance.rejections) or a check parameter change lets it pass.
+    Rejected files are never pending.
+    """
+    from alliance.rejections import ensure_rejections_table
+
     con.execute(_VALIDATED_DDL)
     if not _table_exists(con, "raw", "ingested_files"):
         return []
+    ensure_rejections_table(con)
     rows = con.execute(
         """
+        with last as (
+            select file_id, arg_max(passed, validated_at) as passed
+            from quality.validated_batches group by file_id
+        )
         select f.file_id
         from raw.ingested_files as f
-        anti join quality.validated_batches as v using (file_id)
+        left join last using (file_id)
+        where coalesce(last.passed, false) = false
+            and f.file_id not in (select file_id from raw.rejected_files)
         order by f.file_id
         """
     ).fetchall()

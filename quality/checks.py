@@ -14,6 +14,7 @@ from typing import Any
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from alliance.rejections import rejected_file_ids
 from quality.batch import (
     CHUNK_EVENTS,
     Batch,
@@ -131,7 +132,8 @@ def batch_checks(asset: dg.AssetKey = RAW_EVENTS) -> dg.AssetChecksDefinition:
         # Plan the chunks, then read one chunk at a time and release the (single-writer) database
         # while GX works on it; memory follows the chunk (CHUNK_EVENTS), not the batch.
         with duckdb.get_connection() as con:
-            ids = sorted(set(run_file_ids(context, asset)) | set(pending_file_ids(con)))
+            ids = sorted((set(run_file_ids(context, asset)) | set(pending_file_ids(con)))
+                         - rejected_file_ids(con))
             chunks = plan_chunks(con, ids, CHUNK_EVENTS) if ids else []
 
         def load(chunk: Sequence[int]) -> Batch:
@@ -145,6 +147,12 @@ def batch_checks(asset: dg.AssetKey = RAW_EVENTS) -> dg.AssetChecksDefinition:
                  "validation_seconds": round(validation.seconds, 3)}
         if validation.notes:
             extra["notes"] = "; ".join(validation.notes)
+        if validation.blocking_failures:
+            # The events are in the append-only log: the files stay blocked, run after run,
+            # until a data engineer decides (docs/operations.md, "A blocking batch check failed").
+            extra["remedy"] = ("these files are re-checked and block every run until rejected: "
+                               "alliance reject-file <file_id> --reason <code>, then re-send a "
+                               "corrected export")
         with duckdb.get_connection() as con:
             mark_validated(con, validation, run_id)
             for name, outcome in validation.checks.items():

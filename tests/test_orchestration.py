@@ -316,8 +316,15 @@ def test_asof_rebuild_equals_original_after_corrections(world):
 
 def test_status_reports_runs_counts_and_snapshot_age(world, capsys):
     from orchestration.cli import main
+    from orchestration.cli_ops import execute_job
+    from orchestration.instance import get_instance
 
-    assert main(["status", "--json"]) == 0
+    # the runs it lists, whichever tests of this module ran before (or none)
+    _ensure_late_files_published(world)
+    if not any(r.job_name == "asof_job" for r in get_instance().get_runs(limit=50)):
+        assert execute_job("asof_job", run_config={"ops": {"asof_rebuild": {"config": {
+            "as_of": world["cutoff"].isoformat()}}}}, log=lambda _m: None)["success"]
+    assert main(["status", "--json", "--runs", "50"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["snapshot"]["age_seconds"] is not None and st["snapshot"]["age_seconds"] < 600
     assert {r["job"] for r in st["runs"]} >= {"ingest_job", "asof_job"}

@@ -591,3 +591,31 @@ def test_column_tests_and_line_conservation_are_recorded(tmp_path: Path) -> None
         (f["asset"], f["check_name"]) for f in failing_checks(db)}
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("select count(*) from quality.check_results").fetchone()[0] == 5
+
+
+def test_blocking_failure_holds_until_the_file_is_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blocked file stays blocked on later runs (its events are in the append-only log), even
+    when the new file of that run is clean; rejecting it (alliance reject-file) releases the run."""
+    from alliance.rejections import reject_files
+
+    monkeypatch.setenv("ALLIANCE_QUALITY_DOCS", "0")
+    db = str(tmp_path / "w.duckdb")
+    assets, resources = _graph(db)
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(assets, resources, instance, "", sessions=3).success  # file 1
+    blocked = _run(assets, resources, instance, "raw_identifier", sessions=3)  # file 2
+    assert not blocked.success
+    again = _run(assets, resources, instance, "", sessions=3)  # file 3 is clean; 2 still blocks
+    assert _evaluations(again)["pseudonyms_well_formed"] == (False, "ERROR")
+    assert not again.success and _materialized(again) == {"raw/events"}
+    with duckdb.connect(db) as con:
+        assert pending_file_ids(con) == [2, 3]
+        [rejected] = reject_files(con, [2], "identifier_leak")
+        assert (rejected.file_id, rejected.events) == (2, 6)
+        assert pending_file_ids(con) == [3]
+    released = _run(assets, resources, instance, "", sessions=3)  # file 4
+    assert released.success and "serving/snapshot_test" in _materialized(released)
+    with duckdb.connect(db) as con:
+        assert pending_file_ids(con) == []
