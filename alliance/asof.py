@@ -22,8 +22,11 @@ import duckdb
 
 from alliance import sqlrunner
 
-# raw tables with a recorded_at column are cut at the cutoff; seeds are copied whole.
-RAW_TABLES = ("events", "ingested_files", "quarantine")
+# raw tables with a recorded_at column are cut at the cutoff; seeds are copied whole. File
+# rejections (alliance.rejections) are cut at their rejected_at: a rejection made after the
+# cutoff was not known then.
+RAW_TABLES = ("events", "ingested_files", "quarantine", "rejected_files")
+CUT_COLUMNS = {"rejected_files": "rejected_at"}
 COPIED_SCHEMAS = ("seeds",)
 
 
@@ -80,7 +83,8 @@ def _copy_source(
     try:
         tables = source.execute(
             "select schema_name, table_name, "
-            "  list(column_name) filter (where column_name = 'recorded_at') as has_rec "
+            "  list(column_name) filter (where column_name in ('recorded_at', 'rejected_at'))"
+            "    as has_rec "
             "from duckdb_columns() where database_name = current_database() "
             "and schema_name in ('raw', 'seeds') group by 1, 2 order by 1, 2"
         ).fetchall()
@@ -91,7 +95,7 @@ def _copy_source(
             where = ""
             params: list[object] = []
             if has_rec:
-                where = " where recorded_at <= ?"
+                where = f" where {CUT_COLUMNS.get(table, 'recorded_at')} <= ?"
                 params = [as_of]
             src = f"{_quote(schema)}.{_quote(table)}"
             dst = f"{alias}.{_quote(schema)}.{_quote(table)}"
