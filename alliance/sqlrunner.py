@@ -752,6 +752,17 @@ def plan_build(con: duckdb.DuckDBPyConnection, model: Model, *,
                      through), code_hash, in_hash
 
 
+def invalidate_state(con: duckdb.DuckDBPyConnection, model: Model) -> None:
+    """Forget a model's build state, so that its next build is a full one (and tests every row).
+
+    Called when a blocking test fails after a build: the state was written with the build, and an
+    incremental next run would rebuild and re-test only the keys of new events, leaving the rows
+    that failed untested, and publishable, from then on.
+    """
+    if _table_exists(con, "meta", "model_state"):
+        con.execute(f"delete from {STATE_TABLE} where model = ?", [model.fqn])
+
+
 def _write_state(con: duckdb.DuckDBPyConnection, model: Model, plan: BuildPlan,
                  code_hash: str, in_hash: str) -> None:
     prev = con.execute(f"select code_hash, inputs_hash, full_seq from {STATE_TABLE} where model = ?",
@@ -1010,6 +1021,7 @@ def run_models(con: duckdb.DuckDBPyConnection, select: Sequence[str] | str | Non
                 msg = (f"test {r.test.check_name} on {fqn} failed: "
                        f"{r.error or f'{r.failing} rows, e.g. {r.sample_keys}'}")
                 if r.test.severity == "error":
+                    invalidate_state(con, model)
                     raise ModelError(model.sidecar_path or model.path, msg)
                 log.warning(msg)
     return results

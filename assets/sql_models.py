@@ -198,6 +198,8 @@ def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models",
                 failed = [r for r in results if not r.passed and r.test.severity == "error"]
                 if failed:
                     blocked[fqn] = fqn
+                    # next run: a full build that tests every row again, not only new keys
+                    sqlrunner.invalidate_state(con, model)
                     unreported.extend(f"{fqn}: {r.test.check_name}" for r in failed
                                       if dg.AssetCheckKey(key, r.test.check_name) not in selected_checks)
                 for w in built.warnings:
