@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 
 from alliance.report import Options, build_report, report_path
+from alliance.report.data import RawReport
 from alliance.report.suppress import (
     PRIMARY,
     SECONDARY,
+    Shown,
     suppress_categories,
     suppress_groups,
     suppress_rate,
@@ -113,7 +115,7 @@ def make_snapshot(path: Path) -> Path:
                         scores.append((se, clinic, "outcome"))
                     rupture = srs is not None and prev is not None and prev - srs > 4
                     fas.append((se, ep, pt, th, clinic, month, srs, srs is not None and srs < 36,
-                                rupture, rupture and rng.random() > 0.4))
+                                rupture, rupture and rng.random() > 0.4, srs))
                     prev = srs if srs is not None else prev
                 pre = float(rng.uniform(10, 24))
                 post = float(np.clip(pre - rng.normal(6, 5), 0, 27))
@@ -124,7 +126,7 @@ def make_snapshot(path: Path) -> Path:
                 for inst in ("PHQ-9", "GAD-7"):
                     eps.append((ep, pt, th, clinic, inst, True, closed, pre, post, post - pre, cat,
                                 True, pre >= 10, cat == "recovered", pre - post >= 6, post - pre >= 6,
-                                early, pre - post >= 6))
+                                early, pre - post >= 6, True, pre - post - 6, 5.0))
                 if rng.random() < 0.3:
                     sg.append((ep, pt, th, clinic, "PHQ-9", "gain"))
     con = duckdb.connect(str(path))
@@ -139,7 +141,16 @@ def make_snapshot(path: Path) -> Path:
                 "(1, 'a.ndjson', 3, 'out_of_range', 'payload.answers', 'x', 'h', '{\"clinic_id\":\"C1\"}', '2025-12-05'),"
                 "(1, 'a.ndjson', 4, 'out_of_range', 'payload.answers', 'x', 'h', '{\"clinic_id\":\"C1\"}', '2025-12-05'),"
                 "(1, 'a.ndjson', 5, 'bad_json', null, 'x', 'h', null, '2025-12-05'),"
-                "(1, 'a.ndjson', 6, 'unknown_instrument', 'payload.instrument', 'x', 'h', '{\"clinic_id\":\"C2\"}', '2025-12-05')")
+                "(1, 'a.ndjson', 6, 'unknown_instrument', 'payload.instrument', 'x', 'h', '{\"clinic_id\":\"C2\"}', '2025-12-05'),"
+                # processed months later than the events they carry (a late export, a backfill)
+                "(2, 'b.ndjson', 1, 'wrong_type', 'occurred_at', 'x', 'h', "
+                "'{\"clinic_id\":\"C1\",\"occurred_at\":\"2025-12-14T10:00:00+01:00\"}', '2026-02-03'),"
+                "(2, 'b.ndjson', 2, 'wrong_type', 'occurred_at', 'x', 'h', "
+                "'{\"clinic_id\":\"C1\",\"occurred_at\":\"2025-12-31T23:30:00-02:00\"}', '2026-02-03'),"
+                "(2, 'b.ndjson', 3, 'missing_field', 'occurred_at', 'x', 'h', "
+                "'{\"clinic_id\":\"C1\",\"occurred_at\":null}', '2025-12-20 12:00:00+00'),"
+                "(2, 'b.ndjson', 4, 'missing_field', 'occurred_at', 'x', 'h', "
+                "'{\"clinic_id\":\"C1\",\"occurred_at\":\"2025-11-30T10:00:00+00:00\"}', '2025-12-02')")
     con.execute("create table core.sessions (session_id varchar, episode_id varchar, patient_id varchar, "
                 "therapist_id varchar, clinic_id varchar, status varchar, session_month date)")
     _insert(con, "core.sessions", sessions)
@@ -147,14 +158,16 @@ def make_snapshot(path: Path) -> Path:
     _insert(con, "core.questionnaire_scores", scores)
     con.execute("create table marts.fct_alliance_sessions (session_id varchar, episode_id varchar, "
                 "patient_id varchar, therapist_id varchar, clinic_id varchar, session_month date, "
-                "srs_total double, srs_concern boolean, is_candidate_rupture boolean, is_repaired boolean)")
+                "srs_total double, srs_concern boolean, is_candidate_rupture boolean, is_repaired boolean, "
+                "alliance_total double)")
     _insert(con, "marts.fct_alliance_sessions", fas)
     con.execute("create table marts.fct_episode_outcomes (episode_id varchar, patient_id varchar, "
                 "therapist_id varchar, clinic_id varchar, instrument varchar, is_closed boolean, "
                 "closed_at date, first_total double, last_total double, change double, "
                 "jt_category varchar, nhstt_eligible boolean, nhstt_case_at_start boolean, "
                 "nhstt_recovered boolean, nhstt_reliable_improvement boolean, "
-                "nhstt_reliable_deterioration boolean, early_alliance double, reliably_improved boolean)")
+                "nhstt_reliable_deterioration boolean, early_alliance double, reliably_improved boolean, "
+                "is_paired boolean, improvement_vs_expected double, network_intake_sd double)")
     _insert(con, "marts.fct_episode_outcomes", eps)
     con.execute("create table marts.fct_sudden_gains (episode_id varchar, patient_id varchar, "
                 "therapist_id varchar, clinic_id varchar, instrument varchar, sg_type varchar)")
@@ -172,12 +185,14 @@ def make_snapshot(path: Path) -> Path:
         from s left join o using (therapist_id)
     """)
     con.execute("create table marts.alliance_outcome_association (scope varchar, clinic_id varchar, "
-                "part varchar, r double, ci_low double, ci_high double, n integer)")
+                "part varchar, r double, ci_low double, ci_high double, n integer, n_therapists integer, "
+                "n_effective integer)")
     con.execute("insert into marts.alliance_outcome_association values "
-                "('clinic', 'C1', 'overall', 0.27, 0.05, 0.46, 74),"
-                "('clinic', 'C1', 'within_therapist', 0.22, -0.02, 0.43, 74),"
-                "('clinic', 'C1', 'between_therapist', 0.5, -0.6, 0.95, 4),"
-                "('network', null, 'overall', 0.28, 0.2, 0.36, 500)")
+                "('clinic', 'C1', 'overall', 0.27, 0.05, 0.46, 74, 4, 74),"
+                "('clinic', 'C1', 'within_therapist', 0.22, -0.02, 0.43, 74, 4, 71),"
+                # as the real mart: n = the therapists' patients, n_effective = therapists
+                "('clinic', 'C1', 'between_therapist', 0.5, -0.6, 0.95, 74, 4, 4),"
+                "('network', null, 'overall', 0.28, 0.2, 0.36, 500, 30, 500)")
     con.execute("create table seeds.instruments (instrument varchar, instrument_version varchar, "
                 "name varchar, construct varchar, higher_is_better boolean, total_min double, "
                 "total_max double, reliable_change double, alliance_concern_cutoff double, "
@@ -193,7 +208,9 @@ def make_snapshot(path: Path) -> Path:
                 "passed boolean, severity varchar, unexpected_count bigint, evaluated_at timestamptz)")
     con.execute("insert into quality.check_results values "
                 "('r1', 'marts/fct_alliance_sessions', 'srs_in_range', false, 'WARN', 2, '2025-12-20'),"
-                "('r1', 'marts/clinic_monthly', 'rates_0_100', true, 'ERROR', 0, '2025-12-20')")
+                "('r1', 'marts/clinic_monthly', 'rates_0_100', true, 'ERROR', 0, '2025-12-20'),"
+                # evaluated after the report month: the latest state, shown with its date
+                "('r2', 'marts/clinic_monthly', 'rates_0_100', false, 'ERROR', 7, '2026-01-10 06:00:00+00')")
     con.close()
     return path
 
@@ -271,7 +288,9 @@ def test_report_numbers_equal_marts(report: Path, snapshot: Path) -> None:
         th = con.execute("select sessions_attended, mean_alliance, 100 * reliable_improvement_rate from marts.therapist_summary "
                          "where therapist_id = 'th_aaaaaaaaaaaaaaa1'").fetchone()
     assert kpi("mean-srs") == f"{mean_srs:.1f}"
-    assert kpi("pct-concern") == f"{pct_concern:.1f}%"
+    # 72.7% of the month's SRS sessions: the sessions without concern are a small count, so rate x n
+    # would give it back (protect_numerators); see test_concern_and_completeness_protect_numerators.
+    assert kpi("pct-concern") == "[s]" and f"{pct_concern:.1f}" == "72.7"
     assert kpi("active-patients") == f"{active:,}" and kpi("sessions") == f"{sessions:,}"
     row = _cells(_row(html, "th_aaaaaaaaaaaaaaa1"))
     assert row[2] == f"{th[0]:,}" and row[3] == f"{th[1]:.1f}" and row[4] == f"{th[2]:.1f}%"
@@ -291,6 +310,187 @@ def test_bad_clinic_and_month_are_clear_errors(snapshot: Path, tmp_path: Path) -
         build_report(snapshot, tmp_path, "../etc", MONTH)
     with pytest.raises(ValueError, match="YYYY-MM"):
         build_report(snapshot, tmp_path, "C1", "December")
+
+
+# ---------------------------------------------------------------- review findings (issue 7)
+
+def _section(html: str, sid: str) -> str:
+    m = re.search(rf'<section id="{sid}">(.*?)</section>', html, re.S)
+    assert m, sid
+    return m.group(1)
+
+
+def _quarantine_table(html: str) -> dict[str, int]:
+    m = re.search(r'<table id="table-quarantine">(.*?)</table>', html, re.S)
+    if not m:
+        return {}
+    rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", m.group(1))
+    return {k: int(v) for k, v in rows}
+
+
+def test_quarantine_counted_by_event_month_not_processing_month(report: Path, snapshot: Path,
+                                                                 tmp_path: Path) -> None:
+    """Lines processed in February for December events belong to the December report."""
+    html = report.read_text()
+    # out_of_range x2 have no event time (dated by receipt, 5 Dec); wrong_type 14 Dec (+01:00) was
+    # recorded in February; the one at 31 Dec 23:30 -02:00 is 1 Jan UTC; a 30 Nov event recorded
+    # on 2 Dec belongs to November.
+    assert _quarantine_table(html) == {"out_of_range": 2, "wrong_type": 1, "missing_field": 1}
+    assert re.search(r'id="quarantine-by-received">3 of these have no readable event time', html)
+    jan = build_report(snapshot, tmp_path, "C1", "2026-01").html_path.read_text()
+    assert _quarantine_table(jan) == {"wrong_type": 1}
+    # February, when those lines were processed, had no events of its own.
+    feb = build_report(snapshot, tmp_path, "C1", "2026-02").html_path.read_text()
+    assert _quarantine_table(feb) == {} and 'id="quarantine-none"' in feb
+
+
+def test_checks_show_latest_state_with_date_and_period_end_truthfully(report: Path, snapshot: Path,
+                                                                      tmp_path: Path) -> None:
+    html = _section(report.read_text(), "quality")
+    checks = re.search(r'<table id="table-checks">(.*?)</table>', html, re.S).group(1)
+    # the ERROR failure evaluated in January (after the report month) is the latest state: shown
+    assert "rates_0_100" in checks and "ERROR" in checks and "2026-01-10" in checks
+    assert "srs_in_range" in checks
+    assert "most recent 2026-01-10" in html
+    end = re.search(r'<p id="checks-period-end">(.*?)</p>', html, re.S).group(1)
+    assert "At the end of December 2025, 1 of 2 checks were failing" in end and "srs_in_range" in end
+    june = _section(build_report(snapshot, tmp_path, "C1", "2025-06").html_path.read_text(), "quality")
+    assert "No check evaluation before the end of this period." in june
+    assert "All" not in re.search(r'<p id="checks-period-end">(.*?)</p>', june, re.S).group(1)
+
+
+def test_association_shows_and_suppresses_on_n_effective(report: Path) -> None:
+    html = report.read_text()
+    table = re.search(r'<table id="table-assoc">(.*?)</table>', html, re.S).group(1)
+
+    def row(part: str) -> list[str]:
+        return _cells(re.search(rf'<tr data-part="{part}">(.*?)</tr>', table, re.S).group(1))
+
+    # between therapists: 4 therapists (of 74 patients) -> suppressed although n = 74
+    assert row("clinic: between-therapist")[1:] == ["[s]", "[s]", "[s]"]
+    assert row("clinic: within-therapist")[3] == "71"
+    assert row("clinic: overall")[1:] == ["0.27", "0.05 to 0.46", "74"]
+    assert "n (effective)" in table
+
+
+def _therapist_sessions(html: str) -> dict[str, str]:
+    return {t: _cells(_row(html, t))[2] for t in THERAPISTS if f'data-therapist="{t}"' in html}
+
+
+def test_therapist_table_covers_the_window_ending_with_the_report_month(snapshot: Path,
+                                                                        tmp_path: Path) -> None:
+    june = build_report(snapshot, tmp_path, "C1", "2025-06", window_months=12).html_path.read_text()
+    dec = build_report(snapshot, tmp_path, "C1", "2025-12", window_months=12).html_path.read_text()
+    assert _therapist_sessions(june) != _therapist_sessions(dec)
+    with duckdb.connect(str(snapshot), read_only=True) as con:
+        n, mean = con.execute(
+            "select count(*), avg(alliance_total) from marts.fct_alliance_sessions "
+            "where therapist_id = 'th_aaaaaaaaaaaaaaa1' and session_month between '2024-07-01' and '2025-06-01'"
+        ).fetchone()
+        later = con.execute("select count(*) from marts.fct_alliance_sessions where "
+                            "therapist_id = 'th_aaaaaaaaaaaaaaa1' and session_month > '2025-06-01'").fetchone()[0]
+    assert later > 0  # so an all-time figure would differ
+    row = _cells(_row(june, "th_aaaaaaaaaaaaaaa1"))
+    assert row[2] == f"{n:,}" and row[3] == f"{mean:.1f}"
+    assert "Sessions attended Jul 2024 – Jun 2025" in _section(june, "therapists")
+
+
+def _raw(**kw: object) -> RawReport:
+    from alliance.report.data import Period
+
+    return RawReport(clinic="C9", period=Period(dt.date(2026, 5, 1)), **kw)
+
+
+def test_concern_and_completeness_protect_numerators() -> None:
+    from alliance.report.context import build
+
+    activity = {"active_patients": 12, "booked_patients": 12, "sessions": 16, "appointments": 18,
+                "with_alliance": 15, "with_outcome": 8, "alliance_completeness": 15 / 16,
+                "outcome_completeness": 0.5, "patients_with_alliance": 12, "patients_without_alliance": 1,
+                "patients_with_outcome": 6, "patients_without_outcome": 8}
+    alliance = {"srs_sessions": 15, "srs_patients": 12, "concern_sessions": 5, "concern_patients": 4,
+                "no_concern_patients": 11, "mean_srs": 35.0}
+    bins = [{"lo": 0, "hi": 36, "sessions": 0, "patients": 0, "below_cutoff": True},
+            {"lo": 36, "hi": 40, "sessions": 15, "patients": 12, "below_cutoff": False}]
+    ctx = build(_raw(activity=activity, alliance=alliance, srs_bins=bins), Options(min_cell=11))
+    # 93.8% of 16 sessions = 1 session without a score; 33.3% of 15 = 5 concern sessions
+    assert ctx["activity"]["with_alliance"].is_suppressed
+    assert ctx["alliance"]["pct_concern"].is_suppressed
+    # 50% of 16 = 8 with an outcome score: small too (and only 6 patients)
+    assert ctx["activity"]["with_outcome"].is_suppressed
+    ctx = build(_raw(activity=activity, alliance=alliance, srs_bins=bins),
+                Options(min_cell=11, protect_numerators=False))
+    assert not ctx["activity"]["with_alliance"].is_suppressed
+    assert not ctx["alliance"]["pct_concern"].is_suppressed
+
+
+def _unknowns(values: dict[str, Shown | None]) -> int:
+    return sum(1 for v in values.values() if v is not None and v.is_suppressed)
+
+
+def test_early_alliance_bands_cannot_be_recovered_from_jacobson_truax() -> None:
+    """The reviewer's case: band 0-30 shows n=18 with its rate hidden; R+I minus shown bands gave it back."""
+    from alliance.report.context import build
+
+    bands = [{"lo": 0, "hi": 30, "patients": 18, "improved": 4},
+             {"lo": 30, "hi": 36, "patients": 40, "improved": 22},
+             {"lo": 36, "hi": 38, "patients": 30, "improved": 18},
+             {"lo": 38, "hi": 40, "patients": 25, "improved": 16}]
+    jt = [{"instrument": "PHQ-9", "counts": {"recovered": 35, "improved": 25, "unchanged": 40,
+                                             "deteriorated": 13, "harmed": 0}},
+          {"instrument": "GAD-7", "counts": {"recovered": 50, "improved": 20, "unchanged": 43,
+                                             "deteriorated": 0, "harmed": 0}}]
+    ctx = build(_raw(early_bins=bands, jt=jt, outcome_instrument="PHQ-9"), Options(min_cell=11))
+    eb = {lbl: (rate, size) for lbl, rate, size in ctx["early_bins"]}
+    assert eb["0–30"][0].is_suppressed and not eb["0–30"][1].is_suppressed  # the reviewer's cell
+    phq = next(r for r in ctx["jt"] if r["instrument"] == "PHQ-9")
+    c = phq["counts"]
+    # recovered + improved = sum of the bands' improved counts: at least two unknowns in it
+    assert _unknowns({**{k: r for k, (r, _) in eb.items()}, "R": c["recovered"], "I": c["improved"]}) >= 2
+    assert _unknowns({**{k: r for k, (r, _) in eb.items()}, "U": c["unchanged"],
+                      "D": c["deteriorated"], "H": c["harmed"]}) >= 2
+    assert _unknowns(c) != 1 and _unknowns({k: s for k, (_, s) in eb.items()}) != 1
+    # the chart and table name the instrument of the correlation
+    assert "on PHQ-9" in ctx["early_svg"]
+
+
+def test_recoverable_finds_cells_isolated_across_tables() -> None:
+    from alliance.report.suppress import recoverable, suppress_relations
+
+    # cells: 0,1 bands' improved counts; 2 R, 3 I (Jacobson-Truax); relation k0 + k1 = R + I
+    rel = [{0: 1.0, 1: 1.0, 2: -1.0, 3: -1.0}]
+    assert recoverable(rel, {0}) == [0]  # the reviewer's case: one band hidden, R and I shown
+    assert recoverable(rel, {0, 1}) == []
+    # two relations sharing a hidden cell can isolate one that each alone cannot
+    rel2 = [{0: 1.0, 1: 1.0, 4: -1.0}, {1: 1.0, 4: -1.0}]
+    assert recoverable(rel2, {0, 1}) == [0, 1]
+    out = suppress_relations([18, 40, 35, 25, 60], rel, ["primary", None, None, None, None])
+    assert recoverable(rel, {i for i, r in enumerate(out) if r}) == []
+    assert out[3] == "secondary"  # the smallest shown cell of the relation
+
+
+def test_early_alliance_chart_uses_the_association_instrument(report: Path) -> None:
+    html = _section(report.read_text(), "alliance-outcome")
+    # PHQ-9 and GAD-7 have the same number of rows here: the old rule picked GAD-7 alphabetically
+    assert "Reliable improvement on PHQ-9 by early alliance" in html and "GAD-7" not in html
+
+
+@pytest.mark.parametrize("bad", [-3, 0, 1, "x", 2.5])
+def test_min_cell_below_two_is_rejected(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"min_cell: .* at least 2"):
+        Options(min_cell=bad)  # type: ignore[arg-type]
+
+
+def test_min_cell_from_env_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from alliance.report.context import min_cell_from_env, validate_min_cell
+
+    monkeypatch.setenv("ALLIANCE_MIN_CELL", "0")
+    with pytest.raises(ValueError, match="ALLIANCE_MIN_CELL: '0'"):
+        min_cell_from_env()
+    monkeypatch.setenv("ALLIANCE_MIN_CELL", "5")
+    assert min_cell_from_env() == 5
+    with pytest.raises(ValueError, match="--min-cell"):
+        validate_min_cell(0, "--min-cell")
 
 
 # ---------------------------------------------------------------- real headless Chromium
@@ -451,7 +651,23 @@ def test_report_equals_real_marts(pipeline_snapshot: Path, tmp_path: Path) -> No
 
     assert kpi("active-patients") == f"{patients:,}" and kpi("sessions") == f"{sessions:,}"
     assert kpi("mean-srs") == f"{mean_alliance:.1f}"
-    assert kpi("pct-concern") == f"{100 * concern:.1f}%"
+    with duckdb.connect(str(pipeline_snapshot), read_only=True) as con:
+        small_counts = con.execute("""
+            select count(*) filter (where srs_concern), count(*) filter (where not srs_concern),
+                   count(distinct patient_id) filter (where srs_concern),
+                   count(distinct patient_id) filter (where not srs_concern)
+            from marts.fct_alliance_sessions
+            where clinic_id = ? and session_month = ? and srs_total is not null""", [clinic, month]).fetchone()
+    protected = any(0 < c < 11 for c in small_counts)
+    assert kpi("pct-concern") == ("[s]" if protected else f"{100 * concern:.1f}%")
+    # The therapist table covers the window ending with the report month; with a window from the
+    # first month of data to the last it covers what marts.therapist_summary (all time) covers.
+    with duckdb.connect(str(pipeline_snapshot), read_only=True) as con:
+        first, last = con.execute("select min(session_month), max(session_month) "
+                                  "from marts.fct_alliance_sessions").fetchone()
+    span = (last.year - first.year) * 12 + last.month - first.month + 1
+    html = build_report(pipeline_snapshot, tmp_path, clinic, f"{last:%Y-%m}",
+                        window_months=span).html_path.read_text()
     big = [t for t in ths if t[1] >= 11]
     small = [t for t in ths if t[1] < 11]
     for tid, _, n_sess, mean_a in big:

@@ -7,6 +7,7 @@ suppressed values only.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +16,11 @@ from alliance.report.data import JT_CATEGORIES, RawReport, add_months
 from alliance.report.suppress import (
     PRIMARY,
     Shown,
+    is_small,
     suppress_categories,
     suppress_groups,
     suppress_rate,
+    suppress_relations,
     suppress_rows,
     suppress_value,
 )
@@ -26,12 +29,39 @@ JT_STYLE = {"recovered": "solid", "improved": "dots", "unchanged": "plain",
             "deteriorated": "hatch", "harmed": "grid"}
 
 
+# A threshold of 1 suppresses nothing (every count >= 1) and 0 or less is meaningless.
+MIN_CELL_FLOOR = 2
+
+
+def validate_min_cell(value: object, setting: str = "min_cell") -> int:
+    """The small-cell threshold as an int, or a ValueError naming the setting it came from."""
+    try:
+        ok = not isinstance(value, bool) and int(str(value).strip()) == float(str(value).strip())
+        n = int(str(value).strip())
+    except (TypeError, ValueError):
+        ok, n = False, 0
+    if not ok or n < MIN_CELL_FLOOR:
+        raise ValueError(
+            f"{setting}: {value!r} is not a valid small-cell threshold; use a whole number of at "
+            f"least {MIN_CELL_FLOOR} (patients; default 11)")
+    return n
+
+
+def min_cell_from_env(default: int = 11) -> int:
+    """The threshold from $ALLIANCE_MIN_CELL (validated), else the default."""
+    raw = os.environ.get("ALLIANCE_MIN_CELL")
+    return default if raw is None or raw.strip() == "" else validate_min_cell(raw, "ALLIANCE_MIN_CELL")
+
+
 @dataclass(frozen=True)
 class Options:
     """Report settings: the small-cell threshold and whether rate numerators are protected too."""
 
     min_cell: int = 11
     protect_numerators: bool = True
+
+    def __post_init__(self) -> None:
+        validate_min_cell(self.min_cell, "min_cell")
 
 
 def fmt(v: Shown | float | int | None, kind: str = "n", digits: int = 1) -> str:
@@ -72,8 +102,8 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
             "sessions": suppress_value(a["sessions"], a["active_patients"], mc),
             "attendance": suppress_rate(a["sessions"], a["appointments"], mc, opts.protect_numerators)
             if a["booked_patients"] >= mc else Shown(None, a["booked_patients"], PRIMARY),
-            "with_alliance": _completeness(a, "alliance", mc),
-            "with_outcome": _completeness(a, "outcome", mc),
+            "with_alliance": _completeness(a, "alliance", mc, opts.protect_numerators),
+            "with_outcome": _completeness(a, "outcome", mc, opts.protect_numerators),
         }
 
     # Alliance trend: one point per month of the window, each resting on that month's patients.
@@ -103,6 +133,12 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
             reasons = [PRIMARY] * len(bins)
         shown_bins = [Shown(b["sessions"], b["patients"], r) for b, r in zip(bins, reasons, strict=True)]
         concern_hidden = not base_ok or hide[0] or hide[1] or hide[2]
+        if opts.protect_numerators:
+            # rate x n gives the count back (e.g. 33.3% of 15 sessions = 5 concern sessions): a
+            # small count of concern sessions or patients, or of their complement, hides the rate.
+            k, n = al["concern_sessions"], al["srs_sessions"]
+            concern_hidden = concern_hidden or any(is_small(v, mc) for v in (
+                k, n - k, al.get("concern_patients"), al.get("no_concern_patients")))
         ctx["srs_bins"] = [(_bin_label(b["lo"], b["hi"]), s, b["below_cutoff"])
                            for b, s in zip(bins, shown_bins, strict=True)]
         cut_idx = max(below) if below else None
@@ -129,11 +165,16 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
             "cutoff": raw.srs_cutoff,
         }
 
-    # Outcomes: categories per instrument, each a distribution summing to its shown total.
+    # Outcomes: categories per instrument, each a distribution summing to its shown total. The
+    # row of the outcome instrument is suppressed together with the early-alliance bands below.
+    linked_jt, ctx["early_bins"], early_ok = _jt_and_early_bands(raw, opts)
     if raw.jt is not None:
         jt_rows = []
         for row in raw.jt:
-            counts, total, pct = suppress_categories(row["counts"], mc)
+            if row["instrument"] in linked_jt:
+                counts, total, pct = linked_jt[row["instrument"]]
+            else:
+                counts, total, pct = suppress_categories(row["counts"], mc)
             jt_rows.append({"instrument": row["instrument"], "counts": counts, "total": total, "pct": pct})
         ctx["jt"] = jt_rows
         main = max(jt_rows, key=lambda r: r["total"].value or 0, default=None)
@@ -187,28 +228,27 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
             "loss": suppress_rate(s["with_loss"], s["patients"], mc, opts.protect_numerators),
         }
 
-    # Alliance and outcome: early-alliance bands against % reliably improved.
-    if raw.early_bins is not None:
-        eb = [(_bin_label(b["lo"], b["hi"]),
-               suppress_rate(b["improved"], b["patients"], mc, opts.protect_numerators), b["patients"])
-              for b in raw.early_bins]
-        # Band sizes sum to the patients shown in the association table: hide them together.
-        reasons, _ = suppress_groups([b[2] for b in eb], [list(range(len(eb)))], mc)
-        ctx["early_bins"] = [(lbl, r if not reason else Shown(None, n, reason), Shown(n, n, reason))
-                             for (lbl, r, n), reason in zip(eb, reasons, strict=True)]
+    # Alliance and outcome: early-alliance bands against % reliably improved, on the same outcome
+    # instrument as the correlation (assoc_outcome_instrument), named on the chart.
+    ctx["outcome_instrument"] = raw.outcome_instrument
+    if early_ok:
+        inst = raw.outcome_instrument
         ctx["early_svg"] = charts.bars(
-            "chart-early", "Reliable improvement by early alliance",
-            "Share of closed episodes reliably improved, by band of early alliance (mean of the "
-            "first three SRS totals).",
+            "chart-early", f"Reliable improvement on {inst} by early alliance",
+            f"Share of closed episodes reliably improved on {inst}, by band of early alliance "
+            f"(mean of the first three SRS totals), episodes closed {window}.",
             [charts.Bar(f"early SRS {lbl}", r, fmt(r, "pct", 0), "dots") for lbl, r, _ in ctx["early_bins"]],
             v_max=100)
     if raw.association is not None:
         rows = []
         for r in raw.association:
             label = str(r.get("scope") or r.get("level") or "overall")
-            est = suppress_value(r.get("r"), r.get("n"), mc)
+            # Suppress on, and show, the n the CI rests on: for the between-therapist part that is
+            # the number of therapists, not their patients (Baldwin, Wampold & Imel 2007).
+            n_eff = r.get("n_effective", r.get("n"))
+            est = suppress_value(r.get("r"), n_eff, mc)
             rows.append({"label": label, "est": est, "lo": r.get("ci_low"), "hi": r.get("ci_high"),
-                         "n": r.get("n")})
+                         "n": n_eff, "part": r.get("part")})
         ctx["association"] = rows
         ctx["assoc_svg"] = charts.estimate_ci(
             "chart-assoc", "Early alliance and outcome: correlation with 95% CI",
@@ -252,25 +292,114 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
             "sessions": Shown(total_s, total_p, PRIMARY if hide_total[0] or 0 < total_p < mc else None),
         }
 
+    ctx["therapist_period"] = window if raw.therapists_windowed else "all time up to the snapshot"
+    ctx["therapists_windowed"] = raw.therapists_windowed
     ctx["quarantine"] = raw.quarantine
     ctx["quarantine_unattributed"] = raw.quarantine_unattributed
-    ctx["failing_checks"] = raw.failing_checks
+    ctx["quarantine_by_received"] = raw.quarantine_by_received
+    ctx["check_history"] = raw.check_history
+    ctx["checks_latest"] = raw.checks_latest
+    ctx["checks_period_end"] = raw.checks_period_end
     ctx["instruments"] = raw.instruments
     ctx["parameters"] = raw.parameters
     ctx["charts"] = [k for k in ctx if k.endswith("_svg")]
     return ctx
 
 
-def _rate_over_patients(k: int, n: int, patients: int, mc: int) -> Shown:
-    """A rate over sessions that rests on `patients` patients."""
-    if not n:
-        return Shown(None, patients)
-    return Shown(100.0 * k / n, patients, PRIMARY if patients < mc else None)
+def _completeness(a: dict[str, Any], kind: str, mc: int, protect_numerators: bool) -> Shown:
+    """% of attended sessions with a score: the mart's fraction when present, else counted.
 
-
-def _completeness(a: dict[str, Any], kind: str, mc: int) -> Shown:
-    """% of attended sessions with a score: the mart's fraction when present, else counted."""
+    Rests on the month's patients; with protect_numerators also hidden when the sessions (or
+    patients) with, or without, a score are a small count, since rate x sessions gives it back
+    (93.8% of 16 sessions = 1 session without a score).
+    """
+    n = int(a["sessions"] or 0)
     frac = a.get(f"{kind}_completeness")
     if frac is not None:
-        return Shown(100.0 * float(frac), a["active_patients"], PRIMARY if a["active_patients"] < mc else None)
-    return _rate_over_patients(a[f"with_{kind}"], a["sessions"], a["active_patients"], mc)
+        value: float | None = 100.0 * float(frac)
+        k = round(float(frac) * n)
+    else:
+        k = int(a[f"with_{kind}"] or 0)
+        value = 100.0 * k / n if n else None
+    if value is None:
+        return Shown(None, a["active_patients"])
+    small = a["active_patients"] < mc or (protect_numerators and any(is_small(v, mc) for v in (
+        k, n - k, a.get(f"patients_with_{kind}"), a.get(f"patients_without_{kind}"))))
+    return Shown(value, a["active_patients"], PRIMARY if small else None)
+
+
+def _jt_and_early_bands(
+    raw: RawReport, opts: Options,
+) -> tuple[dict[str, tuple[dict[str, Shown], Shown, dict[str, Shown]]],
+           list[tuple[str, Shown, Shown]], bool]:
+    """Suppress the outcome instrument's Jacobson-Truax row and the early-alliance bands together.
+
+    Both rest on the instrument's episodes closed in the window, so published figures tie them:
+    the band sizes sum to the Jacobson-Truax total, the bands' reliably improved counts (rate x
+    band size) sum to recovered + improved, and their complements to unchanged + deteriorated +
+    harmed. Each relation is a group for secondary suppression (`suppress_groups`), so that no
+    hidden cell of either table is their difference from cells shown in the other.
+    Returns ({instrument: (counts, total, pct)}, early-band rows (label, rate, size), bands shown).
+    """
+    mc, protect = opts.min_cell, opts.protect_numerators
+    inst = raw.outcome_instrument
+    bands = raw.early_bins or []
+    jt_row = next((r for r in raw.jt or [] if r["instrument"] == inst), None)
+    jt_counts = {c: int((jt_row or {}).get("counts", {}).get(c) or 0) for c in JT_CATEGORIES}
+    jt_total = sum(jt_counts.values())
+    nj, nb = len(JT_CATEGORIES), len(bands)
+    j_idx = {c: i for i, c in enumerate(JT_CATEGORIES)}
+    n_idx = [nj + i for i in range(nb)]  # band sizes
+    r_idx = [nj + nb + i for i in range(nb)]  # band rates (improved counts)
+    bases = (list(jt_counts.values()) + [int(b["patients"]) for b in bands]
+             + [int(b["patients"]) for b in bands])
+    primary = [jt_row is not None and (0 < jt_total < mc or is_small(v, mc))
+               for v in jt_counts.values()]
+    primary += [is_small(int(b["patients"]), mc) for b in bands]
+    primary += [is_small(int(b["patients"]), mc) or (protect and int(b["patients"]) > 0 and (
+        is_small(int(b["improved"]), mc) or is_small(int(b["patients"]) - int(b["improved"]), mc)))
+        for b in bands]
+    groups = [
+        list(range(nj)),  # JT categories -> JT total
+        n_idx,  # band sizes -> the same total
+        r_idx + [j_idx["recovered"], j_idx["improved"]],  # improved per band -> R + I
+        r_idx + [j_idx["unchanged"], j_idx["deteriorated"], j_idx["harmed"]],  # the complements
+    ]
+    linked = list(zip(n_idx, r_idx, strict=True))
+    reasons, hide_total = suppress_groups(bases, groups, mc, primary=primary, linked=linked)
+    # "Exactly one hidden cell per group" misses cells isolated by combining groups across the
+    # two tables; check the relations exactly, with the shared total as a cell of its own.
+    t_idx = len(bases)
+    relations = [
+        {**dict.fromkeys(range(nj), 1.0), t_idx: -1.0},
+        {**dict.fromkeys(n_idx, 1.0), t_idx: -1.0},
+        {**dict.fromkeys(r_idx, 1.0), j_idx["recovered"]: -1.0, j_idx["improved"]: -1.0},
+    ]
+    total_hidden = hide_total[0] or hide_total[1] or (jt_row is not None and 0 < jt_total < mc)
+    reasons = suppress_relations(bases + [jt_total], relations,
+                                 reasons + [PRIMARY if total_hidden else None],
+                                 linked=linked, last_resort=[t_idx])
+    total_hidden = reasons.pop() is not None
+
+    linked_jt: dict[str, tuple[dict[str, Shown], Shown, dict[str, Shown]]] = {}
+    if jt_row is not None:
+        if 0 < jt_total < mc:
+            counts = {c: Shown(v, v, PRIMARY) for c, v in jt_counts.items()}
+            pct = {c: Shown(None, jt_total, PRIMARY) for c in JT_CATEGORIES}
+            total = Shown(jt_total, jt_total, PRIMARY)
+        else:
+            counts = {c: Shown(v, v, reasons[j_idx[c]]) for c, v in jt_counts.items()}
+            pct = {c: Shown(100.0 * v / jt_total if jt_total else None, jt_total, reasons[j_idx[c]])
+                   for c, v in jt_counts.items()}
+            total = Shown(jt_total, jt_total, PRIMARY if total_hidden else None)
+        linked_jt[inst] = (counts, total, pct)
+
+    rows = []
+    for i, b in enumerate(bands):
+        n = int(b["patients"])
+        size = Shown(n, n, reasons[n_idx[i]])
+        rate = Shown(100.0 * int(b["improved"]) / n if n else None, n, reasons[r_idx[i]])
+        if rate.value is None and not rate.is_suppressed:
+            rate = Shown(None, 0)
+        rows.append((_bin_label(b["lo"], b["hi"]), rate, size))
+    return linked_jt, rows, raw.early_bins is not None

@@ -78,9 +78,19 @@ class RawReport:
     early_bins: list[dict[str, Any]] | None = None
     association: list[dict[str, Any]] | None = None
     therapists: list[dict[str, Any]] | None = None
+    # True: therapist figures over the trailing window (fct_ tables); False: the mart's all-time row.
+    therapists_windowed: bool = True
+    # Outcome instrument of the association, the therapist outcome columns and the early-alliance
+    # chart (parameter assoc_outcome_instrument), so that all three describe the same episodes.
+    outcome_instrument: str = "PHQ-9"
     quarantine: list[dict[str, Any]] | None = None
     quarantine_unattributed: int = 0
-    failing_checks: list[dict[str, Any]] | None = None
+    quarantine_by_received: int = 0  # of the clinic's lines: no readable event time, dated by receipt
+    # Check state at its latest evaluation in the snapshot, and as it was at the end of the period
+    # (None: no evaluation before then). Each: {"checks", "evaluated_to", "failing": [...]}.
+    checks_latest: dict[str, Any] | None = None
+    checks_period_end: dict[str, Any] | None = None
+    check_history: bool = False
     instruments: list[dict[str, Any]] = field(default_factory=list)
     parameters: list[dict[str, Any]] = field(default_factory=list)
 
@@ -142,6 +152,30 @@ def early_alliance_edges(cutoff: float) -> list[float]:
 JT_CATEGORIES = ["recovered", "improved", "unchanged", "deteriorated", "harmed"]
 
 
+def _check_state(
+    con: duckdb.DuckDBPyConnection, select: str, asset_col: str, name_col: str, time_col: str,
+    before: dt.date | None,
+) -> dict[str, Any] | None:
+    """Latest evaluation of every check (evaluated before `before` when given); None if none."""
+    where = f"where {time_col} < ?" if before is not None else ""
+    rows = _rows(con, f"""
+        with ranked as (
+            select {select},
+                   row_number() over (partition by {asset_col}, "{name_col}"
+                                      order by {time_col} desc) as rn
+            from quality.check_results {where}
+        )
+        select * exclude (rn) from ranked where rn = 1 order by asset, check_name
+    """, [before] if before is not None else [])
+    if not rows:
+        return None
+    return {
+        "checks": len(rows),
+        "evaluated_to": max(r["evaluated_at"] for r in rows),
+        "failing": [r for r in rows if not r["passed"]],
+    }
+
+
 def extract(
     con: duckdb.DuckDBPyConnection, clinic: str, period: Period
 ) -> RawReport:
@@ -158,6 +192,7 @@ def extract(
                         "where instrument = 'SRS' order by instrument_version desc limit 1").fetchone()
         if r and r[0] is not None:
             rep.srs_cutoff, rep.srs_operator = float(r[0]), str(r[1] or "<")
+    rep.outcome_instrument = str(parameter(con, "assoc_outcome_instrument", "PHQ-9"))
     # The mart's own flag, so the report's % concern is the mart's number.
     concern_sql = "coalesce(srs_concern, false)"
 
@@ -176,7 +211,18 @@ def extract(
                 count(*) filter (where s.status = 'attended') as sessions,
                 count(*) filter (where s.status in ('attended', 'no_show', 'cancelled')) as appointments,
                 count(*) filter (where s.status = 'attended' and q.has_alliance) as with_alliance,
-                count(*) filter (where s.status = 'attended' and q.has_outcome) as with_outcome
+                count(*) filter (where s.status = 'attended' and q.has_outcome) as with_outcome,
+                -- patients behind each numerator and its complement (protect_numerators)
+                count(distinct s.patient_id) filter (where s.status = 'attended' and q.has_alliance)
+                    as patients_with_alliance,
+                count(distinct s.patient_id) filter (
+                    where s.status = 'attended' and not coalesce(q.has_alliance, false))
+                    as patients_without_alliance,
+                count(distinct s.patient_id) filter (where s.status = 'attended' and q.has_outcome)
+                    as patients_with_outcome,
+                count(distinct s.patient_id) filter (
+                    where s.status = 'attended' and not coalesce(q.has_outcome, false))
+                    as patients_without_outcome
             from s left join q using (session_id)
         """, [clinic, m0, clinic])[0]
         rep.activity = a
@@ -224,6 +270,8 @@ def extract(
                 count(*) as srs_sessions,
                 count(distinct patient_id) as srs_patients,
                 count(*) filter (where {concern_sql}) as concern_sessions,
+                count(distinct patient_id) filter (where {concern_sql}) as concern_patients,
+                count(distinct patient_id) filter (where not {concern_sql}) as no_concern_patients,
                 avg(srs_total) as mean_srs
             from marts.fct_alliance_sessions
             where clinic_id = ? and srs_total is not null and session_month = ?
@@ -273,10 +321,8 @@ def extract(
             rows = _rows(con, f"""
                 select patient_id, early_alliance, reliably_improved as reliable_improvement, change
                 {closed} and early_alliance is not null and reliably_improved is not null
-                    and instrument = (
-                        select instrument {closed} and early_alliance is not null
-                        group by 1 order by count(*) desc, 1 limit 1)
-            """, args + args)
+                    and instrument = ?
+            """, [*args, rep.outcome_instrument])
             bins = []
             for lo, hi in zip(edges[:-1], edges[1:], strict=True):
                 inside = [r for r in rows if lo <= r["early_alliance"] < hi]
@@ -305,8 +351,13 @@ def extract(
     aoa = columns(con, "marts", "alliance_outcome_association")
     if aoa:
         if {"scope", "part"} <= aoa:
-            rep.association = _rows(con, """
-                select scope || ': ' || replace(part, '_', '-') as scope, r, ci_low, ci_high, n
+            # n_effective is the sample size behind the CI (therapists for the between part,
+            # patients - therapists + 1 within); it is what the report shows and suppresses on.
+            n_eff = "n_effective" if "n_effective" in aoa else "n"
+            n_th = "n_therapists" if "n_therapists" in aoa else "null"
+            rep.association = _rows(con, f"""
+                select scope || ': ' || replace(part, '_', '-') as scope, part, r, ci_low, ci_high,
+                       n as n_patients, {n_eff} as n_effective, {n_th} as n_therapists
                 from marts.alliance_outcome_association
                 where (scope = 'clinic' and clinic_id = ?) or (scope = 'network' and part = 'overall')
                 order by scope, case part when 'overall' then 0 when 'within_therapist' then 1 else 2 end
@@ -315,9 +366,44 @@ def extract(
             rep.association = _rows(con, "select * from marts.alliance_outcome_association "
                                          "where clinic_id = ?", [clinic])
 
-    ts = columns(con, "marts", "therapist_summary")
-    if ts:
-        # The mart's own figures (all time to the snapshot), rates turned into percentages.
+    need_fas = {"therapist_id", "patient_id", "session_month", "alliance_total"}
+    need_feo = {"therapist_id", "instrument", "is_closed", "closed_at", "is_paired",
+                "reliably_improved", "improvement_vs_expected", "network_intake_sd"}
+    if need_fas <= fas and need_feo <= feo:
+        # The therapist table covers the trailing window ending with the report month, as its
+        # header says: sessions in the window, closed episodes of the outcome instrument closed in
+        # it. Same definitions as marts.therapist_summary (which covers all time).
+        rep.therapists = _rows(con, """
+            with s as (
+                select therapist_id, count(distinct patient_id) as patients, count(*) as sessions,
+                       avg(alliance_total) as mean_alliance
+                from marts.fct_alliance_sessions
+                where clinic_id = ? and therapist_id is not null
+                    and session_month >= ? and session_month < ?
+                group by 1
+            ),
+            o as (
+                select therapist_id,
+                       count(*) filter (where is_paired) as outcome_patients,
+                       100.0 * avg(case when reliably_improved then 1.0 else 0.0 end)
+                           filter (where is_paired) as pct_reliable_improvement,
+                       avg(improvement_vs_expected) / any_value(network_intake_sd)
+                           as severity_adjusted_es
+                from marts.fct_episode_outcomes
+                where clinic_id = ? and instrument = ? and is_closed and therapist_id is not null
+                    and closed_at >= ? and closed_at < ?
+                group by 1
+            )
+            select therapist_id, coalesce(s.patients, 0) as patients,
+                   coalesce(s.sessions, 0) as sessions, s.mean_alliance,
+                   o.pct_reliable_improvement, coalesce(o.outcome_patients, 0) as outcome_patients,
+                   o.severity_adjusted_es
+            from s full outer join o using (therapist_id)
+            order by therapist_id
+        """, [clinic, w0, m1, clinic, rep.outcome_instrument, w0, m1])
+    elif columns(con, "marts", "therapist_summary"):
+        # An older snapshot without the fct_ columns: the mart's all-time figures, labelled so.
+        rep.therapists_windowed = False
         rep.therapists = _rows(con, """
             select therapist_id, patients, sessions_attended as sessions, mean_alliance,
                    100.0 * reliable_improvement_rate as pct_reliable_improvement,
@@ -328,18 +414,33 @@ def extract(
 
     qc = columns(con, "raw", "quarantine")
     if qc:
+        # A quarantined line belongs to the month its event took place (occurred_at in the
+        # redacted envelope, in UTC months as core.sessions.session_month), not the month it was
+        # processed: a report made later for an earlier month must still find it. Lines without a
+        # readable occurred_at are dated by when they were received (recorded_at), and counted.
         q = _rows(con, """
-            select json_extract_string(line_redacted, '$.clinic_id') as clinic_id,
-                   reason_code, count(*) as records
-            from raw.quarantine
-            where recorded_at >= ? and recorded_at < ?
+            with lines as (
+                select json_extract_string(line_redacted, '$.clinic_id') as clinic_id,
+                       reason_code,
+                       try_cast(json_extract_string(line_redacted, '$.occurred_at') as timestamptz)
+                           as occurred_at,
+                       recorded_at
+                from raw.quarantine
+            )
+            select clinic_id, reason_code, count(*) as records,
+                   count(*) filter (where occurred_at is null) as by_received
+            from lines
+            where cast(date_trunc('month', coalesce(occurred_at, recorded_at) at time zone 'UTC')
+                       as date) = ?
             group by all
-        """, [m0, m1])
+        """, [m0])
+        mine = [r for r in q if r["clinic_id"] == clinic]
         rep.quarantine = sorted(
-            ({"reason_code": r["reason_code"], "records": r["records"]} for r in q
-             if r["clinic_id"] == clinic),
+            ({"reason_code": r["reason_code"], "records": r["records"],
+              "by_received": r["by_received"]} for r in mine),
             key=lambda r: (-r["records"], r["reason_code"]),
         )
+        rep.quarantine_by_received = sum(r["by_received"] for r in mine)
         rep.quarantine_unattributed = sum(r["records"] for r in q if r["clinic_id"] is None)
 
     cr = columns(con, "quality", "check_results")
@@ -347,20 +448,17 @@ def extract(
         name_col = "check_name" if "check_name" in cr else ("check" if "check" in cr else None)
         time_col = next((c for c in ("evaluated_at", "checked_at", "recorded_at", "time") if c in cr), None)
         if name_col and "passed" in cr and time_col:
+            rep.check_history = True
             asset_col = "asset_key" if "asset_key" in cr else ("asset" if "asset" in cr else "''")
             sev = "severity" if "severity" in cr else "''"
             unexp = "unexpected_count" if "unexpected_count" in cr else "null"
-            rep.failing_checks = _rows(con, f"""
-                with latest as (
-                    select {asset_col} as asset, "{name_col}" as check_name, passed,
-                           {sev} as severity, {unexp} as unexpected_count, {time_col} as evaluated_at,
-                           row_number() over (partition by {asset_col}, "{name_col}"
-                                              order by {time_col} desc) as rn
-                    from quality.check_results where {time_col} < ?
-                )
-                select asset, check_name, severity, unexpected_count, evaluated_at
-                from latest where rn = 1 and not passed order by asset, check_name
-            """, [m1])
+            select = (f'{asset_col} as asset, "{name_col}" as check_name, passed, {sev} as severity, '
+                      f"{unexp} as unexpected_count, {time_col} as evaluated_at")
+            # Checks are evaluated when the pipeline runs, not per month: the state that covers
+            # this month's data is the latest one (as of the snapshot); the state at the end of
+            # the period is shown too, and said to be absent when nothing was evaluated by then.
+            rep.checks_latest = _check_state(con, select, asset_col, name_col, time_col, None)
+            rep.checks_period_end = _check_state(con, select, asset_col, name_col, time_col, m1)
 
     if columns(con, "seeds", "instruments"):
         rep.instruments = _rows(con, "select * from seeds.instruments order by all")

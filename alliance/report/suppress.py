@@ -57,11 +57,15 @@ def suppress_groups(
     groups: Sequence[Sequence[int]],
     min_cell: int = DEFAULT_MIN_CELL,
     primary: Sequence[bool] | None = None,
+    linked: Sequence[tuple[int, int]] = (),
 ) -> tuple[list[str | None], list[bool]]:
     """Return each cell's suppression reason and, per group, whether its total must be hidden.
 
-    bases: patients behind each cell. groups: index lists of cells that sum to a published figure.
-    primary: optional precomputed primary flags (default: ``is_small(base)``).
+    bases: patients behind each cell. groups: index lists of cells that sum to a published figure
+    (or to a sum of other cells: a linear relation with one unknown gives that unknown back just
+    the same). primary: optional precomputed primary flags (default: ``is_small(base)``).
+    linked: pairs (i, j): when cell i is hidden, cell j is hidden too (a rate whose count is
+    hidden cannot stay visible without giving the count back, or vice versa).
     """
     n = len(bases)
     reasons: list[str | None] = [None] * n
@@ -73,6 +77,10 @@ def suppress_groups(
     changed = True
     while changed:
         changed = False
+        for i, j in linked:
+            if reasons[i] and not reasons[j]:
+                reasons[j] = SECONDARY
+                changed = True
         # Smallest groups first: a complement chosen there often protects the larger ones too.
         for g in sorted(range(len(groups)), key=lambda g: (len(groups[g]), g)):
             members = groups[g]
@@ -154,3 +162,58 @@ def suppress_rows(
     """
     groups = [list(range(len(row_bases)))] if total_shown else []
     return suppress_groups(list(row_bases), groups, min_cell)
+
+
+def recoverable(relations: Sequence[Mapping[int, float]], hidden: set[int]) -> list[int]:
+    """Hidden cells whose exact value follows from the relations and the shown cells.
+
+    relations: linear equations between cells (cell index -> coefficient, each summing to 0; a
+    shown total is a cell too). A hidden cell is recoverable when its unit vector lies in the row
+    space of the relations restricted to the hidden cells (linear algebra, exact up to rounding).
+    """
+    import numpy as np
+
+    cols = sorted(hidden)
+    if not cols or not relations:
+        return []
+    a = np.array([[float(r.get(c, 0.0)) for c in cols] for r in relations])
+    rank = np.linalg.matrix_rank(a)
+    out = []
+    for k, c in enumerate(cols):
+        unit = np.zeros((1, len(cols)))
+        unit[0, k] = 1.0
+        if np.linalg.matrix_rank(np.vstack([a, unit])) == rank:
+            out.append(c)
+    return out
+
+
+def suppress_relations(
+    bases: Sequence[int],
+    relations: Sequence[Mapping[int, float]],
+    reasons: Sequence[str | None],
+    linked: Sequence[tuple[int, int]] = (),
+    last_resort: Sequence[int] = (),
+) -> list[str | None]:
+    """Hide further cells until no hidden cell can be worked out from the relations (secondary).
+
+    Complements `suppress_groups` where tables are tied by relations across them (one table's
+    cells sum to a combination of another's): for a recoverable cell, the smallest shown non-zero
+    cell of a relation containing it is hidden too; `last_resort` cells (published totals) only
+    when nothing else is left. linked: (i, j) pairs, j hidden whenever i is.
+    """
+    out = list(reasons)
+    for _ in range(len(out) + 1):
+        for i, j in linked:
+            if out[i] and not out[j]:
+                out[j] = SECONDARY
+        rec = recoverable(relations, {i for i, r in enumerate(out) if r})
+        if not rec:
+            return out
+        cell = rec[0]
+        cands = {i for r in relations if r.get(cell) for i in r if not out[i] and i != cell}
+        pick = ([i for i in cands if i not in last_resort and bases[i] > 0]
+                or [i for i in cands if i not in last_resort] or list(cands))
+        if not pick:  # nothing left to hide: cannot happen when totals are cells too
+            return out
+        out[min(pick, key=lambda i: (bases[i], i))] = SECONDARY
+    return out
