@@ -847,6 +847,30 @@ where episode_id is not null
 """
 
 
+# A response's id is its submission's event_id; for an orphan chain (its submission has not
+# arrived) it is the amends_event_id at the chain's root (staging.stg_questionnaire_versions).
+# Every amends_event_id of the affected episodes is taken, not only roots: a superset costs a few
+# unused keys and needs no second definition of "root" (as-of, rejected files) to stay in step.
+_RESPONSE_KEYS_SQL = """
+insert into {keys}
+with
+events as (
+    select event_id, event_type, payload ->> 'amends_event_id' as amends_event_id
+    from raw.events
+    where file_id <= {through}
+        and event_type in ('questionnaire.submitted', 'questionnaire.amended')
+        and episode_id in (select episode_id from _inc_episodes)
+),
+response_ids as (
+    select event_id as response_id from events where event_type = 'questionnaire.submitted'
+    union
+    select amends_event_id from events where event_type = 'questionnaire.amended'
+)
+select 'response_id', {since}, {through}, response_id from response_ids
+where response_id is not null
+"""
+
+
 def affected_keys(con: duckdb.DuckDBPyConnection, kind: str | None, since: int | None,
                   through: int | None) -> str:
     """A temp table (column `kind`) of every key whose rows events since..through may change.
@@ -854,8 +878,10 @@ def affected_keys(con: duckdb.DuckDBPyConnection, kind: str | None, since: int |
     episode_id: the episodes named by the new events, of the events a new retraction retracts,
     closed under "shares a session with" and "is in the same amendment chain as" (so a session
     or a questionnaire response never straddles the affected and unaffected episodes).
-    response_id: every questionnaire submission of those episodes (a response's id is its
-    submission's event_id; its whole chain lies in affected episodes by the closure).
+    response_id: every questionnaire submission of those episodes and every id their amendments
+    name (a response's id is its submission's event_id, or for an orphan chain the missing
+    submission's id its root amendment names; its whole chain lies in affected episodes by the
+    closure).
     Computed once per (since, through) and kept in meta.incremental_keys for the other models.
     """
     if kind not in KEY_KINDS or since is None or through is None:
@@ -880,10 +906,7 @@ def affected_keys(con: duckdb.DuckDBPyConnection, kind: str | None, since: int |
         con.execute(f"delete from {KEYS_TABLE} where through_file_id < ?", [through])
         con.execute(f"insert into {KEYS_TABLE} select 'episode_id', ?, ?, episode_id "
                     "from _inc_episodes", [since, through])
-        con.execute(
-            f"insert into {KEYS_TABLE} select 'response_id', ?, ?, event_id from raw.events "
-            "where event_type = 'questionnaire.submitted' and file_id <= ? "
-            "and episode_id in (select episode_id from _inc_episodes)", [since, through, through])
+        con.execute(_RESPONSE_KEYS_SQL.format(keys=KEYS_TABLE, **fmt))
         # marker rows: the range is computed even when it touched nothing
         con.execute(f"insert into {KEYS_TABLE} values ('episode_id', ?, ?, null), "
                     "('response_id', ?, ?, null)", [since, through, since, through])

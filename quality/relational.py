@@ -86,8 +86,10 @@ _UNSTAGED_SQL = f"""
     group by event_type
 """
 
-# Response chains of non-orphan questionnaire versions = current responses + withdrawn chains
-# (submission retracted, or every version retracted).
+# Response chains of questionnaire versions = current responses + withdrawn chains (the
+# response's id retracted: its submission, or the missing submission of an orphan chain; or every
+# version retracted). Orphan chains count (stg_questionnaire_versions); only amendment loops, which
+# have no response_id, are left out.
 _RESPONSES_SQL = """
     with
 
@@ -100,11 +102,11 @@ _RESPONSES_SQL = """
     chains as (
         select
             v.response_id,
-            bool_or(v.event_type = 'questionnaire.submitted' and r.event_id is not null)
+            v.response_id in (select event_id from retracted)
                 or bool_and(r.event_id is not null) as is_withdrawn
         from staging.stg_questionnaire_versions as v
         left join retracted as r using (event_id)
-        where not v.is_orphan
+        where v.response_id is not null
         group by v.response_id
     ),
 
@@ -175,7 +177,7 @@ CONSERVATION_CHECKS: tuple[RelationalCheck, ...] = (
         name="responses_conserved",
         asset=("staging", "stg_questionnaire_responses"),
         severity="ERROR",
-        description="Questionnaire response chains (non-orphan versions) = current responses in "
+        description="Questionnaire response chains (orphan chains included) = current responses in "
         "staging.stg_questionnaire_responses + chains withdrawn by a retraction.",
         failing_sql=_failing(_RESPONSES_SQL),
         requires=("staging.stg_questionnaire_versions", "staging.stg_questionnaire_retractions",

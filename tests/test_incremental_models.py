@@ -7,7 +7,9 @@ of A's questionnaires, a late questionnaire, a therapist reassignment, an episod
 no-show corrected to attended, and an amendment whose submission has not arrived yet); B2 = that
 late submission. After each batch the models build incrementally. A second warehouse gets the
 same raw.events (A + B1 + B2, byte for byte: recorded_at is set at ingest) and the same seeds, and
-builds everything fully: every model must hold the same rows.
+builds everything fully: every model must hold the same rows. A third does the same with A + B1
+only and is compared with the incremental warehouse as it was after B1 (the orphan amendment
+counts and is scored before its submission arrives).
 """
 
 from __future__ import annotations
@@ -149,18 +151,26 @@ def warehouses(tmp_path_factory: pytest.TempPathFactory) -> dict:
     round1 = _build_checked(inc, incremental=True)
     orphans_after_b1 = inc.execute(
         "select count(*) from staging.stg_questionnaire_versions where is_orphan").fetchone()[0]
+    full_b1 = _full_copy(inc, tmp / "full-b1.duckdb")
+    after_b1 = {fqn: _rows(inc, *fqn.split(".")) for fqn in sqlrunner.discover_models()}
     _ingest(inc, [late], tmp)
     round2 = _build_checked(inc, incremental=True)
+    full = _full_copy(inc, tmp / "full.duckdb")
+    return {"tmp": tmp, "inc": inc, "full": full, "full_b1": full_b1, "after_b1": after_b1,
+            "first": first, "round1": round1, "round2": round2,
+            "orphans_after_b1": orphans_after_b1, "late_submission": b2[0]["event_id"]}
 
-    inc.execute(f"attach '{tmp / 'full.duckdb'}' as dst")
+
+def _full_copy(inc: duckdb.DuckDBPyConnection, path: Path) -> duckdb.DuckDBPyConnection:
+    """A warehouse with inc's raw.events as they are now, its models built fully."""
+    inc.execute(f"attach '{path}' as dst")
     inc.execute("create schema dst.raw")
     inc.execute("create table dst.raw.events as select * from raw.events")
     inc.execute("detach dst")
-    full = duckdb.connect(str(tmp / "full.duckdb"))
+    full = duckdb.connect(str(path))
     _seed(full)
     _build_checked(full, incremental=False)
-    return {"tmp": tmp, "inc": inc, "full": full, "first": first, "round1": round1,
-            "round2": round2, "orphans_after_b1": orphans_after_b1}
+    return full
 
 
 def _rows(con: duckdb.DuckDBPyConnection, schema: str, name: str) -> list[tuple]:
@@ -212,6 +222,27 @@ def test_incremental_equals_full_rebuild(warehouses, fqn):
     full_rows = _rows(warehouses["full"], schema, name)
     assert len(inc_rows) == len(full_rows), fqn
     assert inc_rows == full_rows, fqn
+    # and as it was after B1, while the orphan amendment waited for its submission
+    b1_rows = _rows(warehouses["full_b1"], schema, name)
+    assert len(warehouses["after_b1"][fqn]) == len(b1_rows), fqn
+    assert warehouses["after_b1"][fqn] == b1_rows, fqn
+
+
+def test_orphan_amendment_is_scored_before_and_after_its_submission(warehouses):
+    # An amendment whose submission has not arrived stands as its own response under the id the
+    # submission will have; when it arrives it joins that response (same response_id).
+    sub_id = warehouses["late_submission"]
+    q = ("select r.event_type, s.version_count, r.is_orphan, s.total is not null "
+         "from core.questionnaire_scores as s join staging.stg_questionnaire_responses as r "
+         "using (response_id, event_id) where response_id = ?")
+    assert warehouses["full_b1"].execute(q, [sub_id]).fetchall() == [
+        ("questionnaire.amended", 1, True, True)]
+    assert warehouses["inc"].execute(q, [sub_id]).fetchall() == [
+        ("questionnaire.amended", 2, False, True)]
+    items = warehouses["full_b1"].execute(
+        "select count(*) from core.questionnaire_item_answers where response_id = ?",
+        [sub_id]).fetchone()[0]
+    assert items == 9  # PHQ-9
 
 
 def test_changed_sql_or_parameters_force_a_full_refresh(warehouses, tmp_path: Path):

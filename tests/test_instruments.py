@@ -151,7 +151,9 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory, custom_dir: Path):
     e.q("bdi_29", "BDI-II", total=29)
     e.q("bdi_bad", "BDI-II", total=70)
     # corrections: (a) amended; (b) amendment chain with the last amendment retracted;
-    # (c) amended then the submission retracted; (d) an orphan amendment
+    # (c) amended then the submission retracted; (d) an orphan amendment (its submission never
+    # arrived: it stands as its own response under the missing submission's id); (e) an orphan
+    # chain of two amendments; (f) an orphan whose missing submission is retracted
     e.q("a_sub", "PHQ-9", [0] * 9, minute=1)
     e.q("a_amd", "PHQ-9", [1] * 9, minute=2, event_type="questionnaire.amended", amends="a_sub")
     e.q("b_sub", "GAD-7", [0] * 7, minute=1)
@@ -162,6 +164,13 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory, custom_dir: Path):
     e.q("c_amd", "SRS", [6, 6, 6, 6], minute=2, event_type="questionnaire.amended", amends="c_sub")
     e.add("c_ret", "questionnaire.retracted", {"retracts_event_id": "c_sub"}, minute=5)
     e.q("orphan", "PHQ-9", [1] * 9, event_type="questionnaire.amended", amends="nowhere")
+    e.q("e_am1", "GAD-7", [1] * 7, minute=2, event_type="questionnaire.amended", amends="e_gone")
+    e.q("e_am2", "GAD-7", [3] * 7, minute=3, event_type="questionnaire.amended", amends="e_am1")
+    e.q("f_amd", "SRS", [6, 6, 6, 6], minute=2, event_type="questionnaire.amended", amends="f_gone")
+    e.add("f_ret", "questionnaire.retracted", {"retracts_event_id": "f_gone"}, minute=5)
+    # (g) a malformed loop of amendments: no root, no response
+    e.q("g_lp1", "PHQ-9", [1] * 9, event_type="questionnaire.amended", amends="g_lp2")
+    e.q("g_lp2", "PHQ-9", [2] * 9, event_type="questionnaire.amended", amends="g_lp1")
     # the clinic's own instrument: mean of 4, (4 - 1), 2 = 3; one missing: mean of 4 and 3
     e.q("wb", "CLINIC-WB", [4, 1, 2], version="2")
     e.q("wb_pro", "CLINIC-WB", [4, 1, None], version="2")
@@ -401,15 +410,47 @@ def test_amendments_and_retractions(warehouse) -> None:
     b = score(warehouse, "b_sub")  # last amendment retracted: falls back to the first amendment
     assert (b["event_id"], b["total"], b["version_count"], b["retracted_version_count"]) == ("b_am1", 7, 3, 1)
     ids = {r[0] for r in warehouse.execute("select response_id from core.questionnaire_scores").fetchall()}
-    assert "c_sub" not in ids and "orphan" not in ids
+    assert "c_sub" not in ids
     # the full history stays queryable
-    hist = warehouse.execute("""select event_id, response_id, version_number, is_orphan
+    hist = warehouse.execute("""select event_id, response_id, version_number, amendment_depth,
+        is_orphan
         from staging.stg_questionnaire_versions
-        where event_id in ('b_sub', 'b_am1', 'b_am2', 'c_sub', 'c_amd', 'orphan')
+        where event_id in ('b_sub', 'b_am1', 'b_am2', 'c_sub', 'c_amd', 'orphan', 'e_am1', 'e_am2')
         order by event_id""").fetchall()
-    assert hist == [("b_am1", "b_sub", 2, False), ("b_am2", "b_sub", 3, False),
-                    ("b_sub", "b_sub", 1, False), ("c_amd", "c_sub", 2, False),
-                    ("c_sub", "c_sub", 1, False), ("orphan", None, 1, True)]
+    assert hist == [("b_am1", "b_sub", 2, 1, False), ("b_am2", "b_sub", 3, 2, False),
+                    ("b_sub", "b_sub", 1, 0, False), ("c_amd", "c_sub", 2, 1, False),
+                    ("c_sub", "c_sub", 1, 0, False), ("e_am1", "e_gone", 1, 1, True),
+                    ("e_am2", "e_gone", 2, 2, True), ("orphan", "nowhere", 1, 1, True)]
+
+
+def test_orphan_amendments_are_scored_under_the_missing_submissions_id(warehouse) -> None:
+    # An amendment whose submission never arrived (a FHIR export of an already corrected
+    # response) is a response of its own: response_id = the id its submission would have.
+    o = score(warehouse, "nowhere")
+    assert (o["event_id"], o["total"], o["version_count"], o["is_amended"]) == ("orphan", 9, 1, True)
+    e = score(warehouse, "e_gone")  # an orphan chain: its latest amendment counts
+    assert (e["event_id"], e["total"], e["version_count"]) == ("e_am2", 21, 2)
+    flags = dict(warehouse.execute("select response_id, is_orphan from "
+                                   "staging.stg_questionnaire_responses").fetchall())
+    assert (flags["nowhere"], flags["e_gone"], flags["a_sub"]) == (True, True, False)
+    # a retraction naming the missing submission's id withdraws the whole orphan chain
+    ids = {r[0] for r in warehouse.execute("select response_id from core.questionnaire_scores").fetchall()}
+    assert "f_gone" not in ids
+    assert warehouse.execute("select response_id from staging.stg_questionnaire_versions "
+                             "where event_id = 'f_amd'").fetchall() == [("f_gone",)]
+    # is_orphan stays a warn-level (informative) test
+    from alliance.sqlrunner import discover_models, run_tests
+
+    model = discover_models()["staging.stg_questionnaire_versions"]
+    [orphan_test] = [r for r in run_tests(warehouse, model) if r.test.column == "is_orphan"]
+    assert (orphan_test.test.severity, orphan_test.failing) == ("warn", 6)
+    # amendments in a loop reach no root: kept in the history, never a response
+    loop = warehouse.execute("select event_id, response_id, is_orphan from "
+                             "staging.stg_questionnaire_versions where event_id in ('g_lp1', 'g_lp2') "
+                             "order by event_id").fetchall()
+    assert loop == [("g_lp1", None, True), ("g_lp2", None, True)]
+    assert warehouse.execute("select count(*) from staging.stg_questionnaire_responses "
+                             "where event_id in ('g_lp1', 'g_lp2')").fetchone()[0] == 0
 
 
 def test_as_of_reproduces_the_past(warehouse) -> None:

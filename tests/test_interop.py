@@ -436,6 +436,56 @@ def test_imported_files_ingest_without_quarantine_and_phq9_scores(tmp_path) -> N
     assert row == [(10.0, 13.0, True)]
 
 
+def _hl7_phq9_export(folder: Path, status: str) -> Path:
+    """The HL7 PHQ-9 example as a bulk export would hold it with the response's status."""
+    folder.mkdir(parents=True)
+    for f in (REF / "fhir" / "hl7_sdc_phq9").iterdir():
+        doc = json.loads(f.read_text())
+        if doc.get("resourceType") == "QuestionnaireResponse" and status == "amended":
+            doc = {**doc, "status": "amended", "meta": {**doc.get("meta", {}), "versionId": "2"}}
+        (folder / f.name).write_text(json.dumps(doc))
+    return folder
+
+
+@needs_ref
+def test_amended_first_fhir_response_is_scored_and_a_late_original_joins_it(tmp_path) -> None:
+    # A bulk export holds only the current version of a QuestionnaireResponse: one corrected
+    # before the clinic's first export arrives as an amendment whose submission never comes.
+    ingest = pytest.importorskip("alliance.ingest", reason="the ingest engine is not there yet")
+    from alliance import instruments as ins
+    from alliance.config import SQL_DIR
+    from alliance.sqlrunner import run_models
+
+    amended = import_fhir_to_landing(_hl7_phq9_export(tmp_path / "x1", "amended"), "fhir.yaml",
+                                     tmp_path / "landing1")
+    original = import_fhir_to_landing(_hl7_phq9_export(tmp_path / "x0", "completed"), "fhir.yaml",
+                                      tmp_path / "landing0")
+    assert amended.balanced and not amended.quarantine
+    [amd] = by_type(amended.events, "questionnaire.amended")
+    [sub] = by_type(original.events, "questionnaire.submitted")
+    assert amd["payload"]["amends_event_id"] == sub["event_id"]  # deterministic ids
+    assert len(by_type(amended.events, "episode.opened")) == 1  # synthesised for it too
+
+    con = duckdb.connect(str(tmp_path / "wh.duckdb"))
+    ins.write_seed_tables(con, ins.load_instruments())
+    ins.write_parameters_table(con, SQL_DIR / "parameters.yml")
+    scored = """select s.response_id, s.event_id, s.total, s.total_reported, s.version_count,
+                       r.is_orphan, e.opened_at is not null
+                from core.questionnaire_scores as s
+                join staging.stg_questionnaire_responses as r using (response_id)
+                left join core.episodes as e on e.episode_id = s.episode_id"""
+    for path, expected in [
+        # scored on its own, under the id its submission would have had
+        (amended.events_path, [(sub["event_id"], amd["event_id"], 10.0, 13.0, 1, True, True)]),
+        # the original arrives later: same response, the correction still counts
+        (original.events_path, [(sub["event_id"], amd["event_id"], 10.0, 13.0, 2, False, True)]),
+    ]:
+        [fr] = ingest.ingest_files(con, [path], b"k" * 32, quarantine_dir=tmp_path / "q")
+        assert (fr.status, fr.quarantined) == ("ingested", 0), fr.quarantine_reasons
+        run_models(con, ["core.questionnaire_scores", "core.episodes"], upstream=True, tests=True)
+        assert con.execute(scored).fetchall() == expected
+
+
 # --------------------------------------------------------------------------- Parquet export
 
 
