@@ -72,9 +72,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _stage_of_steps(defs: Any) -> dict[str, str]:
     """Step key (node name) -> benchmark stage for every asset and check node."""
+    import dagster as dg
+
     graph = defs.resolve_asset_graph()
     out: dict[str, str] = {}
     for a in defs.assets or []:
+        if not isinstance(a, dg.AssetsDefinition) or not a.is_executable:
+            continue  # external assets (raw/rejected_files) have no step
         groups = {graph.get(k).group_name for k in a.keys}
         out[a.node_def.name] = GROUP_STAGE.get(sorted(groups)[0], "other")
     for c in defs.asset_checks or []:

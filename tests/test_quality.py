@@ -478,7 +478,8 @@ def test_checks_on_models_run_inside_the_models_step() -> None:
     model_keys = {k for a in model_assets() for k in a.keys}
     for checks in project.asset_checks or []:
         assert not {s.asset_key for s in checks.check_specs} & model_keys, checks.node_def.name
-    (models,) = [a for a in project.assets if dg.AssetKey(["staging", "stg_events"]) in a.keys]
+    (models,) = [a for a in project.assets if isinstance(a, dg.AssetsDefinition)
+                 and dg.AssetKey(["staging", "stg_events"]) in a.keys]
     own = {(k.asset_key.to_user_string(), k.name) for k in models.check_keys}
     assert ("staging/stg_events", "events_conserved") in own
     assert any(key.startswith("marts/") for key, _ in own)  # the GX marts suites
