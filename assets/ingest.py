@@ -122,7 +122,7 @@ def ingest(
     )
 
 
-@dg.asset_check(asset=RAW_FILES, blocking=True,
+@dg.asset_check(asset=RAW_FILES, blocking=True, pool="duckdb_writer",  # writes check history
                 description="Every file: lines read = accepted + duplicates + quarantined.")
 def line_conservation(
     context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource

@@ -4,19 +4,20 @@ Reads only the published snapshot (serving/alliance.duckdb), never the working w
 rendering reports never competes with the pipeline for the DuckDB write lock.
 """
 
-import os
 import warnings
 
 import dagster as dg
 
 from alliance.report import Options, build_report
+from alliance.report.context import min_cell_from_env
 from orchestration.partitions import CLINIC_DIM, MONTH_DIM, report_partitions
 
 
 class ReportConfig(dg.Config):
     """Per-run report settings (defaults: min_cell 11, or $ALLIANCE_MIN_CELL)."""
 
-    min_cell: int = int(os.environ.get("ALLIANCE_MIN_CELL", "11"))
+    # validated when the definitions load: a bad $ALLIANCE_MIN_CELL stops start-up, named
+    min_cell: int = min_cell_from_env()
     protect_numerators: bool = True
     pdf: bool = False
 

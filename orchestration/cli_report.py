@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,21 +15,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--clinic", required=True, help="clinic id as in the data, e.g. C1")
     p.add_argument("--month", required=True, help="report month, YYYY-MM")
-    p.add_argument("--min-cell", type=int, default=int(os.environ.get("ALLIANCE_MIN_CELL", "11")),
-                   help="suppress figures resting on fewer patients than this (default 11)")
+    p.add_argument("--min-cell", type=_min_cell_arg, default=None,
+                   help="suppress figures resting on fewer patients than this (at least 2; "
+                   "default $ALLIANCE_MIN_CELL or 11)")
     p.add_argument("--pdf", action="store_true", help="also print a PDF with headless Chromium")
     p.set_defaults(func=cmd_report)
+
+
+def _min_cell_arg(value: str) -> int:
+    from alliance.report.context import validate_min_cell
+
+    try:
+        return validate_min_cell(value, "--min-cell")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Add the clinic partition if needed, then materialise the one partition in-process."""
     from alliance.config import paths
     from alliance.report import report_path
+    from alliance.report.context import min_cell_from_env
     from alliance.report.data import parse_month
     from orchestration.execution import render_reports
     from orchestration.instance import get_instance
     from orchestration.partitions import add_clinic_partitions, clinic_partitions
 
+    if args.min_cell is None:
+        try:
+            args.min_cell = min_cell_from_env()
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     month = f"{parse_month(args.month):%Y-%m}"
     data = paths()
     if not data.serving.exists():

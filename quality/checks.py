@@ -122,6 +122,7 @@ def batch_checks(asset: dg.AssetKey = RAW_EVENTS) -> dg.AssetChecksDefinition:
     @dg.multi_asset_check(
         specs=specs,
         name="raw_events_batch_suite",
+        pool="duckdb_writer",  # it writes quality.check_results and quality.validated_batches
         description="Great Expectations contract checks on the events this run ingested "
         "(and any ingested file not validated yet).",
     )

@@ -211,6 +211,10 @@ def test_definitions_wire_pool_jobs_schedules_and_sensors(world):
     assert dg.AssetKey(["serving", "snapshot"]) in writers
     assert all(graph.get(k).pools == {"duckdb_writer"} for k in writers), \
         [k for k in writers if graph.get(k).pools != {"duckdb_writer"}]
+    # check steps that write the warehouse (check history, validated batches) hold the pool too
+    nodes = {n.name: n.definition for n in defs.resolve_job_def("nightly_rebuild_job").graph.nodes}
+    for name in ("raw__ingested_files_line_conservation", "raw_events_batch_suite"):
+        assert nodes[name].pool == "duckdb_writer", name
     snap = graph.get(dg.AssetKey(["serving", "snapshot"]))
     assert dg.AssetKey(["marts", "clinic_monthly"]) in snap.parent_keys
     assert {s.name for s in defs.sensors} >= {"landing_sensor", "clinic_partitions_sensor"}

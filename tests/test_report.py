@@ -678,3 +678,15 @@ def test_report_equals_real_marts(pipeline_snapshot: Path, tmp_path: Path) -> No
         assert all(c == "[s]" for c in _cells(_row(html, t[0]))[1:])
     hidden = sum(1 for t in ths if _cells(_row(html, t[0]))[1] == "[s]")
     assert hidden in (0,) or hidden >= 2
+
+
+def test_cli_refuses_a_small_cell_threshold_below_two(monkeypatch, capsys, tmp_path):
+    from orchestration.cli import main
+
+    monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--clinic", "C1", "--month", "2026-01", "--min-cell", "0"])
+    assert e.value.code == 2 and "--min-cell" in capsys.readouterr().err
+    monkeypatch.setenv("ALLIANCE_MIN_CELL", "1")
+    assert main(["report", "--clinic", "C1", "--month", "2026-01"]) == 2
+    assert "ALLIANCE_MIN_CELL" in capsys.readouterr().err
