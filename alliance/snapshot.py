@@ -1,8 +1,9 @@
 """Publishing the serving snapshot: write a new file, swap it into place atomically, keep history.
 
 Analysts and reports open `serving/alliance.duckdb` read-only. The pipeline never writes that
-file in place: it checkpoints the working warehouse, copies it into a brand-new file next to the
-target, verifies the copy opens, and `os.replace`s it over the old name. On POSIX the rename is
+file in place: it checkpoints the working warehouse, rewrites its live data into a brand-new file
+next to the target (a logical copy by a fresh process, so no stale bytes of raw export lines can
+travel along: `_clean_copy`), verifies the copy opens, and `os.replace`s it over the old name. On POSIX the rename is
 atomic, so a reader sees either the old or the new snapshot, never a half-written one, and a reader
 that already holds the old file open keeps reading the old inode until it reconnects.
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -125,6 +128,37 @@ def _verify(path: Path, required_schemas: Sequence[str]) -> tuple[int, dict[str,
         con.close()
 
 
+# Run by a fresh interpreter: its memory never held a raw export line (see _clean_copy).
+_CLEAN_COPY_CODE = """
+import sys, duckdb
+src, dst = sys.argv[1], sys.argv[2]
+con = duckdb.connect(dst)
+con.execute("attach '" + src.replace("'", "''") + "' as snapshot_source (read_only)")
+target = con.execute("select current_database()").fetchone()[0]
+con.execute('copy from database snapshot_source to "' + target.replace('"', '""') + '"')
+con.execute("detach snapshot_source")
+con.execute("checkpoint")
+con.close()
+"""
+
+
+def _clean_copy(src: Path, dst: Path) -> None:
+    """Write the live contents of the DuckDB file `src` into a new file `dst`, in a new process.
+
+    Why not the bytes: DuckDB writes the unused tail of some storage blocks without clearing it
+    (duckdb/duckdb#23382, open in 1.5), so a file can carry fragments of whatever the writing
+    process had in memory before, and the ingest process had raw export lines, identifiers
+    included (found in the byte stream of a published snapshot). A logical copy (COPY FROM
+    DATABASE: tables, views, comments) made by a process that never read a raw line can only
+    leak pseudonymised warehouse data. It costs a few seconds per GB.
+    """
+    done = subprocess.run([sys.executable, "-c", _CLEAN_COPY_CODE, str(src), str(dst)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        dst.unlink(missing_ok=True)
+        raise SnapshotError(f"{dst}: the snapshot copy failed: {done.stderr.strip()[-2000:]}")
+
+
 def publish_from_connection(
     con: duckdb.DuckDBPyConnection,
     warehouse_path: Path | str,
@@ -138,9 +172,11 @@ def publish_from_connection(
 
     The caller holds the only writer connection (the duckdb_writer pool guarantees no other
     pipeline step writes meanwhile), so after CHECKPOINT the file on disk is complete and
-    quiescent and can be copied byte for byte. Steps: checkpoint, copy into
-    `serving/.incoming/<stamp>.duckdb.partial`, fsync, verify it opens read-only, hard-link it into
-    `serving/history/`, `os.replace` it over `serving/alliance.duckdb`, prune history to `keep`.
+    quiescent and can be copied. Steps: checkpoint, copy the bytes to
+    `serving/.incoming/<stamp>.duckdb.source`, rewrite its live data into
+    `serving/.incoming/<stamp>.duckdb.partial` in a fresh process (`_clean_copy`), fsync, verify it
+    opens read-only, hard-link it into `serving/history/`, `os.replace` it over
+    `serving/alliance.duckdb`, prune history to `keep`.
     """
     warehouse_path = Path(warehouse_path)
     serving_path = Path(serving_path)
@@ -159,10 +195,15 @@ def publish_from_connection(
             f"{wal}: the write-ahead log is not empty after CHECKPOINT (another connection has an "
             "open transaction); nothing was published, retry when the writer is done"
         )
+    raw_copy = incoming / f"alliance-{_stamp(ts)}.duckdb.source"
     try:
-        with open(warehouse_path, "rb") as src, open(partial, "wb") as dst:
+        # 1. a byte copy of the quiescent file (fast; this process keeps its connection), then
+        # 2. a logical copy of its live data into the new file by a fresh process (_clean_copy).
+        with open(warehouse_path, "rb") as src, open(raw_copy, "wb") as dst:
             shutil.copyfileobj(src, dst, length=16 * 1024 * 1024)
-            dst.flush()
+        _clean_copy(raw_copy, partial)
+        raw_copy.unlink()
+        with open(partial, "rb+") as dst:
             os.fsync(dst.fileno())
         tables, counts = _verify(partial, required_schemas)
         size = partial.stat().st_size
@@ -178,6 +219,7 @@ def publish_from_connection(
         _fsync_dir(serving_path.parent)
     except BaseException:
         partial.unlink(missing_ok=True)
+        raw_copy.unlink(missing_ok=True)
         raise
     pruned = tuple(prune_history(serving_path, keep))
     return SnapshotInfo(path=serving_path, history_path=history_path, published_at=ts,

@@ -455,3 +455,28 @@ def test_webserver_lists_assets_over_graphql(tmp_path: Path):
     undocumented = [n for kind in named.values() for n, d in kind.items()
                     if not d and not n.startswith("__")]
     assert not undocumented
+
+
+def test_snapshot_carries_no_stale_bytes_of_the_working_file(tmp_path):
+    """Freed blocks and unused block tails of the working warehouse may hold old bytes (DuckDB
+    does not clear them; duckdb/duckdb#23382): the snapshot is a logical copy, so they stay out."""
+    from alliance.snapshot import publish_from_connection
+
+    wh = tmp_path / "w.duckdb"
+    con = duckdb.connect(str(wh))
+    marker = "PAT-STALE-BYTES-"
+    # one long value (an overflow string, stored as it is) among many rows
+    con.execute(f"create table junk as select case when range = 7 then '{marker}' || "
+                f"(select string_agg(md5(i::varchar), '') from range(4000) t(i)) "
+                f"else md5(range::varchar) end as s from range(200000)")
+    con.execute("create schema raw")
+    con.execute("create table raw.events as select range as x from range(300000)")
+    con.execute("checkpoint")
+    con.execute("drop table junk")
+    con.execute("checkpoint")
+    assert marker.encode() in wh.read_bytes()  # still in the working file, in freed blocks
+    info = publish_from_connection(con, wh, tmp_path / "serving" / "alliance.duckdb")
+    con.close()
+    assert marker.encode() not in info.path.read_bytes()
+    with duckdb.connect(str(info.path), read_only=True) as snap:
+        assert snap.execute("select count(*) from raw.events").fetchone()[0] == 300000
