@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 
 from alliance.config import paths
 from alliance.ingest import file_sha256, landing_files
@@ -75,20 +76,22 @@ def scan_landing(
     *,
     now: float | None = None,
     settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+    ingested: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[list[ReadyFile], LandingState, list[str]]:
     """Find files ready to ingest; returns (ready files, new state, files still being written).
 
     A file is ready when it has no temporary suffix (see alliance.ingest.landing_files), and its
     size and mtime are unchanged since the previous tick or it was last modified at least
     `settle_seconds` ago. A ready file whose content was already handed off (same sha256, under
-    this or another name) starts nothing.
+    this or another name) starts nothing, and so does content in `ingested` (sha256 already in
+    the warehouse's manifest, e.g. files `alliance demo` or `alliance run` ingested directly).
     """
     now = time.time() if now is None else now
     done = dict(state.done)
     pending: dict[str, list] = {}
     ready: list[ReadyFile] = []
     waiting: list[str] = []
-    handed_off = {rec[2] for rec in done.values()}
+    handed_off = {rec[2] for rec in done.values()} | set(ingested)
     present: set[str] = set()
     for path in landing_files(landing):
         rel = path.relative_to(landing).as_posix()
@@ -116,6 +119,24 @@ def scan_landing(
     # run_key check still stops the same content from being ingested twice.
     done = {k: v for k, v in done.items() if k in present}
     return ready, LandingState(done=done, pending=pending), waiting
+
+
+def ingested_shas(serving: Path) -> set[str]:
+    """sha256 of every file the published snapshot's manifest lists (empty if unreadable).
+
+    Read from the snapshot, which no writer ever locks (the working warehouse may be held by a
+    run). Without it, the first tick after `alliance demo` (which ingests directly, not through
+    the sensor) would start one ingest run per demo file, hundreds of no-op runs. A file ingested
+    but not yet published still gets a run, whose ingest is then a no-op.
+    """
+    if not serving.exists():
+        return set()
+    try:
+        with duckdb.connect(str(serving), read_only=True) as con:
+            return {r[0] for r in con.execute(
+                "select sha256 from raw.ingested_files where status = 'ingested'").fetchall()}
+    except duckdb.Error:
+        return set()
 
 
 def landing_run_request(f: ReadyFile) -> dg.RunRequest:
@@ -147,7 +168,8 @@ def landing_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     landing = paths().landing
     settle = float(os.environ.get(SETTLE_ENV, DEFAULT_SETTLE_SECONDS))
     state = LandingState.from_cursor(context.cursor)
-    ready, new_state, waiting = scan_landing(landing, state, settle_seconds=settle)
+    ready, new_state, waiting = scan_landing(landing, state, settle_seconds=settle,
+                                             ingested=ingested_shas(paths().serving))
     if waiting:
         context.log.info(f"{len(waiting)} landing file(s) still being written: {waiting[:5]}")
     requests = [landing_run_request(f) for f in ready]

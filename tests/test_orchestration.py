@@ -149,6 +149,21 @@ def test_landing_sensor_one_run_per_new_file(tmp_path: Path, monkeypatch: pytest
     assert len({r.run_key for r in r4.run_requests} | {r.run_key for r in r1.run_requests}) == 4
     assert tick(r4.cursor).run_requests == []
 
+    # Files the published warehouse already lists (e.g. ingested by `alliance demo`, not through
+    # the sensor) start nothing, even with an empty cursor.
+    from alliance.ingest import file_sha256
+
+    serving = tmp_path / "serving" / "alliance.duckdb"
+    serving.parent.mkdir(parents=True)
+    with duckdb.connect(str(serving)) as con:
+        con.execute("create schema raw; create table raw.ingested_files "
+                    "(sha256 varchar, status varchar)")
+        con.execute("insert into raw.ingested_files values (?, 'ingested'), (?, 'ingested')",
+                    [file_sha256(a), file_sha256(landing / "c.ndjson")])
+    os.utime(growing, (time.time() - 60, time.time() - 60))  # settled, whatever the test's pace
+    fresh = sorted(r.tags["alliance/landing_file"] for r in tick(None).run_requests)
+    assert fresh == ["a-copy.ndjson", "d.ndjson", "sub/b.ndjson"]  # a and c are known
+
 
 def test_monthly_schedule_requests_last_month_per_known_clinic():
     import datetime as dt
