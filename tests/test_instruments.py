@@ -513,3 +513,14 @@ def test_bdi_totals_from_published_data_are_banded(tmp_path: Path) -> None:
     got = dict(con.execute("select response_id, severity_band from core.questionnaire_scores").fetchall())
     assert len(got) == len(rows) > 100
     assert got == {f"claus_{i}": beck(float(r["bdi"])) for i, r in enumerate(rows)}
+
+
+def test_malformed_instrument_file_stops_definitions_loading(tmp_path, monkeypatch) -> None:
+    """A bad file under $ALLIANCE_INSTRUMENTS_DIR fails the definitions (dg check defs, dg dev),
+    naming the file, rather than letting the UI and daemon start and every run fail."""
+    from orchestration.definitions import build_definitions
+
+    (tmp_path / "typo.yaml").write_text("code: X\n  bad: [indent\n")
+    monkeypatch.setenv("ALLIANCE_INSTRUMENTS_DIR", str(tmp_path))
+    with pytest.raises(inst.InstrumentError, match=r"typo\.yaml"):
+        build_definitions()
