@@ -26,7 +26,10 @@ from alliance import sqlrunner
 # rejections (alliance.rejections) are cut at their rejected_at: a rejection made after the
 # cutoff was not known then.
 RAW_TABLES = ("events", "ingested_files", "quarantine", "rejected_files")
-CUT_COLUMNS = {"rejected_files": "rejected_at"}
+CUT_COLUMNS = {"rejected_files": "rejected_at", "check_results": "evaluated_at"}
+# The check history as evaluated by the cutoff, so a report rebuilt as of a date shows the check
+# state it showed then ("failing checks" section), not "no check history".
+QUALITY_TABLES = ("check_results",)
 COPIED_SCHEMAS = ("seeds",)
 
 
@@ -83,13 +86,15 @@ def _copy_source(
     try:
         tables = source.execute(
             "select schema_name, table_name, "
-            "  list(column_name) filter (where column_name in ('recorded_at', 'rejected_at'))"
-            "    as has_rec "
+            "  list(column_name) filter (where column_name in "
+            "    ('recorded_at', 'rejected_at', 'evaluated_at')) as has_rec "
             "from duckdb_columns() where database_name = current_database() "
-            "and schema_name in ('raw', 'seeds') group by 1, 2 order by 1, 2"
+            "and schema_name in ('raw', 'seeds', 'quality') group by 1, 2 order by 1, 2"
         ).fetchall()
         for schema, table, has_rec in tables:
             if schema == "raw" and table not in RAW_TABLES:
+                continue
+            if schema == "quality" and table not in QUALITY_TABLES:
                 continue
             source.execute(f"create schema if not exists {alias}.{_quote(schema)}")
             where = ""

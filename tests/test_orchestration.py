@@ -331,6 +331,9 @@ def test_asof_rebuild_equals_original_after_corrections(world):
         for t in COMPARED:
             assert _rows(con, t) == world["original"][t], f"{t} differs as of {cutoff}"
         assert con.execute("select max(recorded_at) from raw.events").fetchone()[0] == cutoff
+        # the check history comes along, as evaluated by the cutoff (for the reports' section)
+        assert con.execute("select count(*) filter (where evaluated_at > ?) from "
+                           "quality.check_results", [cutoff]).fetchone()[0] == 0
 
 
 def test_status_reports_runs_counts_and_snapshot_age(world, capsys):
