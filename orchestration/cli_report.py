@@ -52,6 +52,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not data.serving.exists():
         print(f"{data.serving}: no published snapshot yet; run `alliance run` first")
         return 1
+    from orchestration.partitions import REPORTS_START, month_partitions
+
+    months = month_partitions.get_partition_keys()
+    if month not in months:
+        print(f"error: no report partition for {month}: months run from {REPORTS_START} "
+              f"($ALLIANCE_REPORTS_START) to {months[-1] if months else REPORTS_START}, the last "
+              "complete month", file=sys.stderr)
+        return 2
     instance = get_instance()
     add_clinic_partitions(instance, data.serving)
     if args.clinic not in instance.get_dynamic_partitions(clinic_partitions.name):

@@ -690,3 +690,14 @@ def test_cli_refuses_a_small_cell_threshold_below_two(monkeypatch, capsys, tmp_p
     monkeypatch.setenv("ALLIANCE_MIN_CELL", "1")
     assert main(["report", "--clinic", "C1", "--month", "2026-01"]) == 2
     assert "ALLIANCE_MIN_CELL" in capsys.readouterr().err
+
+
+def test_cli_month_outside_the_partitions_is_one_line_error(monkeypatch, capsys, tmp_path):
+    from orchestration.cli import main
+
+    monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path))
+    (tmp_path / "serving").mkdir()
+    (tmp_path / "serving" / "alliance.duckdb").write_bytes(b"")  # only its existence matters
+    assert main(["report", "--clinic", "C1", "--month", "1999-01"]) == 2
+    err = capsys.readouterr().err
+    assert "no report partition for 1999-01" in err and "Traceback" not in err
