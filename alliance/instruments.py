@@ -33,6 +33,12 @@ CONSTRUCTS = ("alliance", "outcome")
 KINDS = ("item_level", "total_only")
 RULES = ("sum", "mean")
 OPERATORS = ("<", "<=", ">", ">=")
+
+
+def _compare(value: float, op: str, threshold: float) -> bool:
+    """`value <op> threshold` for one of OPERATORS."""
+    return {"<": value < threshold, "<=": value <= threshold,
+            ">": value > threshold, ">=": value >= threshold}[op]
 PRORATE_METHODS = ("mean_substitution",)
 AGE_GROUPS = ("any", "adult", "adolescent", "child")
 # Jacobson & Truax (1991): reliable change = 1.96 * SD * sqrt(2) * sqrt(1 - reliability).
@@ -359,7 +365,17 @@ def parse_instrument(
             ctx.source_ref(c, fld, record="critical_items")
             (num,) = _item_numbers(ctx, [ctx.require(c, "item", fld)], f"{fld}.item", n_items)
             op = ctx.choice(ctx.require(c, "operator", fld), f"{fld}.operator", OPERATORS)
-            critical[num] = (op, ctx.number(ctx.require(c, "threshold", fld), f"{fld}.threshold"))
+            thr = ctx.number(ctx.require(c, "threshold", fld), f"{fld}.threshold")
+            # A rule no possible answer meets (or every answer meets) is a typo, not a rule: the
+            # flag would never (or always) fire without anyone noticing.
+            values = [lo + j * step for j in range(int(round((hi - lo) / step)) + 1)]
+            hits = sum(_compare(v, op, thr) for v in values)
+            if hits == 0 or hits == len(values):
+                raise ctx.fail(f"{fld}.threshold",
+                               f"'{op} {thr:g}' is {'never' if hits == 0 else 'always'} true for "
+                               f"answers {lo:g}..{hi:g}: the item could "
+                               f"{'never' if hits == 0 else 'only'} be flagged")
+            critical[num] = (op, thr)
 
         for k in range(1, n_items + 1):
             op, thr = critical.get(k, (None, None))

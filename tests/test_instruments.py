@@ -279,6 +279,12 @@ BAD_EDITS = [
     ("bad operator", lambda d: d.update(caseness={"threshold": 2, "operator": "=", "source": "clinic"}),
      r"field 'caseness.operator': must be one of"),
     ("bands gap", lambda d: d["bands"]["levels"].pop(), "must cover the total range"),
+    ("critical rule never true", lambda d: d.update(critical_items=[
+        {"item": 1, "operator": ">", "threshold": 9, "source": "clinic"}]),
+     r"field 'critical_items\[0\]\.threshold': '> 9' is never true for answers 0..4"),
+    ("critical rule always true", lambda d: d.update(critical_items=[
+        {"item": 1, "operator": ">=", "threshold": 0, "source": "clinic"}]),
+     r"'>= 0' is always true"),
 ]
 
 
