@@ -123,7 +123,8 @@ def ingest(
 
 
 @dg.asset_check(asset=RAW_FILES, blocking=True, pool="duckdb_writer",  # writes check history
-                description="Every file: lines read = accepted + duplicates + quarantined.")
+                description="Every file: lines read = accepted + duplicates + quarantined, its "
+                "accepted events are in raw.events and its quarantined lines in raw.quarantine.")
 def line_conservation(
     context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource
 ) -> dg.AssetCheckResult:
@@ -137,19 +138,28 @@ def line_conservation(
             "left join raw.events e using (file_id) where f.status = 'ingested' "
             "group by all having f.accepted <> count(e.event_id)"
         ).fetchall()
-        passed = not bad and not logged
+        # ... and every quarantined line has its row in raw.quarantine (reason, file, line)
+        unrecorded = con.execute(
+            "select f.file_name, f.quarantined, count(q.line_number) from raw.ingested_files f "
+            "left join raw.quarantine q using (file_id) where f.status = 'ingested' "
+            "group by all having f.quarantined <> count(q.line_number)"
+        ).fetchall()
+        passed = not bad and not logged and not unrecorded
         # Check history (quality.check_results) on the same connection, for `alliance status`.
         record_check_results(con, context.run.run_id, [{
             "asset": RAW_FILES.path, "check_name": "line_conservation", "passed": passed,
-            "severity": "ERROR", "unexpected_count": len(bad) + len(logged),
+            "severity": "ERROR", "unexpected_count": len(bad) + len(logged) + len(unrecorded),
             "details": {"files_failing_identity": len(bad),
-                        "files_with_missing_events": len(logged)},
+                        "files_with_missing_events": len(logged),
+                        "files_with_missing_quarantine_rows": len(unrecorded)},
         }])
     return dg.AssetCheckResult(
         passed=passed,
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={"files_failing_identity": len(bad), "files_with_missing_events": len(logged),
-                  "examples": dg.MetadataValue.json([list(map(str, r)) for r in (bad + logged)[:5]])},
+                  "files_with_missing_quarantine_rows": len(unrecorded),
+                  "examples": dg.MetadataValue.json(
+                      [list(map(str, r)) for r in (bad + logged + unrecorded)[:5]])},
     )
 
 

@@ -557,6 +557,8 @@ def test_column_tests_and_line_conservation_are_recorded(tmp_path: Path) -> None
                     1 as quarantined, 'ingested' as status;
                 create or replace table raw.events as
                     select 'e' || i as event_id, 1 as file_id from range(8) as t(i);
+                create or replace table raw.quarantine as
+                    select 1 as file_id, n as line_number from range(9, 11) as t(n);
             """)
         yield dg.MaterializeResult(asset_key=["raw", "visits"])
         yield dg.MaterializeResult(asset_key=["raw", "ingested_files"])
@@ -566,7 +568,8 @@ def test_column_tests_and_line_conservation_are_recorded(tmp_path: Path) -> None
     first = dg.materialize([raw_tables, line_conservation, visits], resources=resources,
                            instance=instance, raise_on_error=False)
     assert _evaluations(first) == {
-        "line_conservation": (False, "ERROR"),  # 10 read <> 8 + 0 + 1: one line unaccounted for
+        # 10 read <> 8 + 0 + 1, and 1 quarantined <> 2 rows in raw.quarantine
+        "line_conservation": (False, "ERROR"),
         "session_id__unique": (False, "ERROR"), "session_id__not_null": (True, "ERROR"),
         "clinic_id__not_null": (False, "ERROR")}
 
@@ -577,7 +580,9 @@ def test_column_tests_and_line_conservation_are_recorded(tmp_path: Path) -> None
     assert all(f["run_id"] == first.run_id and f["severity"] == "ERROR" for f in failing.values())
     assert failing[("core/visits", "clinic_id__not_null")]["unexpected_count"] == 2
     assert failing[("core/visits", "session_id__unique")]["details"]["failing_keys"] == "se_02"
-    assert failing[("raw/ingested_files", "line_conservation")]["unexpected_count"] == 1
+    assert failing[("raw/ingested_files", "line_conservation")]["unexpected_count"] == 2
+    assert failing[("raw/ingested_files", "line_conservation")]["details"][
+        "files_with_missing_quarantine_rows"] == 1
     assert [(r["asset"], r["check_name"]) for r in latest_results(db) if r["passed"]] == [
         ("core/visits", "session_id__not_null")]
 
