@@ -600,7 +600,8 @@ q as (
     where reason_code is null and list_contains(['questionnaire.submitted', 'questionnaire.amended'], event_type)
 ),
 known as (
-    select q.*, i.instrument is not null as known_instrument, i.kind, i.total_min, i.total_max
+    select q.*, i.instrument is not null as known_instrument, i.kind, i.total_min, i.total_max,
+        i.total_step
     from q left join _instrument_versions i using (instrument, instrument_version)
 ),
 answers as (
@@ -669,6 +670,18 @@ instrument_violations as (
     where known_instrument and jt_p_total in ('-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9')
         and total_min is not null
         and (p_total::double < total_min or p_total::double > total_max)
+    union all
+    -- a total-only instrument's total is all there is: it must lie on the definition's grid
+    select file_id, line_number, 'answer_out_of_range', 'payload.total',
+        'total ' || p_total::varchar || ' for ' || instrument || ' is not in steps of '
+            || total_step::varchar || ' from ' || total_min::varchar
+    from known
+    where known_instrument and kind = 'total_only'
+        and jt_p_total in ('-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9')
+        and total_step > 0 and total_min is not null
+        and p_total::double between total_min and total_max
+        and abs(round((p_total::double - total_min) / total_step)
+                - (p_total::double - total_min) / total_step) > 1e-6
 )
 select * from instrument_violations
 union all
@@ -691,6 +704,7 @@ def _register_instruments(con: duckdb.DuckDBPyConnection, instruments: object | 
         "kind": pa.array([i.kind for i in insts], pa.string()),
         "total_min": pa.array([i.total_min for i in insts], pa.float64()),
         "total_max": pa.array([i.total_max for i in insts], pa.float64()),
+        "total_step": pa.array([i.total_step for i in insts], pa.float64()),
     })
     con.register("_instrument_items_arrow", items)
     con.register("_instrument_versions_arrow", versions)

@@ -74,6 +74,9 @@ BAD = {  # line content -> expected (reason_code, field)
     json.dumps(ev("x12", "questionnaire.submitted", payload={
         "instrument": "PHQ-9", "instrument_version": "1", "respondent": "patient",
         "administered_at": T, "answers": {}})): ("missing_answers", "payload.answers"),
+    json.dumps(ev("x13", "questionnaire.submitted", payload={
+        "instrument": "BDI-II", "instrument_version": "1", "respondent": "patient",
+        "administered_at": T, "total": 12.5})): ("answer_out_of_range", "payload.total"),
 }
 
 
