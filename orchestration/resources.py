@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
+from pydantic import PrivateAttr
 
 from alliance.config import DataPaths, paths, warehouse_config
+
+RUN_LOCK_TIMEOUT_ENV = "ALLIANCE_RUN_LOCK_TIMEOUT_SECONDS"
 
 
 class WarehouseResource(DuckDBResource):
@@ -26,6 +31,33 @@ class WarehouseResource(DuckDBResource):
 
     lock_timeout_seconds: float = 120.0
     lock_first_delay_seconds: float = 0.2
+    # How long a writer run waits for another writer run to finish (see setup_for_execution).
+    run_lock_timeout_seconds: float = float(os.environ.get(RUN_LOCK_TIMEOUT_ENV, "7200"))
+    _run_lock_fd: int | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """A writer run (tag alliance/writer) holds an exclusive file lock for its whole length.
+
+        The run queue's tag limit keeps queued writer runs apart, but `alliance run` / `alliance
+        ingest` execute in their own process and skip the queue, and the op pool only keeps
+        single steps apart: without this, a CLI run's publish could copy a warehouse that another
+        run had half updated (ingested, models not yet rebuilt). An OS lock next to the warehouse
+        file serialises writer runs however they were launched; it is released when the run's
+        resources are torn down, or by the OS when the process dies.
+        """
+        from orchestration.jobs import WRITER_TAG
+
+        run = context.dagster_run
+        if run is None or run.tags.get(WRITER_TAG) != "true" or self.database == ":memory:":
+            return
+        log = context.log.info if context.log else None
+        self._run_lock_fd = acquire_run_lock(run_lock_path(self.database),
+                                             timeout_seconds=self.run_lock_timeout_seconds, log=log)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._run_lock_fd is not None:
+            release_run_lock(self._run_lock_fd)
+            self._run_lock_fd = None
 
     @contextmanager
     def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -41,6 +73,56 @@ class WarehouseResource(DuckDBResource):
             yield conn
         finally:
             conn.close()
+
+
+def run_lock_path(database: str | Path) -> Path:
+    """The lock file of writer runs: next to the warehouse (inside the data directory)."""
+    return Path(str(database) + ".run.lock")
+
+
+def acquire_run_lock(path: Path, *, timeout_seconds: float, log: Any = None,
+                     poll_seconds: float = 0.5, log_every_seconds: float = 30.0) -> int:
+    """Take the exclusive writer-run lock at `path`, waiting up to `timeout_seconds`; the fd."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    started = time.monotonic()
+    next_log = 0.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waited = time.monotonic() - started
+            holder = _lock_holder(path)
+            if waited >= timeout_seconds:
+                os.close(fd)
+                raise RuntimeError(
+                    f"{path}: another writer run ({holder}) still holds the warehouse after "
+                    f"{waited:.0f} s; this run gives up (${RUN_LOCK_TIMEOUT_ENV}="
+                    f"{timeout_seconds:g})") from None
+            if log is not None and waited >= next_log:
+                log(f"waiting for another writer run ({holder}) to finish: {path}, "
+                    f"{waited:.0f} s so far")
+                next_log += log_every_seconds
+            time.sleep(poll_seconds)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}\n".encode())
+        return fd
+
+
+def release_run_lock(fd: int) -> None:
+    """Release and close a lock taken by acquire_run_lock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown process"
+    except OSError:
+        return "unknown process"
 
 
 def _is_lock_error(e: BaseException) -> bool:

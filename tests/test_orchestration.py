@@ -498,3 +498,40 @@ def test_snapshot_carries_no_stale_bytes_of_the_working_file(tmp_path):
     assert marker.encode() not in info.path.read_bytes()
     with duckdb.connect(str(info.path), read_only=True) as snap:
         assert snap.execute("select count(*) from raw.events").fetchone()[0] == 300000
+
+
+HOLD_RUN_LOCK = r"""
+import sys, time
+from pathlib import Path
+from orchestration.resources import acquire_run_lock, release_run_lock
+fd = acquire_run_lock(Path(sys.argv[1]), timeout_seconds=5)
+print("holding", flush=True)
+time.sleep(float(sys.argv[2]))
+release_run_lock(fd)
+"""
+
+
+def test_writer_runs_wait_for_each_other_however_launched(world, tmp_path):
+    """A writer run launched from the CLI (outside the run queue) waits while another writer run
+    holds the run lock, and proceeds when it is released; an absent holder times out clearly."""
+    from orchestration.cli_ops import execute_job
+    from orchestration.instance import get_instance
+    from orchestration.resources import acquire_run_lock, release_run_lock, run_lock_path
+
+    lock = run_lock_path(world["paths"].warehouse)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN_LOCK, str(lock), "3"],
+                              stdout=subprocess.PIPE, text=True, cwd=str(Path.cwd()))
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(RuntimeError, match=r"another writer run \(pid \d+\)"):
+            acquire_run_lock(lock, timeout_seconds=0.3)
+        t0 = time.monotonic()
+        out = execute_job("publish_job", log=lambda _m: None)
+        waited = time.monotonic() - t0
+    finally:
+        holder.wait(timeout=30)
+    assert out["success"], out
+    assert waited >= 1.5
+    logs = [e.user_message for e in get_instance().all_logs(out["run_id"])]
+    assert any("waiting for another writer run" in m for m in logs)
+    release_run_lock(acquire_run_lock(lock, timeout_seconds=1))  # released by the run
