@@ -62,17 +62,25 @@ class Rejection:
     events: int
 
 
+def _table_exists(con: duckdb.DuckDBPyConnection) -> bool:
+    return bool(con.execute(
+        "select count(*) from duckdb_tables() where schema_name = 'raw' "
+        "and table_name = 'rejected_files' and database_name = current_database()").fetchone()[0])
+
+
 def ensure_rejections_table(con: duckdb.DuckDBPyConnection) -> None:
-    """Create raw.rejected_files if missing (staging reads it, so every warehouse has it)."""
-    con.execute(REJECTIONS_DDL)
+    """Create raw.rejected_files if missing (staging reads it, so every warehouse has it).
+
+    Called before every model build: the DDL and its comment are written only when the table is
+    missing, not on every call.
+    """
+    if not _table_exists(con):
+        con.execute(REJECTIONS_DDL)
 
 
 def rejected_file_ids(con: duckdb.DuckDBPyConnection) -> set[int]:
     """file_ids rejected so far (empty when the table does not exist yet)."""
-    exists = con.execute(
-        "select count(*) from duckdb_tables() where schema_name = 'raw' "
-        "and table_name = 'rejected_files' and database_name = current_database()").fetchone()[0]
-    if not exists:
+    if not _table_exists(con):
         return set()
     return {int(r[0]) for r in con.execute(f"select file_id from {REJECTIONS_TABLE}").fetchall()}
 
