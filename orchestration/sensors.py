@@ -8,6 +8,7 @@ sensor in the UI (Automation page); see docs/operations.md.
 import json
 import os
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,22 +77,24 @@ def scan_landing(
     *,
     now: float | None = None,
     settle_seconds: float = DEFAULT_SETTLE_SECONDS,
-    ingested: set[str] | frozenset[str] = frozenset(),
+    ingested: Callable[[], Collection[str]] = frozenset,
 ) -> tuple[list[ReadyFile], LandingState, list[str]]:
     """Find files ready to ingest; returns (ready files, new state, files still being written).
 
     A file is ready when it has no temporary suffix (see alliance.ingest.landing_files), and its
     size and mtime are unchanged since the previous tick or it was last modified at least
     `settle_seconds` ago. A ready file whose content was already handed off (same sha256, under
-    this or another name) starts nothing, and so does content in `ingested` (sha256 already in
-    the warehouse's manifest, e.g. files `alliance demo` or `alliance run` ingested directly).
+    this or another name) starts nothing, and so does content `ingested()` lists (sha256 already
+    in the warehouse's manifest, e.g. files `alliance demo` or `alliance run` ingested directly);
+    it is called only when some file needs hashing, so a quiet tick reads no database.
     """
     now = time.time() if now is None else now
     done = dict(state.done)
     pending: dict[str, list] = {}
     ready: list[ReadyFile] = []
     waiting: list[str] = []
-    handed_off = {rec[2] for rec in done.values()} | set(ingested)
+    handed_off = {rec[2] for rec in done.values()}
+    known: Collection[str] | None = None  # ingested(), read at the first file that needs it
     present: set[str] = set()
     for path in landing_files(landing):
         rel = path.relative_to(landing).as_posix()
@@ -111,8 +114,10 @@ def scan_landing(
             continue
         sha = file_sha256(path)
         done[rel] = [*sig, sha]
-        if sha in handed_off:
-            continue  # same content as a file already handed off (re-drop, touch, copy)
+        if known is None:
+            known = ingested()
+        if sha in handed_off or sha in known:
+            continue  # content already handed off (re-drop, touch, copy) or already ingested
         handed_off.add(sha)
         ready.append(ReadyFile(rel, path, sha, st.st_size))
     # Forget files that left landing/ so the cursor does not grow without bound; Dagster's own
@@ -169,7 +174,7 @@ def landing_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     settle = float(os.environ.get(SETTLE_ENV, DEFAULT_SETTLE_SECONDS))
     state = LandingState.from_cursor(context.cursor)
     ready, new_state, waiting = scan_landing(landing, state, settle_seconds=settle,
-                                             ingested=ingested_shas(paths().serving))
+                                             ingested=lambda: ingested_shas(paths().serving))
     if waiting:
         context.log.info(f"{len(waiting)} landing file(s) still being written: {waiting[:5]}")
     requests = [landing_run_request(f) for f in ready]
