@@ -33,12 +33,6 @@ CONSTRUCTS = ("alliance", "outcome")
 KINDS = ("item_level", "total_only")
 RULES = ("sum", "mean")
 OPERATORS = ("<", "<=", ">", ">=")
-
-
-def _compare(value: float, op: str, threshold: float) -> bool:
-    """`value <op> threshold` for one of OPERATORS."""
-    return {"<": value < threshold, "<=": value <= threshold,
-            ">": value > threshold, ">=": value >= threshold}[op]
 PRORATE_METHODS = ("mean_substitution",)
 AGE_GROUPS = ("any", "adult", "adolescent", "child")
 # Jacobson & Truax (1991): reliable change = 1.96 * SD * sqrt(2) * sqrt(1 - reliability).
@@ -51,6 +45,12 @@ TOP_LEVEL = {
 }
 REQUIRED = ("code", "version", "name", "construct", "kind", "source", "scoring", "prorating",
             "direction", "total", "sources")
+
+
+def _compare(value: float, op: str, threshold: float) -> bool:
+    """`value <op> threshold` for one of OPERATORS."""
+    return {"<": value < threshold, "<=": value <= threshold,
+            ">": value > threshold, ">=": value >= threshold}[op]
 
 
 class InstrumentError(ValueError):

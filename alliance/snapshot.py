@@ -3,9 +3,10 @@
 Analysts and reports open `serving/alliance.duckdb` read-only. The pipeline never writes that
 file in place: it checkpoints the working warehouse, rewrites its live data into a brand-new file
 next to the target (a logical copy by a fresh process, so no stale bytes of raw export lines can
-travel along: `_clean_copy`), verifies the copy opens, and `os.replace`s it over the old name. On POSIX the rename is
-atomic, so a reader sees either the old or the new snapshot, never a half-written one, and a reader
-that already holds the old file open keeps reading the old inode until it reconnects.
+travel along: `_clean_copy`), verifies the copy opens, and `os.replace`s it over the old name. On
+POSIX the rename is atomic, so a reader sees either the old or the new snapshot, never a
+half-written one, and a reader that already holds the old file open keeps reading the old inode
+until it reconnects.
 
 No Dagster imports: the CLI, the publish asset and the tests all use these functions.
 """

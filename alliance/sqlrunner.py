@@ -705,8 +705,8 @@ def plan_build(con: duckdb.DuckDBPyConnection, model: Model, *,
 
     Full refresh when the run asks for it, the model declares no incremental key, the as-of
     variable is set, there is no event log or no state, the SQL or sidecar changed, a seed table
-    it reads changed (or a file was rejected: alliance.rejections), an upstream model has no state or was fully rebuilt after this model's last
-    build, or the model's table is missing. Views are always recreated (it costs nothing); for
+    it reads changed (or a file was rejected: alliance.rejections), an upstream model has no
+    state or was fully rebuilt after this model's last build, or the model's table is missing. Views are always recreated (it costs nothing); for
     them "incremental" only narrows which rows their tests re-check.
     """
     code_hash = model.code_version

@@ -15,10 +15,13 @@ import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alliance.config import paths
+from alliance.config import DataPaths, paths
 from orchestration.execution import execute_job
+
+if TYPE_CHECKING:
+    from alliance.rejections import Rejection
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -261,7 +264,7 @@ def cmd_reject_file(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_rejections(p: Any, done: list[Any]) -> None:
+def _report_rejections(p: DataPaths, done: list[Rejection]) -> None:
     """Record the rejections on the raw/rejected_files asset, so the UI shows when and which."""
     import dagster as dg
 

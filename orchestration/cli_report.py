@@ -39,7 +39,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from alliance.report.data import parse_month
     from orchestration.execution import render_reports
     from orchestration.instance import get_instance
-    from orchestration.partitions import add_clinic_partitions, clinic_partitions
+    from orchestration.partitions import (
+        REPORTS_START,
+        add_clinic_partitions,
+        clinic_partitions,
+        month_partitions,
+    )
 
     if args.min_cell is None:
         try:
@@ -52,8 +57,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not data.serving.exists():
         print(f"{data.serving}: no published snapshot yet; run `alliance run` first")
         return 1
-    from orchestration.partitions import REPORTS_START, month_partitions
-
     months = month_partitions.get_partition_keys()
     if month not in months:
         print(f"error: no report partition for {month}: months run from {REPORTS_START} "
