@@ -21,6 +21,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from table_rows import table_rows
 
 from alliance import sqlrunner
 from alliance.config import SQL_DIR
@@ -152,7 +153,7 @@ def warehouses(tmp_path_factory: pytest.TempPathFactory) -> dict:
     orphans_after_b1 = inc.execute(
         "select count(*) from staging.stg_questionnaire_versions where is_orphan").fetchone()[0]
     full_b1 = _full_copy(inc, tmp / "full-b1.duckdb")
-    after_b1 = {fqn: _rows(inc, *fqn.split(".")) for fqn in sqlrunner.discover_models()}
+    after_b1 = {fqn: table_rows(inc, *fqn.split(".")) for fqn in sqlrunner.discover_models()}
     _ingest(inc, [late], tmp)
     round2 = _build_checked(inc, incremental=True)
     full = _full_copy(inc, tmp / "full.duckdb")
@@ -171,16 +172,6 @@ def _full_copy(inc: duckdb.DuckDBPyConnection, path: Path) -> duckdb.DuckDBPyCon
     _seed(full)
     _build_checked(full, incremental=False)
     return full
-
-
-def _rows(con: duckdb.DuckDBPyConnection, schema: str, name: str) -> list[tuple]:
-    cols = con.execute(
-        "select column_name, data_type from duckdb_columns() where database_name = "
-        "current_database() and schema_name = ? and table_name = ? order by column_index",
-        [schema, name]).fetchall()
-    sel = ", ".join(f'round("{c}", 9)' if t in ("DOUBLE", "FLOAT") else
-                    (f'"{c}"::varchar' if t == "JSON" else f'"{c}"') for c, t in cols)
-    return con.execute(f"select {sel} from {schema}.{name} order by all").fetchall()
 
 
 def test_batches_exercise_the_hard_cases(warehouses):
@@ -218,12 +209,12 @@ def test_builds_were_incremental(warehouses):
 @pytest.mark.parametrize("fqn", [f for f, m in sqlrunner.discover_models().items()])
 def test_incremental_equals_full_rebuild(warehouses, fqn):
     schema, name = fqn.split(".")
-    inc_rows = _rows(warehouses["inc"], schema, name)
-    full_rows = _rows(warehouses["full"], schema, name)
+    inc_rows = table_rows(warehouses["inc"], schema, name)
+    full_rows = table_rows(warehouses["full"], schema, name)
     assert len(inc_rows) == len(full_rows), fqn
     assert inc_rows == full_rows, fqn
     # and as it was after B1, while the orphan amendment waited for its submission
-    b1_rows = _rows(warehouses["full_b1"], schema, name)
+    b1_rows = table_rows(warehouses["full_b1"], schema, name)
     assert len(warehouses["after_b1"][fqn]) == len(b1_rows), fqn
     assert warehouses["after_b1"][fqn] == b1_rows, fqn
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from table_rows import table_rows
 
 from alliance.ingest import ingest_files, landing_files
 from alliance.instruments import load_instruments, write_parameters_table, write_seed_tables
@@ -83,16 +84,7 @@ def test_rejected_file_leaves_every_model_and_the_next_build_is_full(built, tmp_
     con.execute(f"attach '{full}' as f (read_only)")
     for t in _tables(con):
         schema, name = t.split(".")
-        cols = con.execute("select column_name, data_type from duckdb_columns() where "
-                           "database_name = current_database() and schema_name = ? and "
-                           "table_name = ?", [schema, name]).fetchall()
-        # doubles to 9 decimals: parallel aggregation sums in no fixed order
-        sel = ", ".join(f'round("{c}", 9)' if ty in ("DOUBLE", "FLOAT") else f'"{c}"'
-                        for c, ty in cols)
-        for a, b in ((t, f"f.{t}"), (f"f.{t}", t)):
-            diff = con.execute(f"select count(*) from (select {sel} from {a} except all "
-                               f"select {sel} from {b})").fetchone()[0]
-            assert diff == 0, t
+        assert table_rows(con, schema, name) == table_rows(con, schema, name, catalog="f"), t
     con.close()
 
 
