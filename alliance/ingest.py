@@ -465,6 +465,20 @@ def _validation_sql(contract: Contract) -> list[str]:
         + [(f"p.{_ident(n)}", _col(n, "p_"), payload_fields[n].type in STRING_TYPES)
            for n in pay_names])
 
+    # Whether a payload holds nothing but allow-listed keys, without listing its keys (json_keys
+    # parses the payload again, a fifth of the parse's cost): the minified payload text is exactly
+    # '{' + ('"key":value' + ',') per key with the last ',' read as '}', so if the allow-listed
+    # keys present account for every byte of it, there is no other key. Any other shape (another
+    # key, a duplicate, an allow-listed key set to null, an escaped event_type) comes out false and
+    # the keys are listed after all; it can never come out true for a payload with another key.
+    plain_cases = " ".join(
+        f"when {_lit(json.dumps(n))} then 1"
+        + "".join(f" + coalesce({len(k) + 4} + strlen(p.{_ident(k)}::varchar), 0)" for k in et.payload)
+        for n, et in contract.event_types.items()
+    )
+    plain_sql = (f"coalesce((case e.event_type::varchar {plain_cases} end) "
+                 "= strlen(e.payload::varchar) or e.payload::varchar = '{}', false)")
+
     def parsed(source: str, extra: str) -> str:
         """Select of the typed columns of every line of `source` (file_id, line_number, line),
         keeping its column `extra` as well."""
@@ -476,6 +490,7 @@ def _validation_sql(contract: Contract) -> list[str]:
             exclude (file_id, line_number, content_hash, is_json, is_object, {extra})
         from (
             select file_id, line_number, content_hash, is_json, is_object, {extra},
+                {plain_sql} as payload_plain,
                 {typed}
             from (
                 select *, case when left(e.payload::varchar, 1) = '{{'
@@ -505,7 +520,7 @@ def _validation_sql(contract: Contract) -> list[str]:
                 case when jt_e_episode_id = '"' then sv_e_episode_id end as raw_episode_id,
                 case when jt_e_session_id = '"' then sv_e_session_id end as raw_session_id,
                 sv_p_instrument as instrument, sv_p_instrument_version as instrument_version,
-                p_answers, jt_p_answers, p_total, jt_p_total
+                p_answers, jt_p_answers, p_total, jt_p_total, payload_plain
             from (select *, {rule_idx} as rule_idx from ({parsed("_lines", "line")})))
         select *, case when rule_idx is null then
                 case when dropped_fields = 0 then e_payload else {kept} end end as kept_payload
@@ -513,7 +528,8 @@ def _validation_sql(contract: Contract) -> list[str]:
             ({reasons})[rule_idx] as reason_code,
             nullif(({fields})[rule_idx], '') as field,
             null::varchar as message,
-            case when jt_e_payload = '{{' then json_keys(e_payload) end as payload_keys,
+            case when jt_e_payload = '{{' and not payload_plain then json_keys(e_payload)
+                end as payload_keys,
             coalesce(len(payload_keys) - len(list_intersect(payload_keys, {allowed})), 0)
                 as dropped_fields
         from _ruled)""",
@@ -1081,7 +1097,8 @@ def _ingest_group(
                     'event_id', c.event_id, 'event_type', c.sv_e_event_type,
                     'schema_version', c.sv_e_schema_version, 'occurred_at', c.sv_e_occurred_at,
                     'source', c.sv_e_source, 'clinic_id', c.clinic_id, {ids_json},
-                    'payload_keys', c.payload_keys) end,
+                    'payload_keys', coalesce(c.payload_keys, case when c.payload_plain
+                        then json_keys(c.e_payload) end)) end,
                 {rec}
             from _checked c
             join _names n on n.file_id = c.file_id
