@@ -118,6 +118,32 @@ def test_every_bad_kind_is_quarantined_with_reason_file_line_and_field(con, tmp_
     assert json.loads(payload) == {"age_group": "adult"} and dropped == 1
 
 
+@pytest.mark.parametrize(("line", "kept", "dropped"), [
+    # allow-listed keys only, in any order and spacing: nothing dropped
+    ('{"modality": "video", "duration_minutes": 50}', {"modality": "video", "duration_minutes": 50}, 0),
+    ('{}', {}, 0),
+    # another key, however short, or a key of another event type's payload: dropped and counted
+    ('{"modality":"video","x":1}', {"modality": "video"}, 1),
+    ('{"modality":"video","total":1}', {"modality": "video"}, 1),
+    ('{"x":1}', {}, 1),
+    # an allow-listed key set to null (kept as sent), an escaped key, a duplicate key
+    ('{"modality":"video","duration_minutes":null}', {"modality": "video", "duration_minutes": None}, 0),
+    ('{"mod\\u0061lity":"video","note":"free"}', {"modality": "video"}, 1),
+    ('{"modality":"video","modality":"phone"}', None, 1),  # one value is dropped
+])
+def test_dropped_fields_counted_whatever_the_payload_shape(con, tmp_path, line, kept, dropped):
+    """The parse skips listing a payload's keys when its allow-listed keys account for all of it;
+    every other shape must still be counted from the keys themselves."""
+    env = json.dumps(ev("p1", "session.attended", session_id="SES-SECRET-1"))
+    f = write(tmp_path / "a.ndjson", [env.replace('"payload": {}', '"payload": ' + line)])
+    [res] = ingest_files(con, [f], KEY, instruments=None)
+    assert res.accepted == 1, res
+    payload, n = con.execute("select payload, dropped_fields from raw.events").fetchone()
+    assert n == dropped and res.dropped_fields == dropped
+    if kept is not None:
+        assert json.loads(payload) == kept
+
+
 def test_reingest_is_noop_and_changed_file_counts_duplicates(con, tmp_path):
     f = write(tmp_path / "a.ndjson", GOOD)
     ingest_files(con, [f], KEY, instruments=None)
