@@ -10,6 +10,7 @@ from dagster_duckdb import DuckDBResource
 from alliance.ingest import COLUMN_COMMENTS, TABLE_COMMENTS, ingest_files, landing_files
 from alliance.pseudonyms import load_key
 from orchestration.resources import AllianceSettings
+from quality.gx_runner import release_preload
 from quality.history import record_check_results
 
 RAW_EVENTS = dg.AssetKey(["raw", "events"])
@@ -75,12 +76,17 @@ def ingest(
     p = settings.paths.ensure()
     files = [Path(f) for f in config.files] if config.files else landing_files(p.landing)
     key = pseudonym_key(settings)
-    with duckdb.get_connection() as con:
-        results = ingest_files(con, files, key, quarantine_dir=p.quarantine, log=context.log.info)
-        totals = con.execute(
-            "select (select count(*) from raw.events), (select count(*) from raw.ingested_files), "
-            "(select count(*) from raw.quarantine)"
-        ).fetchone()
+    try:
+        with duckdb.get_connection() as con:
+            results = ingest_files(con, files, key, quarantine_dir=p.quarantine,
+                                   log=context.log.info)
+            totals = con.execute(
+                "select (select count(*) from raw.events), (select count(*) from "
+                "raw.ingested_files), (select count(*) from raw.quarantine)"
+            ).fetchone()
+    finally:
+        # The run's GX import (quality.checks.GreatExpectationsResource) waited for this.
+        release_preload()
     new = [r for r in results if r.status == "ingested"]
     reasons: Counter[str] = Counter()
     for r in new:

@@ -25,7 +25,12 @@ from quality.batch import (
     plan_chunks,
     validate_chunks,
 )
-from quality.gx_runner import CheckOutcome, build_data_docs, preload_in_background
+from quality.gx_runner import (
+    CheckOutcome,
+    build_data_docs,
+    defer_preload,
+    preload_in_background,
+)
 from quality.history import record_check_result
 from quality.marts import ModelSuite, default_model_suites, model_suites, validate_model
 from quality.relational import CHECKS as RELATIONAL_CHECKS
@@ -37,19 +42,42 @@ GX_RESOURCE_KEY = "gx"
 
 
 class GreatExpectationsResource(dg.ConfigurableResource):
-    """Great Expectations for the GX checks; its 3-6 s import starts when the run starts.
+    """Great Expectations for the GX checks; its 3-6 s import starts early, in the background.
 
     Dagster initialises the resources of every step of an in-process run before the first step,
-    so with `preload` the import runs in a background thread while the ingest works in DuckDB
-    (measured in docs/quality.md) instead of at the start of the batch suite's step. Processes
-    that only load definitions (UI, daemon, CLI) never initialise it and never import GX.
+    so with `preload` the import runs in a background thread instead of at the start of the
+    batch suite's step (measured in docs/quality.md). In a run that also ingests, the import
+    waits until the ingest's DuckDB work is done (assets/ingest.py): beside the CPU-bound ingest
+    it slowed the ingest by about as much as it saved. Processes that only load definitions (UI,
+    daemon, CLI) never initialise it and never import GX.
     """
 
     preload: bool = True
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        if self.preload:
+        if not self.preload:
+            return
+        if _run_executes_step(context, INGEST_STEP):
+            defer_preload()
+        else:
             preload_in_background()
+
+
+INGEST_STEP = "ingest"
+
+
+def _run_executes_step(context: dg.InitResourceContext, step_key: str) -> bool:
+    """Whether this run's execution plan runs the step (False when it cannot be told)."""
+    run = context.dagster_run
+    if run is None or context.instance is None or not run.execution_plan_snapshot_id:
+        return False
+    if run.step_keys_to_execute is not None:
+        return step_key in run.step_keys_to_execute
+    try:
+        plan = context.instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
+    except Exception:  # noqa: BLE001 - an unreadable plan only means no deferral
+        return False
+    return any(step.key == step_key for step in plan.steps)
 
 
 def _severity(sev: str) -> dg.AssetCheckSeverity:

@@ -140,15 +140,33 @@ def _context() -> Any:
         return _state["batch_definition"]
 
 
+def defer_preload() -> None:
+    """Have `release_preload` start the preload: the run's ingest step calls it when it is done.
+
+    The ingest is CPU-bound on every core; an import beside it took 2-2.5 s of its wall time at
+    10^6 events (the import's CPU and the GIL its Python parts need), more than it saved later.
+    """
+    with _lock:
+        _state["deferred"] = True
+
+
+def release_preload() -> None:
+    """Start a deferred preload (no-op when none was deferred)."""
+    with _lock:
+        deferred = _state.pop("deferred", False)
+    if deferred:
+        preload_in_background()
+
+
 def preload_in_background() -> threading.Thread:
     """Start importing GX and creating its context in a daemon thread; return the thread.
 
     Importing Great Expectations costs 3-6 s of CPU in a fresh process, a fixed cost that a small
     (incremental) batch cannot amortise. Started when a run that validates begins
-    (quality.checks.GreatExpectationsResource), the import overlaps the ingest step, which
-    spends most of its time in DuckDB with the GIL released. `_context()` waits for the thread
-    (the lock), so a validation never sees a half-built context; if the thread fails, the
-    validation imports GX itself and raises the error where it belongs.
+    (quality.checks.GreatExpectationsResource), or, in a run that ingests, when the ingest's
+    DuckDB work is done (`defer_preload`), the import overlaps other steps. `_context()` waits
+    for the thread (the lock), so a validation never sees a half-built context; if the thread
+    fails, the validation imports GX itself and raises the error where it belongs.
     """
     def _load() -> None:
         try:
