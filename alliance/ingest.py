@@ -18,8 +18,10 @@ import base64
 import gzip
 import hashlib
 import json
+import queue
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -816,14 +818,10 @@ def _ingest_paths(
         if stage.lines >= max_lines_per_transaction:
             results.extend(stage.commit(log))
 
-    for p in paths:
-        raw = p.read_bytes()
-        sha = hashlib.sha256(raw).hexdigest()
-        if sha in done or sha in seen_in_call:
+    for p, sha, rf in _read_ahead(paths, done):
+        if rf is None or sha in seen_in_call:
             results.append(FileResult(str(p), sha, "already_ingested"))
             continue
-        rf = _read_file(p, raw, sha)
-        del raw
         if rf.error:
             # Recorded at once, outside the open transaction; its file_id is taken from the same
             # sequence as the staged files'.
@@ -841,6 +839,51 @@ def _ingest_paths(
         run_group()
     results.extend(stage.commit(log))
     return results
+
+
+# Files read ahead of the one being processed: enough to keep the reading thread busy while a
+# group is validated, few enough to bound the memory (about 2.5 MB per 1,800-line file).
+READ_AHEAD_FILES = 64
+
+
+def _read_ahead(paths: list[Path], done: set[str]) -> Iterator[tuple[Path, str, _ReadFile | None]]:
+    """(path, sha256, read file or None when its content was ingested before), in path order.
+
+    A thread reads, hashes and splits the next files while the caller works in DuckDB (which
+    releases the GIL, as do reading, hashing and Arrow's split): about 1.5 s of a million lines'
+    2 s of file handling no longer waits for the SQL, or the SQL for it.
+    """
+    out: queue.Queue = queue.Queue(maxsize=READ_AHEAD_FILES)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for p in paths:
+                if stop.is_set():
+                    return
+                raw = p.read_bytes()
+                sha = hashlib.sha256(raw).hexdigest()
+                out.put((p, sha, None if sha in done else _read_file(p, raw, sha)))
+                del raw
+            out.put(None)
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller
+            out.put(e)
+
+    thread = threading.Thread(target=read, name="ingest-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (item := out.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                out.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 class _Stage:
