@@ -532,7 +532,9 @@ def _validation_sql(contract: Contract) -> list[str]:
             null::varchar as message,
             case when jt_e_payload = '{{' and not payload_plain then json_keys(e_payload)
                 end as payload_keys,
-            coalesce(len(payload_keys) - len(list_intersect(payload_keys, {allowed})), 0)
+            -- (the allow-list, a list per row, is only built for the rows that list their keys)
+            case when payload_keys is null then 0
+                else len(payload_keys) - len(list_intersect(payload_keys, {allowed})) end
                 as dropped_fields
         from _ruled)""",
         # Messages only for the rejected lines, parsed again from the copy kept in bad_line.
@@ -841,29 +843,37 @@ def _ingest_paths(
     return results
 
 
-# Files read ahead of the one being processed: enough to keep the reading thread busy while a
-# group is validated, few enough to bound the memory (about 2.5 MB per 1,800-line file).
-READ_AHEAD_FILES = 64
+# Bytes of files read ahead of the one being processed: more than a group's worth (250k lines
+# are about 110 MB of canonical NDJSON), so the next group is read while one is in DuckDB.
+READ_AHEAD_BYTES = 256 * 2**20
 
 
 def _read_ahead(paths: list[Path], done: set[str]) -> Iterator[tuple[Path, str, _ReadFile | None]]:
     """(path, sha256, read file or None when its content was ingested before), in path order.
 
     A thread reads, hashes and splits the next files while the caller works in DuckDB (which
-    releases the GIL, as do reading, hashing and Arrow's split): about 1.5 s of a million lines'
-    2 s of file handling no longer waits for the SQL, or the SQL for it.
+    releases the GIL, as do reading, hashing and Arrow's split), up to READ_AHEAD_BYTES ahead
+    (a single larger file is still read): the file handling of a million lines, about 2 s, no
+    longer waits for the SQL, or the SQL for it.
     """
-    out: queue.Queue = queue.Queue(maxsize=READ_AHEAD_FILES)
+    out: queue.Queue = queue.Queue()
+    budget = threading.Condition()
+    ahead = [0]  # bytes read and not yet taken
     stop = threading.Event()
 
     def read() -> None:
         try:
             for p in paths:
+                with budget:
+                    budget.wait_for(lambda: ahead[0] < READ_AHEAD_BYTES or stop.is_set())
                 if stop.is_set():
                     return
                 raw = p.read_bytes()
                 sha = hashlib.sha256(raw).hexdigest()
-                out.put((p, sha, None if sha in done else _read_file(p, raw, sha)))
+                item = (p, sha, None if sha in done else _read_file(p, raw, sha))
+                with budget:
+                    ahead[0] += len(raw)
+                out.put((len(raw), item))
                 del raw
             out.put(None)
         except BaseException as e:  # noqa: BLE001 - raised again in the caller
@@ -872,17 +882,18 @@ def _read_ahead(paths: list[Path], done: set[str]) -> Iterator[tuple[Path, str, 
     thread = threading.Thread(target=read, name="ingest-read-ahead", daemon=True)
     thread.start()
     try:
-        while (item := out.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
+        while (got := out.get()) is not None:
+            if isinstance(got, BaseException):
+                raise got
+            size, item = got
+            with budget:
+                ahead[0] -= size
+                budget.notify()
             yield item
     finally:
         stop.set()
-        while thread.is_alive():  # unblock a reader waiting on a full queue
-            try:
-                out.get(timeout=0.05)
-            except queue.Empty:
-                pass
+        with budget:
+            budget.notify()
         thread.join()
 
 
