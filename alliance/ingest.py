@@ -495,21 +495,26 @@ def _validation_sql(contract: Contract) -> list[str]:
         keeping its column `extra` as well."""
         return f"""
         select file_id, line_number, content_hash, is_json, is_object, {extra},
-            case when jt_e_payload = {JT_OBJECT} then sv_e_payload::json end as e_payload,
-            case when jt_p_answers = {JT_OBJECT} then sv_p_answers::json end as p_answers,
+            case when jt_e_payload = {JT_OBJECT} then j_payload end as e_payload,
+            case when jt_p_answers = {JT_OBJECT} then j_answers end as p_answers,
             sv_p_total as p_total, *
-            exclude (file_id, line_number, content_hash, is_json, is_object, {extra})
+            exclude (file_id, line_number, content_hash, is_json, is_object, {extra}, j_payload,
+                     j_answers)
         from (
+            -- (j_*: the JSON values themselves; a text cast back to JSON would parse it again)
             select file_id, line_number, content_hash, is_json, is_object, {extra},
+                e.payload as j_payload, p.answers as j_answers,
                 {plain_sql} as payload_plain,
                 {typed}
             from (
-                select *, case when left(e.payload::varchar, 1) = '{{'
+                select *, case when ascii(e.payload::varchar) = {JT_OBJECT}
                     then json_transform(e.payload, {_lit(pay_spec)}) end as p
                 from (
                     select *, md5(line) as content_hash,
                         json_valid(line) as is_json,
-                        is_json and starts_with(ltrim(line), '{{') as is_object,
+                        -- (ltrim copies the line: only for lines not starting with a brace)
+                        case when ascii(line) = {JT_OBJECT} then is_json
+                            else is_json and starts_with(ltrim(line), '{{') end as is_object,
                         case when is_object then json_transform(line, {_lit(env_spec)}) end as e
                     from {source})))"""
 
