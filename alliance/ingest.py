@@ -1002,13 +1002,10 @@ def _pseudonym_table(con: duckdb.DuckDBPyConnection, key: bytes) -> None:
         select kind, clinic, raw,
             (case kind {cases} end) || left(sha256($outer::blob || unhex(sha256($inner::blob
                 || encode(kind || '|' || clinic || '|' || raw)))), {DIGEST_CHARS}) as pseudonym
-        from (
-            select distinct kind, clinic, raw from (
-                select unnest(['patient', 'therapist', 'episode', 'session']) as kind,
-                    coalesce(clinic_id, '') as clinic,
-                    unnest([raw_patient_id, raw_therapist_id, raw_episode_id, raw_session_id]) as raw
-                from _checked where is_object
-            ) where raw is not null)
+        from ({" union all ".join(
+            f"(select distinct '{k}' as kind, coalesce(clinic_id, '') as clinic, raw_{k}_id as raw "
+            f"from _checked where is_object and raw_{k}_id is not null)"
+            for k in ("patient", "therapist", "episode", "session"))})
         """,
         {"inner": inner, "outer": outer},
     )
