@@ -654,9 +654,8 @@ answers as (
 answer_values as (
     -- the JSON type from the value's first character and the number from its text: no parse
     select file_id, line_number, instrument, instrument_version, e.key as item,
-        e.value::varchar as v, left(v, 1) as t,
-        case when t in ('-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9')
-            then try_cast(v as double) end as x
+        e.value::varchar as v, ascii(v) as t,
+        case when t between 48 and 57 or t = 45 then try_cast(v as double) end as x
     from answers
 ),
 answer_checks as (
