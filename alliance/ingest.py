@@ -538,8 +538,9 @@ def _validation_sql(contract: Contract) -> list[str]:
                 sv_p_instrument as instrument, sv_p_instrument_version as instrument_version,
                 p_answers, jt_p_answers, p_total, jt_p_total, payload_plain
             from (select *, {rule_idx} as rule_idx from ({parsed("_lines", "line")})))
-        select *, case when rule_idx is null then
-                case when dropped_fields = 0 then e_payload else {kept} end end as kept_payload
+        -- kept_payload: the allow-listed payload where fields were dropped; the payload as sent
+        -- (e_payload) otherwise, taken from there when written rather than stored twice here
+        select *, case when rule_idx is null and dropped_fields > 0 then {kept} end as kept_payload
         from (select *,
             ({reasons})[rule_idx] as reason_code,
             nullif(({fields})[rule_idx], '') as field,
@@ -1144,7 +1145,8 @@ def _ingest_group(
             select c.event_id, c.content_hash, c.event_type, c.sv_e_schema_version::integer,
                 c.sv_e_occurred_at::timestamptz, {rec}, c.sv_e_source, c.clinic_id,
                 p1.pseudonym, p2.pseudonym, p3.pseudonym, p4.pseudonym,
-                c.kept_payload, c.file_id, n.source_file, c.line_number, c.dropped_fields
+                coalesce(c.kept_payload, c.e_payload), c.file_id, n.source_file, c.line_number,
+                c.dropped_fields
             from _checked c
             join _dedup d on d.file_id = c.file_id and d.line_number = c.line_number and d.outcome = 'accept'
             join _names n on n.file_id = c.file_id
