@@ -1069,10 +1069,14 @@ def _ingest_group(
             ) e on e.event_id = c.event_id
             where c.reason_code is null
         ),
+        fresh as (select * from valid where logged_hash is null),
+        -- only event_ids that occur more than once in the batch are ranked (a sort); the rest,
+        -- nearly all, are accepted as they are
+        repeated as (select event_id from fresh group by event_id having count(*) > 1),
         ranked as (
             select *, first_value(content_hash) over w as first_hash,
                 row_number() over w as rn
-            from valid where logged_hash is null
+            from fresh semi join repeated using (event_id)
             window w as (partition by event_id order by file_id, line_number)
         )
         select file_id, line_number,
@@ -1080,6 +1084,8 @@ def _ingest_group(
                  when logged_hash is not null then 'conflict'
             end as outcome
         from valid where logged_hash is not null
+        union all
+        select file_id, line_number, 'accept' from fresh anti join repeated using (event_id)
         union all
         select file_id, line_number,
             case when rn = 1 then 'accept' when content_hash = first_hash then 'duplicate'
