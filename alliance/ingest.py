@@ -647,14 +647,21 @@ known as (
 ),
 answers as (
     -- one parse per response: the answers object as key/value pairs
-    select file_id, line_number, instrument, instrument_version,
-        unnest(map_entries(json_transform(p_answers, '"MAP(VARCHAR, JSON)"'))) as e
-    from known
-    where known_instrument and jt_p_answers = 123 -- '{'
+    -- (entry: the pair's position, to tell an item key the object repeats; JSON allows it,
+    -- but which answer counts would be arbitrary: one parser keeps the first, another the last)
+    select file_id, line_number, instrument, instrument_version, unnest(map_entries(m)) as e,
+        generate_subscripts(map_keys(m), 1) as entry, map_keys(m) as item_keys
+    from (
+        select file_id, line_number, instrument, instrument_version,
+            json_transform(p_answers, '"MAP(VARCHAR, JSON)"') as m
+        from known
+        where known_instrument and jt_p_answers = 123 -- '{'
+    )
 ),
 answer_values as (
     -- the JSON type from the value's first character and the number from its text: no parse
     select file_id, line_number, instrument, instrument_version, e.key as item,
+        list_position(item_keys, e.key) <> entry as repeated,
         e.value::varchar as v, ascii(v) as t,
         case when t between 48 and 57 or t = 45 then try_cast(v as double) end as x
     from answers
@@ -663,6 +670,7 @@ answer_checks as (
     select a.file_id, a.line_number, a.item,
         case
             when it.item is null then 'unknown_item'
+            when a.repeated then 'invalid_value'
             when a.v is null or a.v = 'null' then null
             when a.x is null then 'wrong_type'
             when a.x < it.min_value or a.x > it.max_value then 'answer_out_of_range'
@@ -673,6 +681,8 @@ answer_checks as (
         case
             when it.item is null then a.instrument || ' v' || a.instrument_version
                 || ' has no item ''' || left(a.item, 20) || ''''
+            when a.repeated then
+                'answer to ' || a.instrument || ' item ' || a.item || ' is given more than once'
             when a.x is null and a.v <> 'null' then
                 'answer to ' || a.instrument || ' item ' || a.item || ' must be a number or null, got '
                 || lower(json_type(a.v::json))

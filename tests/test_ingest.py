@@ -58,6 +58,9 @@ BAD = {  # line content -> expected (reason_code, field)
         ("wrong_type", "schema_version"),
     json.dumps(phq9("x5", {"1": 7})): ("answer_out_of_range", "payload.answers.1"),
     json.dumps(phq9("x6", {"42": 1})): ("unknown_item", "payload.answers.42"),
+    # an item key given twice (valid JSON; which answer counts would be arbitrary)
+    json.dumps(phq9("x6b", {"1": 1, "2": 0})).replace('"2": 0', '"1": 2'):
+        ("invalid_value", "payload.answers.1"),
     json.dumps(ev("x7", "questionnaire.submitted", payload={
         "instrument": "NOPE-1", "instrument_version": "1", "respondent": "patient",
         "administered_at": T, "answers": {"1": 1}})): ("unknown_instrument", "payload.instrument"),
