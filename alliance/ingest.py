@@ -621,7 +621,9 @@ def _read_file(path: Path, raw: bytes, sha: str) -> _ReadFile:
     numbers = pa.array(np.arange(1, n + 1, dtype=np.int64))
     if has_cr:
         arr = pc.utf8_rtrim(arr, characters="\r")
-    keep = pc.invert(pc.equal(pc.utf8_trim_whitespace(arr), ""))
+    # Blank: empty or whitespace only (the same set utf8_trim_whitespace leaves empty, without
+    # copying every line to trim it).
+    keep = pc.invert(pc.or_(pc.equal(pc.binary_length(arr), 0), pc.utf8_is_space(arr)))
     if bad:
         keep = pc.or_(keep, pc.is_in(numbers, pa.array(bad, pa.int64())))
     table = pa.table({"line_number": numbers, "line": arr}).filter(keep)

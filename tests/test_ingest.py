@@ -262,6 +262,22 @@ def test_contract_docs_are_generated_from_the_contract():
     )
 
 
+def test_blank_and_whitespace_lines_are_counted_not_quarantined(con, tmp_path):
+    """Empty and whitespace-only lines (spaces, tabs, CRLF endings, Unicode spaces) are blank;
+    line numbers still count them."""
+    good = [json.dumps(ev(f"b{i}", "session.no_show", session_id=f"S{i}")) for i in range(3)]
+    text = (good[0] + "\r\n" + "\r\n" + "   \t \r\n" + good[1] + "\n" + "\u00a0\u2003\n" + "\n"
+            + " x \n" + good[2] + "\n")
+    f = tmp_path / "blank.ndjson"
+    f.write_bytes(text.encode())
+    [r] = ingest_files(con, [f], KEY, instruments=None)
+    assert (r.lines_read, r.accepted, r.quarantined, r.blank_lines) == (4, 3, 1, 4)
+    assert con.execute("select line_number from raw.events order by 1").fetchall() == [
+        (1,), (4,), (8,)]
+    assert con.execute("select line_number, reason_code from raw.quarantine").fetchall() == [
+        (7, "malformed_json")]
+
+
 def test_invalid_utf8_line_is_quarantined_and_kept_verbatim(con, tmp_path):
     import base64
 
