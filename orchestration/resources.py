@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -130,6 +131,16 @@ def _is_lock_error(e: BaseException) -> bool:
     return isinstance(e, duckdb.IOException) and ("lock" in text or "resource temporarily" in text)
 
 
+def lock_holder_from_error(message: str) -> str:
+    """The process named in DuckDB's lock error ("Conflicting lock is held in <program> (PID n)
+    by user u"), whole: a path with dots in it (python3.11, .venv) is not cut short."""
+    m = re.search(r"Conflicting lock is held in (.+? \(PID \d+\))", message)
+    if m:
+        return m.group(1)
+    rest = message.split("Conflicting lock is held in", 1)
+    return rest[1].strip().split("\n", 1)[0][:200] if len(rest) == 2 else ""
+
+
 def connect_with_retry(
     database: str,
     *,
@@ -150,7 +161,7 @@ def connect_with_retry(
         except duckdb.IOException as e:
             if not _is_lock_error(e) or time.monotonic() + delay > deadline:
                 raise
-            holder = str(e).split("Conflicting lock is held in", 1)[-1].split(".", 1)[0].strip()
+            holder = lock_holder_from_error(str(e))
             log.warning(
                 f"DuckDB file {database} is locked by another process ({holder or 'unknown'}); "
                 f"attempt {attempt} failed, retrying in {delay:.1f} s "

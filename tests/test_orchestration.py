@@ -576,3 +576,24 @@ def test_writer_runs_wait_for_each_other_however_launched(world, tmp_path):
     logs = [e.user_message for e in get_instance().all_logs(out["run_id"])]
     assert any("waiting for another writer run" in m for m in logs)
     release_run_lock(acquire_run_lock(lock, timeout_seconds=1))  # released by the run
+
+
+def test_lock_holder_is_named_whole_from_duckdbs_error(tmp_path: Path):
+    """The retry log names the process holding the warehouse (a path with dots, its PID)."""
+    from orchestration.resources import lock_holder_from_error
+
+    db = tmp_path / "held.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, sys; c = duckdb.connect({str(db)!r}); "
+         "print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(duckdb.IOException) as e:
+            duckdb.connect(str(db))
+        # DuckDB names the resolved program (python3.11 here: the old parser cut it at the dot)
+        assert lock_holder_from_error(str(e.value)) == (
+            f"{os.path.realpath(sys.executable)} (PID {holder.pid})")
+    finally:
+        holder.kill()
+        holder.wait()
