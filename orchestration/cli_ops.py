@@ -9,10 +9,12 @@ its run, logs and check results appear in `dg dev` and it waits for the same duc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -313,12 +315,53 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# Seconds `alliance dev` gives `dg dev` to shut down after a stop signal before killing it.
+DEV_STOP_GRACE_SECONDS = 30
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
+    """`dg dev` on the platform's instance, stoppable by SIGTERM as well as Ctrl-C.
+
+    `dg dev` stops on SIGINT only, and a process started in the background of a non-interactive
+    shell (a service manager, a container, `cmd &` in a script) inherits SIGINT ignored, so such a
+    `dg dev` could only be killed, leaving its webserver and daemon behind. It runs as a child in
+    its own process group with SIGINT restored; SIGTERM, SIGINT or SIGHUP here become a SIGINT
+    there, and after DEV_STOP_GRACE_SECONDS the whole group is killed.
+    """
+    import signal
+    import subprocess
+
     from orchestration.instance import use_instance_home
 
     home = use_instance_home()
-    print(f"DAGSTER_HOME={home}")
+    print(f"DAGSTER_HOME={home}", flush=True)
     dg_bin = Path(sys.executable).with_name("dg")
     extra = [a for a in args.dg_args if a != "--"]
-    os.execv(str(dg_bin), [str(dg_bin), "dev", *extra])
-    return 0  # not reached
+
+    def child_setup() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    child = subprocess.Popen([str(dg_bin), "dev", *extra], preexec_fn=child_setup,
+                             start_new_session=True)
+    stopping: list[float] = []
+
+    def stop(signum: int, _frame) -> None:  # noqa: ANN001
+        if not stopping:
+            print(f"alliance dev: {signal.Signals(signum).name}, stopping dg dev "
+                  f"(pid {child.pid})", file=sys.stderr, flush=True)
+            stopping.append(time.monotonic())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGINT)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+    while True:
+        try:
+            return child.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            if stopping and time.monotonic() - stopping[0] > DEV_STOP_GRACE_SECONDS:
+                print("alliance dev: dg dev did not stop in time; killing its processes",
+                      file=sys.stderr, flush=True)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+                return child.wait()

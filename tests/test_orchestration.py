@@ -7,6 +7,7 @@ a second Python process holding the old snapshot open, and a real webserver answ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -597,3 +598,50 @@ def test_lock_holder_is_named_whole_from_duckdbs_error(tmp_path: Path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_alliance_dev_stops_on_sigterm_when_started_in_the_background(tmp_path: Path):
+    """A service manager stops `alliance dev` with SIGTERM, and a background start inherits
+    SIGINT ignored: `dg dev` alone then kept running with its webserver and daemon."""
+    port = _free_port()
+    env = {**os.environ, "ALLIANCE_DATA_DIR": str(tmp_path), "ALLIANCE_AUTOMATION": "off"}
+    env.pop("DAGSTER_HOME", None)
+    log = tmp_path / "dev.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("alliance")), "dev", "--", "--port", str(port)],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.time() + 90
+        up = False
+        while time.time() < deadline and proc.poll() is None and not up:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5):
+                    up = True
+            except OSError:
+                time.sleep(0.5)
+        assert up, log.read_text(errors="replace")[-3000:]
+        assert len(_processes_mentioning(str(tmp_path))) >= 3  # dg dev, webserver, daemon
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=45)
+        deadline = time.time() + 15
+        while _processes_mentioning(str(tmp_path)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _processes_mentioning(str(tmp_path)), "dg dev's processes outlived it"
+    finally:
+        for pid in _processes_mentioning(str(tmp_path)) + ([proc.pid] if proc.poll() is None else []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
