@@ -553,10 +553,10 @@ def _validation_sql(contract: Contract) -> list[str]:
                 as dropped_fields
         from _ruled)""",
         # Messages only for the rejected lines, parsed again from the copy kept in bad_line.
-        f"""update _checked c set message = m.message
-        from (select file_id, line_number, {message} as message
-              from ({parsed("(select file_id, line_number, bad_line as line, rule_idx from _checked where rule_idx is not null)", "rule_idx")})) m
-        where c.file_id = m.file_id and c.line_number = m.line_number""",
+        # (a table of their own: an update of _checked cost a scan and a join of every line)
+        f"""create or replace temp table _rule_messages as
+        select file_id, line_number, {message} as message
+        from ({parsed("(select file_id, line_number, bad_line as line, rule_idx from _checked where rule_idx is not null)", "rule_idx")})""",
     ]
 
 
@@ -581,7 +581,11 @@ class _ReadFile:
     def raw_line(self, line_number: int) -> bytes:
         if self.raw_lines is not None:
             return self.raw_lines[line_number - 1]
-        idx = pc.index(self.lines["line_number"], line_number).as_py()
+        # line numbers ascend (blank lines left out): a binary search, not a scan per line
+        numbers = self.lines["line_number"].to_numpy()
+        idx = int(np.searchsorted(numbers, line_number))
+        if idx >= len(numbers) or numbers[idx] != line_number:
+            raise KeyError(f"{self.path}: no line {line_number}")
         return self.lines["line"][idx].as_py().encode()
 
 
@@ -1083,7 +1087,7 @@ def _ingest_group(
         ),
         fresh as (select * from valid where logged_hash is null),
         -- only event_ids that occur more than once in the batch are ranked (a sort); the rest,
-        -- nearly all, are accepted as they are
+        -- nearly all, are accepted: _dedup lists only the lines that are not
         repeated as (select event_id from fresh group by event_id having count(*) > 1),
         ranked as (
             select *, first_value(content_hash) over w as first_hash,
@@ -1097,12 +1101,12 @@ def _ingest_group(
             end as outcome
         from valid where logged_hash is not null
         union all
-        select file_id, line_number, 'accept' from fresh anti join repeated using (event_id)
-        union all
-        select file_id, line_number,
-            case when rn = 1 then 'accept' when content_hash = first_hash then 'duplicate'
-                 else 'conflict' end
-        from ranked
+        select * from (
+            select file_id, line_number,
+                case when rn = 1 then 'accept' when content_hash = first_hash then 'duplicate'
+                     else 'conflict' end as outcome
+            from ranked
+        ) where outcome <> 'accept'
     """)
     con.execute("""
         update _checked c set reason_code = 'conflicting_duplicate', field = 'event_id',
@@ -1118,8 +1122,9 @@ def _ingest_group(
 
     # Verbatim copies of rejected lines go outside the warehouse (they may hold raw identifiers).
     rejected = con.execute(
-        "select file_id, line_number, reason_code, message from _checked where reason_code is not null "
-        "order by file_id, line_number"
+        "select c.file_id, c.line_number, c.reason_code, coalesce(c.message, m.message) "
+        "from _checked c left join _rule_messages m using (file_id, line_number) "
+        "where c.reason_code is not null order by c.file_id, c.line_number"
     ).fetchall()
     by_file: dict[int, list] = {}
     for fid, ln, reason, msg in rejected:
@@ -1166,7 +1171,7 @@ def _ingest_group(
                 coalesce(c.kept_payload, c.e_payload), c.file_id, n.source_file, c.line_number,
                 c.dropped_fields
             from _checked c
-            join _dedup d on d.file_id = c.file_id and d.line_number = c.line_number and d.outcome = 'accept'
+            anti join _dedup d on d.file_id = c.file_id and d.line_number = c.line_number
             join _names n on n.file_id = c.file_id
             left join _pseudonyms p1 on p1.kind = 'patient' and p1.clinic = c.clinic_id and p1.raw = c.raw_patient_id
             left join _pseudonyms p2 on p2.kind = 'therapist' and p2.clinic = c.clinic_id and p2.raw = c.raw_therapist_id
@@ -1177,7 +1182,8 @@ def _ingest_group(
         con.execute(f"""
             insert into _stage_quarantine
             select c.file_id, n.source_file, c.line_number, c.reason_code, nullif(c.field, ''),
-                n.source_file || ' line ' || c.line_number::varchar || ': ' || c.message,
+                n.source_file || ' line ' || c.line_number::varchar || ': '
+                    || coalesce(c.message, m.message),
                 case when c.jt_e_event_id = {JT_STRING} then c.event_id end,
                 case when c.jt_e_event_type = {JT_STRING} then c.event_type end,
                 case when c.jt_e_clinic_id = {JT_STRING} then c.clinic_id end,
@@ -1192,14 +1198,15 @@ def _ingest_group(
             from _checked c
             join _names n on n.file_id = c.file_id
             join _rejected_sha r on r.file_id = c.file_id and r.line_number = c.line_number
+            left join _rule_messages m on m.file_id = c.file_id and m.line_number = c.line_number
             where c.reason_code is not null
         """)
         summary = con.execute("""
             select c.file_id, count(*) as lines_read,
-                count(*) filter (where d.outcome = 'accept' and c.reason_code is null) as accepted,
+                count(*) filter (where d.outcome is null and c.reason_code is null) as accepted,
                 count(*) filter (where d.outcome = 'duplicate') as duplicates,
                 count(*) filter (where c.reason_code is not null) as quarantined,
-                coalesce(sum(c.dropped_fields) filter (where d.outcome = 'accept' and c.reason_code is null), 0)
+                coalesce(sum(c.dropped_fields) filter (where d.outcome is null and c.reason_code is null), 0)
             from _checked c left join _dedup d using (file_id, line_number)
             group by c.file_id
         """).fetchall()
