@@ -553,7 +553,7 @@ def _validation_sql(contract: Contract) -> list[str]:
                 as dropped_fields
         from _ruled)""",
         # Messages only for the rejected lines, parsed again from the copy kept in bad_line.
-        # (a table of their own: an update of _checked cost a scan and a join of every line)
+        # (a small table of their own, read where a rejected line is written)
         f"""create or replace temp table _rule_messages as
         select file_id, line_number, {message} as message
         from ({parsed("(select file_id, line_number, bad_line as line, rule_idx from _checked where rule_idx is not null)", "rule_idx")})""",
