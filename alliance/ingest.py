@@ -617,7 +617,7 @@ def _read_file(path: Path, raw: bytes, sha: str) -> _ReadFile:
             except UnicodeDecodeError:
                 texts.append("")
                 bad.append(i + 1)
-        if texts and texts[-1] == "":
+        if raw_lines[-1] == b"":  # the file ends with a newline (not an undecodable last line)
             texts.pop()
         arr = pa.array(texts, pa.large_string())
         has_cr = True
@@ -666,14 +666,18 @@ answers as (
 ),
 answer_values as (
     -- the JSON type from the value's first character and the number from its text: no parse
-    select file_id, line_number, instrument, instrument_version, e.key as item,
+    select file_id, line_number, instrument, instrument_version, e.key as item, entry,
         list_position(item_keys, e.key) <> entry as repeated,
         e.value::varchar as v, ascii(v) as t,
         case when t between 48 and 57 or t = 45 then try_cast(v as double) end as x
     from answers
 ),
 answer_checks as (
+    -- ord: the first violation is the lowest item number, then keys that are not numbers by
+    -- text, then a repeated key's entries in document order (never NULL: arg_min skips NULL keys)
     select a.file_id, a.line_number, a.item,
+        (try_cast(a.item as integer) is null, coalesce(try_cast(a.item as integer), 0), a.item,
+         a.entry) as ord,
         case
             when it.item is null then 'unknown_item'
             when a.repeated then 'invalid_value'
@@ -701,9 +705,9 @@ answer_checks as (
 ),
 first_answer_violation as (
     select file_id, line_number,
-        arg_min(reason_code, try_cast(item as integer)) as reason_code,
-        arg_min('payload.answers.' || item, try_cast(item as integer)) as field,
-        arg_min(message, try_cast(item as integer)) as message
+        arg_min(reason_code, ord) as reason_code,
+        arg_min('payload.answers.' || item, ord) as field,
+        arg_min(message, ord) as message
     from answer_checks where reason_code is not null
     group by all
 ),
@@ -840,15 +844,17 @@ def _ingest_paths(
     done = {r[0] for r in con.execute("select sha256 from raw.ingested_files").fetchall()}
     next_id = con.execute("select coalesce(max(file_id), 0) + 1 from raw.ingested_files").fetchone()[0]
     groups_run = 0
+    # File ids follow the files' order (unreadable ones included) whatever the grouping, so a
+    # re-run after a crash numbers the rest exactly as an uninterrupted run did: transactions
+    # commit everything read before them, so the committed files are always a prefix.
+    ids: dict[str, int] = {}
 
     def run_group() -> None:
-        nonlocal next_id, group, group_lines, groups_run
+        nonlocal group, group_lines, groups_run, ids
         groups_run += 1
-        ids = {rf.sha256: next_id + i for i, rf in enumerate(group)}
-        next_id += len(group)
         stage.add(_ingest_group(con, group, ids, key, validation_sql, answer_sql, quarantine_dir,
                                 log))
-        group, group_lines = [], 0
+        group, group_lines, ids = [], 0, {}
         if stage.lines >= max_lines_per_transaction:
             results.extend(stage.commit(log))
 
@@ -856,15 +862,15 @@ def _ingest_paths(
         if rf is None or sha in seen_in_call:
             results.append(FileResult(str(p), sha, "already_ingested"))
             continue
+        seen_in_call.add(rf.sha256)
         if rf.error:
-            # Recorded at once, outside the open transaction; its file_id is taken from the same
-            # sequence as the staged files'.
-            results.append(_record_unreadable(con, rf, next_id, recorded_at))
+            # Recorded with the open transaction, so a crash and a re-run number every file as
+            # an uninterrupted run does.
+            stage.add(_unreadable(rf, next_id))
             next_id += 1
             if log:
                 log(rf.error)
             continue
-        seen_in_call.add(rf.sha256)
         # The first group is a quarter of the others: DuckDB starts on it while the reading
         # thread reads the next one, instead of waiting for a whole group to be read.
         limit = group_limit if groups_run else max(1, group_limit // 4)
@@ -872,6 +878,8 @@ def _ingest_paths(
             run_group()
         group.append(rf)
         group_lines += rf.n_lines
+        ids[rf.sha256] = next_id
+        next_id += 1
     if group:
         run_group()
     results.extend(stage.commit(log))
@@ -972,7 +980,7 @@ class _Stage:
             con.execute(
                 f"""insert into raw.ingested_files select file_id, path, file_name, sha256, bytes,
                     lines_read, blank_lines, accepted, duplicates, quarantined, dropped_fields,
-                    'ingested', null, started_at, now(), {rec} from _manifest order by file_id""",
+                    status, error, started_at, now(), {rec} from _manifest order by file_id""",
                 params,
             )
             con.execute("commit")
@@ -990,18 +998,27 @@ class _Stage:
         return done
 
 
-def _record_unreadable(
-    con: duckdb.DuckDBPyConnection, rf: _ReadFile, fid: int, recorded_at: datetime | None
-) -> FileResult:
-    """Record a file that cannot be read at all, so it shows in the manifest and status."""
-    rec = "?::timestamptz" if recorded_at is not None else "now()"
-    con.execute(
-        f"""insert into raw.ingested_files values
-        (?, ?, ?, ?, ?, 0, 0, 0, 0, 0, 0, 'unreadable', ?, now(), now(), {rec})""",
-        [fid, str(rf.path), rf.path.name, rf.sha256, rf.size, rf.error]
-        + ([recorded_at] if recorded_at is not None else []),
-    )
-    return FileResult(str(rf.path), rf.sha256, "unreadable", fid, error=rf.error)
+def _manifest_table(rows: list[FileResult], group: list[_ReadFile], started_at: datetime,
+                    status: str) -> pa.Table:
+    """The manifest rows (raw.ingested_files) of files staged for the next transaction."""
+    return pa.table({
+        "file_id": [r.file_id for r in rows], "path": [r.path for r in rows],
+        "file_name": [rf.path.name for rf in group], "sha256": [r.sha256 for r in rows],
+        "bytes": [rf.size for rf in group], "lines_read": [r.lines_read for r in rows],
+        "blank_lines": [r.blank_lines for r in rows], "accepted": [r.accepted for r in rows],
+        "duplicates": [r.duplicates for r in rows],
+        "quarantined": [r.quarantined for r in rows],
+        "dropped_fields": [r.dropped_fields for r in rows],
+        "status": [status] * len(rows),
+        "error": pa.array([r.error for r in rows], pa.string()),
+        "started_at": pa.array([started_at] * len(rows), pa.timestamp("us", tz="UTC")),
+    })
+
+
+def _unreadable(rf: _ReadFile, fid: int) -> tuple[list[FileResult], pa.Table]:
+    """A file that cannot be read at all, staged so it shows in the manifest and status."""
+    result = FileResult(str(rf.path), rf.sha256, "unreadable", fid, error=rf.error)
+    return [result], _manifest_table([result], [rf], datetime.now().astimezone(), "unreadable")
 
 
 def _pseudonym_table(con: duckdb.DuckDBPyConnection, key: bytes) -> None:
@@ -1230,16 +1247,7 @@ def _ingest_group(
             results.append(FileResult(str(rf.path), rf.sha256, "ingested", fid, lines_read, rf.blank,
                                       accepted, duplicates, quarantined, int(dropped),
                                       None, reason_map.get(fid, {})))
-        manifest = pa.table({
-            "file_id": [r.file_id for r in results], "path": [r.path for r in results],
-            "file_name": [rf.path.name for rf in group], "sha256": [r.sha256 for r in results],
-            "bytes": [rf.size for rf in group], "lines_read": [r.lines_read for r in results],
-            "blank_lines": [r.blank_lines for r in results], "accepted": [r.accepted for r in results],
-            "duplicates": [r.duplicates for r in results],
-            "quarantined": [r.quarantined for r in results],
-            "dropped_fields": [r.dropped_fields for r in results],
-            "started_at": pa.array([started_at] * len(results), pa.timestamp("us", tz="UTC")),
-        })
+        manifest = _manifest_table(results, group, started_at, "ingested")
     finally:
         con.unregister("_lines")
         con.unregister("_rejected_sha")

@@ -73,10 +73,10 @@ def ingest(
     settings: AllianceSettings,
 ):
     """Validate, pseudonymise and append every new landing file; one transaction per file group."""
-    p = settings.paths.ensure()
-    files = [Path(f) for f in config.files] if config.files else landing_files(p.landing)
-    key = pseudonym_key(settings)
     try:
+        p = settings.paths.ensure()
+        files = [Path(f) for f in config.files] if config.files else landing_files(p.landing)
+        key = pseudonym_key(settings)
         with duckdb.get_connection() as con:
             results = ingest_files(con, files, key, quarantine_dir=p.quarantine,
                                    log=context.log.info)

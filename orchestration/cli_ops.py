@@ -341,27 +341,41 @@ def cmd_dev(args: argparse.Namespace) -> int:
     def child_setup() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    child = subprocess.Popen([str(dg_bin), "dev", *extra], preexec_fn=child_setup,
-                             start_new_session=True)
+    children: list[subprocess.Popen] = []
     stopping: list[float] = []
+
+    def interrupt_child() -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGINT)
 
     def stop(signum: int, _frame) -> None:  # noqa: ANN001
         if not stopping:
-            print(f"alliance dev: {signal.Signals(signum).name}, stopping dg dev "
-                  f"(pid {child.pid})", file=sys.stderr, flush=True)
+            print(f"alliance dev: {signal.Signals(signum).name}, stopping dg dev",
+                  file=sys.stderr, flush=True)
             stopping.append(time.monotonic())
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGINT)
+        interrupt_child()
 
+    # Handlers first: a signal between the start of the child and the handlers would end this
+    # process and leave the child, in a session of its own, running.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)
+    children.append(subprocess.Popen([str(dg_bin), "dev", *extra], preexec_fn=child_setup,
+                                      start_new_session=True))
+    child = children[0]
+    if stopping:
+        interrupt_child()
+
+    def exit_code(rc: int) -> int:
+        return 128 - rc if rc < 0 else rc  # killed by signal n: 128 + n, as a shell reports it
+
     while True:
         try:
-            return child.wait(timeout=1)
+            return exit_code(child.wait(timeout=1))
         except subprocess.TimeoutExpired:
             if stopping and time.monotonic() - stopping[0] > DEV_STOP_GRACE_SECONDS:
                 print("alliance dev: dg dev did not stop in time; killing its processes",
                       file=sys.stderr, flush=True)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.pid, signal.SIGKILL)
-                return child.wait()
+                return exit_code(child.wait())

@@ -61,6 +61,11 @@ BAD = {  # line content -> expected (reason_code, field)
     # an item key given twice (valid JSON; which answer counts would be arbitrary)
     json.dumps(phq9("x6b", {"1": 1, "2": 0})).replace('"2": 0', '"1": 2'):
         ("invalid_value", "payload.answers.1"),
+    # ... the first of two violations of one item, in document order
+    json.dumps(phq9("x6c", {"1": 7, "2": 0})).replace('"2": 0', '"1": 2'):
+        ("answer_out_of_range", "payload.answers.1"),
+    # an item key that is not a number (was accepted: no order for the first violation)
+    json.dumps(phq9("x6d", {"x": 1})): ("unknown_item", "payload.answers.x"),
     json.dumps(ev("x7", "questionnaire.submitted", payload={
         "instrument": "NOPE-1", "instrument_version": "1", "respondent": "patient",
         "administered_at": T, "answers": {"1": 1}})): ("unknown_instrument", "payload.instrument"),
@@ -282,12 +287,18 @@ def test_invalid_utf8_line_is_quarantined_and_kept_verbatim(con, tmp_path):
     import base64
 
     bad = b'{"event_id": "\xff\xfe", "event_type": "session.no_show"}'
+    # an undecodable last line without a newline is a line too (it was dropped)
+    last = tmp_path / "last.ndjson"
+    last.write_bytes(json.dumps(GOOD[1]).encode() + b"\n" + bad)
+    [r] = ingest_files(con, [last], KEY, instruments=None)
+    assert (r.lines_read, r.accepted, r.quarantined) == (2, 1, 1)
     f = tmp_path / "enc.ndjson"
     f.write_bytes(json.dumps(GOOD[0]).encode() + b"\n" + bad + b"\n\n")
     [r] = ingest_files(con, [f], KEY, instruments=None, quarantine_dir=tmp_path / "q")
     assert (r.accepted, r.quarantined, r.blank_lines) == (1, 1, 1)
-    assert con.execute("select line_number, reason_code from raw.quarantine").fetchall() == [
-        (2, "invalid_encoding")]
+    assert con.execute("select source_file, line_number, reason_code from raw.quarantine "
+                       "order by all").fetchall() == [
+        ("enc.ndjson", 2, "invalid_encoding"), ("last.ndjson", 2, "invalid_encoding")]
     kept = json.loads((tmp_path / "q" / f"{r.sha256}.ndjson").read_text())
     assert base64.b64decode(kept["line_base64"]) == bad
 
@@ -328,3 +339,57 @@ def test_sql_pseudonyms_equal_the_python_hmac(tmp_path, key, ascii_only):
         "select patient_id, therapist_id, episode_id, session_id from raw.events").fetchone()
     assert got == tuple(pseudonym(key, kind, "clinic-01", row[f"{kind}_id"])
                         for kind in ("patient", "therapist", "episode", "session"))
+
+
+UNREADABLE_CRASH_SCRIPT = textwrap.dedent("""
+    import os, sys, duckdb
+    from pathlib import Path
+    from alliance.ingest import ingest_files
+
+    class Crashing:
+        # Dies at the second commit: the first transaction is in, the second is lost.
+        def __init__(self, con):
+            self.con, self.commits = con, 0
+        def execute(self, sql, *a):
+            if sql.strip() == "commit":
+                self.commits += 1
+                if self.commits == 2:
+                    os._exit(9)
+            return self.con.execute(sql, *a)
+        def __getattr__(self, name):
+            return getattr(self.con, name)
+
+    con = duckdb.connect(sys.argv[1])
+    files = sorted(Path(sys.argv[2]).iterdir())
+    ingest_files(Crashing(con), files, b"k" * 32, instruments=None, max_lines_per_transaction=4)
+""")
+
+
+def test_crash_then_rerun_numbers_files_as_an_uninterrupted_run_unreadable_ones_too(tmp_path):
+    landing = tmp_path / "landing"
+    for name in ("a", "b", "d", "e"):
+        write(landing / f"{name}.ndjson",
+              [ev(f"{name}{i}", "session.no_show", session_id=f"S{name}{i}") for i in range(4)])
+    (landing / "c.ndjson.gz").write_bytes(b"not gzip at all")
+    files = sorted(landing.iterdir())
+
+    def ids(c) -> list[tuple]:
+        return c.execute("select file_name, file_id, status from raw.ingested_files "
+                         "order by file_name").fetchall()
+
+    crashed_db = tmp_path / "crashed.duckdb"
+    proc = subprocess.run([sys.executable, "-c", UNREADABLE_CRASH_SCRIPT, str(crashed_db),
+                           str(landing)])
+    assert proc.returncode == 9
+    with duckdb.connect(str(crashed_db)) as c:
+        assert 0 < len(ids(c)) < 5
+        ingest_files(c, files, b"k" * 32, instruments=None, max_lines_per_transaction=4)
+        crashed = (ids(c), c.execute("select file_id, line_number from raw.events order by all")
+                   .fetchall())
+    with duckdb.connect(str(tmp_path / "clean.duckdb")) as c:
+        ingest_files(c, files, b"k" * 32, instruments=None)
+        clean = (ids(c), c.execute("select file_id, line_number from raw.events order by all")
+                 .fetchall())
+    assert crashed == clean
+    assert [r[1] for r in clean[0]] == [1, 2, 3, 4, 5]  # in file order, the unreadable one too
+    assert ("c.ndjson.gz", 3, "unreadable") in clean[0]
