@@ -9,6 +9,7 @@ blocking: when one fails, assets downstream of the checked asset do not run in t
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -118,6 +119,23 @@ def _docs_dir() -> str | None:
     from alliance.config import paths
 
     return str(paths().quality_docs)
+
+
+def render_data_docs(log: Any, outcomes: Iterable[CheckOutcome]) -> Path | None:
+    """Add the GX validations behind `outcomes` (marts suites) to the Data Docs site, once.
+
+    A courtesy like the batch suite's: a rendering error is a warning, never a failed check.
+    """
+    docs = _docs_dir()
+    results = list({id(o.suite_result): o.suite_result for o in outcomes
+                    if o.suite_result is not None}.values())
+    if not docs or not results:
+        return None
+    try:
+        return build_data_docs(results, docs)
+    except Exception as e:  # noqa: BLE001
+        log.warning(f"GX Data Docs not built in {docs}: {e}")
+        return None
 
 
 def run_file_ids(context: dg.AssetCheckExecutionContext, asset: dg.AssetKey = RAW_EVENTS) -> list[int]:
@@ -281,6 +299,7 @@ def check_step(chk: InlineCheck, name: str, gx: bool = False) -> dg.AssetChecksD
         with context.resources.duckdb.get_connection() as con:
             outcomes = chk.run(con)
             chk.record(con, context.run.run_id, outcomes)
+        render_data_docs(context.log, outcomes.values())
         yield from chk.results(outcomes, selected)
 
     return _check

@@ -68,6 +68,8 @@ class CheckOutcome:
     failing_keys: list[str]
     expectations_evaluated: int
     errors: list[str] = field(default_factory=list)
+    # The suite validation it came from (GX checks), for Data Docs; never in metadata or history.
+    suite_result: Any = field(default=None, repr=False, compare=False)
 
     def metadata(self) -> dict[str, Any]:
         """Plain metadata for Dagster and the history table (counts and pseudonyms only)."""

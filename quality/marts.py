@@ -196,6 +196,8 @@ def validate_model(con: duckdb.DuckDBPyConnection, suite: ModelSuite) -> dict[st
         result = validate_frame(df, f"{suite.schema}_{suite.name}", specs, key_cols)
     out = result.checks(suite.checks) if result else {
         c: CheckOutcome(c, True, 0, [], [], 0) for c in suite.checks}
+    for o in out.values():
+        o.suite_result = result
     for c, note in notes.items():
         if c in out:
             out[c].errors.append(note)

@@ -54,6 +54,19 @@ def test_run_succeeds_and_publishes(pipeline):
             assert con.execute(f"select count(*) from {t}").fetchone()[0] > 0, t
 
 
+def test_data_docs_show_the_batch_and_the_marts_suites(pipeline):
+    """GX Data Docs under <data>/quality-docs list every suite the run validated: the batch
+    suites on raw.events and the marts suites run inside the models step."""
+    p, _truth, _outcome = pipeline
+    site = p.quality_docs / "site"
+    index = (site / "index.html").read_text(errors="replace")
+    for suite in ("raw_events_batch", "marts_fct_episode_outcomes", "marts_clinic_monthly",
+                  "core_questionnaire_scores"):
+        assert f"validations/{suite}/" in index, suite
+    pages = "".join(f.read_text(errors="replace") for f in site.rglob("*.html"))
+    assert not RAW_ID.search(pages)
+
+
 def test_every_injected_bad_record_is_where_the_simulator_put_it(pipeline):
     p, truth, _ = pipeline
     with duckdb.connect(str(p.warehouse), read_only=True) as con:
