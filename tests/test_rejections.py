@@ -61,17 +61,20 @@ def test_rejected_file_leaves_every_model_and_the_next_build_is_full(built, tmp_
     assert con.execute("select count(*) from staging.stg_events").fetchone()[0] == before - n
     assert con.execute("select count(*) from staging.stg_events where file_id = ?",
                        [fid]).fetchone()[0] == 0
-    # as of a time before the rejection, the file's events are still known; after it, not
-    con.execute("set variable as_of = (select rejected_at - interval 1 second "
-                "from raw.rejected_files)")
+    # as of a time before the rejection (after the events were recorded: the two can be less
+    # than a second apart), the file's events are still known; after it, not
+    last_recorded = con.execute("select max(recorded_at) from raw.events").fetchone()[0]
+    between = last_recorded + (r.rejected_at - last_recorded) / 2
+    assert last_recorded < between < r.rejected_at
+    con.execute(f"set variable as_of = '{between.isoformat()}'::timestamptz")
     assert con.execute("select count(*) from staging.stg_events").fetchone()[0] == before
     con.execute("reset variable as_of")
     from alliance.asof import build_as_of
 
-    for delta, expected in ((-1, before), (1, before - n)):
-        at = r.rejected_at + timedelta(seconds=delta)
-        build_as_of(con, tmp_path / f"asof{delta}.duckdb", at)
-        with duckdb.connect(str(tmp_path / f"asof{delta}.duckdb"), read_only=True) as a:
+    for label, at, expected in (("before", between, before),
+                                ("after", r.rejected_at + timedelta(seconds=1), before - n)):
+        build_as_of(con, tmp_path / f"asof-{label}.duckdb", at)
+        with duckdb.connect(str(tmp_path / f"asof-{label}.duckdb"), read_only=True) as a:
             assert a.execute("select count(*) from staging.stg_events").fetchone()[0] == expected
     # the incremental run after the rejection equals a full rebuild
     con.close()
