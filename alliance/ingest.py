@@ -15,6 +15,7 @@ and a re-run finishes the work exactly once.
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import hashlib
 import json
@@ -340,7 +341,7 @@ def _type_name_sql(jt: str, sv: str) -> str:
 def _json_text_sql(ref: str) -> str:
     """SQL for a JSON text's value as text (json_extract_string): strings unquoted, else as is."""
     # The quotes stripped by a slice (no character counting); escapes need the JSON decoder.
-    return (f"case when ascii({ref}::varchar) = 34 then case when contains({ref}::varchar, '\\') "
+    return (f"case when ascii({ref}::varchar) = {JT_STRING} then case when contains({ref}::varchar, '\\') "
             f"then json_extract_string({ref}, '$') else ({ref}::varchar)[2:-2] end "
             f"else {ref}::varchar end")
 
@@ -578,11 +579,16 @@ class _ReadFile:
     def n_lines(self) -> int:
         return 0 if self.lines is None else self.lines.num_rows
 
+    @functools.cached_property
+    def _line_numbers(self) -> np.ndarray:
+        """The line numbers, ascending (blank lines left out), converted once per file."""
+        return self.lines["line_number"].to_numpy()
+
     def raw_line(self, line_number: int) -> bytes:
         if self.raw_lines is not None:
             return self.raw_lines[line_number - 1]
-        # line numbers ascend (blank lines left out): a binary search, not a scan per line
-        numbers = self.lines["line_number"].to_numpy()
+        # a binary search, not a scan per line
+        numbers = self._line_numbers
         idx = int(np.searchsorted(numbers, line_number))
         if idx >= len(numbers) or numbers[idx] != line_number:
             raise KeyError(f"{self.path}: no line {line_number}")
@@ -818,8 +824,8 @@ def ingest_files(
                              quarantine_dir, recorded_at, max_lines_per_transaction, log)
     finally:
         con.execute(f"set preserve_insertion_order = {str(bool(preserve)).lower()}")
-        for t in ("_stage_events", "_stage_quarantine"):
-            con.execute(f"drop table if exists {t}")
+        for table in STAGE_TABLES:  # created by _Stage; what was not committed is lost
+            con.execute(f"drop table if exists _stage_{table}")
 
 
 def _ingest_paths(
@@ -940,6 +946,9 @@ def _read_ahead(paths: list[Path], done: set[str]) -> Iterator[tuple[Path, str, 
         thread.join()
 
 
+STAGE_TABLES = ("events", "quarantine")  # raw.<table> rows wait in temp table _stage_<table>
+
+
 class _Stage:
     """Rows of validated groups waiting for their transaction (temporary tables).
 
@@ -952,7 +961,7 @@ class _Stage:
         self.results: list[FileResult] = []
         self.manifests: list[pa.Table] = []
         self.lines = 0
-        for table in ("events", "quarantine"):
+        for table in STAGE_TABLES:
             con.execute(f"create or replace temp table _stage_{table} as "
                         f"select * from raw.{table} limit 0")
 
@@ -989,7 +998,7 @@ class _Stage:
             raise
         finally:
             con.unregister("_manifest")
-        for table in ("events", "quarantine"):
+        for table in STAGE_TABLES:
             con.execute(f"delete from _stage_{table}")
         done, self.results, self.manifests, self.lines = self.results, [], [], 0
         if log:

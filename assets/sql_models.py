@@ -17,7 +17,7 @@ from dagster_duckdb import DuckDBResource
 from alliance import sqlrunner
 from alliance.config import REPO_ROOT
 from quality.checks import InlineCheck, model_inline_checks, render_data_docs
-from quality.gx_runner import CheckOutcome
+from quality.gx_runner import SuiteResult
 from quality.history import record_check_results
 
 # As-of rebuilds never touch the working warehouse: asof_job (orchestration/jobs.py) builds them in
@@ -153,7 +153,7 @@ def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models",
         built_now: set[str] = set()
         errors: list[str] = []
         unreported: list[str] = []  # failed error tests that are not selected checks
-        gx_outcomes: list[CheckOutcome] = []  # their validations go to the Data Docs site
+        gx_results: list[SuiteResult | None] = []  # marts suites' validations, for Data Docs
         with duckdb.get_connection() as con:
             for kind, item in plan:
                 if kind == "check":
@@ -165,7 +165,7 @@ def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models",
                         continue
                     outcomes = chk.run(con)
                     chk.record(con, context.run.run_id, outcomes)
-                    gx_outcomes.extend(outcomes.values())
+                    gx_results.extend(o.suite_result for o in outcomes.values())
                     if chk.severity == "ERROR" and not all(o.passed for o in outcomes.values()):
                         blocked[target] = target
                     yield from chk.results(outcomes, selected_checks)
@@ -215,7 +215,7 @@ def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models",
                 )
         # One Data Docs render for the step's GX marts suites (after the connection is closed:
         # GX keeps its own files under <data dir>/quality-docs).
-        render_data_docs(context.log, gx_outcomes)
+        render_data_docs(context.log, gx_results)
         if errors or unreported:
             raise dg.Failure(description="\n".join(
                 (["SQL model(s) failed to build:"] + errors if errors else [])

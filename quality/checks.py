@@ -28,6 +28,7 @@ from quality.batch import (
 )
 from quality.gx_runner import (
     CheckOutcome,
+    SuiteResult,
     build_data_docs,
     defer_preload,
     preload_in_background,
@@ -121,18 +122,17 @@ def _docs_dir() -> str | None:
     return str(paths().quality_docs)
 
 
-def render_data_docs(log: Any, outcomes: Iterable[CheckOutcome]) -> Path | None:
-    """Add the GX validations behind `outcomes` (marts suites) to the Data Docs site, once.
+def render_data_docs(log: Any, results: Iterable[SuiteResult | None]) -> Path | None:
+    """Add GX validations (batch or marts suites; each once, None skipped) to the Data Docs site.
 
-    A courtesy like the batch suite's: a rendering error is a warning, never a failed check.
+    Data Docs are a courtesy: a rendering error is a warning, never a failed check.
     """
     docs = _docs_dir()
-    results = list({id(o.suite_result): o.suite_result for o in outcomes
-                    if o.suite_result is not None}.values())
-    if not docs or not results:
+    stored = list({id(r): r for r in results if r is not None}.values())
+    if not docs or not stored:
         return None
     try:
-        return build_data_docs(results, docs)
+        return build_data_docs(stored, docs)
     except Exception as e:  # noqa: BLE001
         log.warning(f"GX Data Docs not built in {docs}: {e}")
         return None
@@ -204,12 +204,7 @@ def batch_checks(asset: dg.AssetKey = RAW_EVENTS) -> dg.AssetChecksDefinition:
             mark_validated(con, validation, run_id)
             for name, outcome in validation.checks.items():
                 _record(con, run_id, asset, outcome, params.severities[name], extra)
-        docs = _docs_dir()
-        if docs and validation.suite_results:
-            try:
-                build_data_docs(validation.suite_results, docs)
-            except Exception as e:  # Data Docs are a courtesy: never fail a check over rendering
-                context.log.warning(f"GX Data Docs not built in {docs}: {e}")
+        render_data_docs(context.log, validation.suite_results)
         for name, outcome in validation.checks.items():
             yield _result(asset, outcome, params.severities[name], extra)
 
@@ -299,7 +294,7 @@ def check_step(chk: InlineCheck, name: str, gx: bool = False) -> dg.AssetChecksD
         with context.resources.duckdb.get_connection() as con:
             outcomes = chk.run(con)
             chk.record(con, context.run.run_id, outcomes)
-        render_data_docs(context.log, outcomes.values())
+        render_data_docs(context.log, [o.suite_result for o in outcomes.values()])
         yield from chk.results(outcomes, selected)
 
     return _check
