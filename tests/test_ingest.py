@@ -198,28 +198,36 @@ def test_unreadable_file_is_recorded_not_lost(con, tmp_path):
     assert con.execute("select status from raw.ingested_files").fetchone()[0] == "unreadable"
 
 
-CRASH_SCRIPT = textwrap.dedent("""
-    import os, sys, duckdb
-    from pathlib import Path
-    from alliance.ingest import ingest_files
+def crash_script(statement: str, nth: int, pattern: str, max_lines: int) -> str:
+    """A script that ingests the files matching `pattern` (argv[2]) into argv[1] and dies
+    (SIGKILL-like, no cleanup, exit 9) when it sends its `nth` statement starting with
+    `statement`."""
+    return textwrap.dedent(f"""
+        import os, sys, duckdb
+        from pathlib import Path
+        from alliance.ingest import ingest_files
 
-    class Crashing:
-        # Dies (SIGKILL-like, no cleanup) in the middle of the second file group's transaction.
-        def __init__(self, con):
-            self.con, self.manifest_rows = con, 0
-        def execute(self, sql, *a):
-            if sql.lstrip().startswith("insert into raw.ingested_files"):
-                self.manifest_rows += 1
-                if self.manifest_rows == 3:
-                    os._exit(9)
-            return self.con.execute(sql, *a)
-        def __getattr__(self, name):
-            return getattr(self.con, name)
+        class Crashing:
+            def __init__(self, con):
+                self.con, self.seen = con, 0
+            def execute(self, sql, *a):
+                if sql.strip().startswith({statement!r}):
+                    self.seen += 1
+                    if self.seen == {nth}:
+                        os._exit(9)
+                return self.con.execute(sql, *a)
+            def __getattr__(self, name):
+                return getattr(self.con, name)
 
-    con = duckdb.connect(sys.argv[1])
-    files = sorted(Path(sys.argv[2]).glob("*.ndjson"))
-    ingest_files(Crashing(con), files, b"k" * 32, instruments=None, max_lines_per_transaction=5)
-""")
+        con = duckdb.connect(sys.argv[1])
+        files = sorted(Path(sys.argv[2]).glob({pattern!r}))
+        ingest_files(Crashing(con), files, b"k" * 32, instruments=None,
+                     max_lines_per_transaction={max_lines})
+    """)
+
+
+# Dies in the third transaction, while writing its manifest rows (one file per transaction).
+CRASH_SCRIPT = crash_script("insert into raw.ingested_files", 3, "*.ndjson", 5)
 
 
 def test_crash_mid_ingest_then_rerun_equals_uninterrupted_run(tmp_path):
@@ -341,28 +349,8 @@ def test_sql_pseudonyms_equal_the_python_hmac(tmp_path, key, ascii_only):
                         for kind in ("patient", "therapist", "episode", "session"))
 
 
-UNREADABLE_CRASH_SCRIPT = textwrap.dedent("""
-    import os, sys, duckdb
-    from pathlib import Path
-    from alliance.ingest import ingest_files
-
-    class Crashing:
-        # Dies at the second commit: the first transaction is in, the second is lost.
-        def __init__(self, con):
-            self.con, self.commits = con, 0
-        def execute(self, sql, *a):
-            if sql.strip() == "commit":
-                self.commits += 1
-                if self.commits == 2:
-                    os._exit(9)
-            return self.con.execute(sql, *a)
-        def __getattr__(self, name):
-            return getattr(self.con, name)
-
-    con = duckdb.connect(sys.argv[1])
-    files = sorted(Path(sys.argv[2]).iterdir())
-    ingest_files(Crashing(con), files, b"k" * 32, instruments=None, max_lines_per_transaction=4)
-""")
+# Dies at the second commit: the first transaction is in, the second is lost.
+UNREADABLE_CRASH_SCRIPT = crash_script("commit", 2, "*", 4)
 
 
 def test_crash_then_rerun_numbers_files_as_an_uninterrupted_run_unreadable_ones_too(tmp_path):
