@@ -807,38 +807,32 @@ def ingest_files(
     ``instruments="default"`` loads schemas/instruments (plus $ALLIANCE_INSTRUMENTS_DIR) to check
     answers; pass None to skip answer checks (only for tests of the envelope).
     """
+    contract = contract or load_contract()
     ensure_raw_schema(con)
-    # Any content seen before is a no-op (an unreadable file stays recorded once, not per run).
-    done = {r[0] for r in con.execute("select sha256 from raw.ingested_files").fetchall()}
-    # The reading thread starts before the contract and instruments load (a few tenths of a
-    # second on one core, with the first Arrow registration's import of pandas), so it reads,
-    # hashes and splits the first files meanwhile instead of beside DuckDB's statements.
-    with _ReadAhead([Path(p) for p in paths], done) as files:
-        contract = contract or load_contract()
-        if instruments == "default":
-            from alliance.instruments import load_instruments
+    if instruments == "default":
+        from alliance.instruments import load_instruments
 
-            instruments = load_instruments()
-        has_instruments = _register_instruments(con, instruments)
-        validation_sql = _validation_sql(contract)
-        answer_sql = ANSWER_RULES_SQL if has_instruments else None
+        instruments = load_instruments()
+    has_instruments = _register_instruments(con, instruments)
+    validation_sql = _validation_sql(contract)
+    answer_sql = ANSWER_RULES_SQL if has_instruments else None
 
-        # Row order inside raw.events means nothing (every reader orders by what it needs), and
-        # letting DuckDB write unordered makes the inserts parallel.
-        preserve = con.execute("select current_setting('preserve_insertion_order')").fetchone()[0]
-        con.execute("set preserve_insertion_order = false")
-        try:
-            return _ingest_paths(con, files, key, validation_sql, answer_sql, quarantine_dir,
-                                 recorded_at, max_lines_per_transaction, log)
-        finally:
-            con.execute(f"set preserve_insertion_order = {str(bool(preserve)).lower()}")
-            for table in STAGE_TABLES:  # created by _Stage; what was not committed is lost
-                con.execute(f"drop table if exists _stage_{table}")
+    # Row order inside raw.events means nothing (every reader orders by what it needs), and
+    # letting DuckDB write unordered makes the inserts parallel.
+    preserve = con.execute("select current_setting('preserve_insertion_order')").fetchone()[0]
+    con.execute("set preserve_insertion_order = false")
+    try:
+        return _ingest_paths(con, [Path(p) for p in paths], key, validation_sql, answer_sql,
+                             quarantine_dir, recorded_at, max_lines_per_transaction, log)
+    finally:
+        con.execute(f"set preserve_insertion_order = {str(bool(preserve)).lower()}")
+        for table in STAGE_TABLES:  # created by _Stage; what was not committed is lost
+            con.execute(f"drop table if exists _stage_{table}")
 
 
 def _ingest_paths(
     con: duckdb.DuckDBPyConnection,
-    files: Iterable[tuple[Path, str, _ReadFile | None]],
+    paths: list[Path],
     key: bytes,
     validation_sql: list[str],
     answer_sql: str | None,
@@ -847,13 +841,15 @@ def _ingest_paths(
     max_lines_per_transaction: int,
     log,
 ) -> list[FileResult]:
-    """Take the read files one by one, validate them in groups, commit in transactions of groups."""
+    """Read the files one by one, validate them in groups, commit in transactions of groups."""
     results: list[FileResult] = []
     group: list[_ReadFile] = []
     group_lines = 0
     group_limit = min(MAX_LINES_PER_GROUP, max_lines_per_transaction)
     stage = _Stage(con, recorded_at)
     seen_in_call: set[str] = set()
+    # Any content seen before is a no-op (an unreadable file stays recorded once, not per run).
+    done = {r[0] for r in con.execute("select sha256 from raw.ingested_files").fetchall()}
     next_id = con.execute("select coalesce(max(file_id), 0) + 1 from raw.ingested_files").fetchone()[0]
     groups_run = 0
     # File ids follow the files' order (unreadable ones included) whatever the grouping, so a
@@ -870,7 +866,7 @@ def _ingest_paths(
         if stage.lines >= max_lines_per_transaction:
             results.extend(stage.commit(log))
 
-    for p, sha, rf in files:
+    for p, sha, rf in _read_ahead(paths, done):
         if rf is None or sha in seen_in_call:
             results.append(FileResult(str(p), sha, "already_ingested"))
             continue
@@ -903,61 +899,53 @@ def _ingest_paths(
 READ_AHEAD_BYTES = 256 * 2**20
 
 
-class _ReadAhead:
+def _read_ahead(paths: list[Path], done: set[str]) -> Iterator[tuple[Path, str, _ReadFile | None]]:
     """(path, sha256, read file or None when its content was ingested before), in path order.
 
     A thread reads, hashes and splits the next files while the caller works in DuckDB (which
     releases the GIL, as do reading, hashing and Arrow's split), up to READ_AHEAD_BYTES ahead
     (a single larger file is still read): the file handling of a million lines, about 2 s, no
-    longer waits for the SQL, or the SQL for it. The thread starts with the object; leaving the
-    `with` block stops it, whether or not the files were all taken.
+    longer waits for the SQL, or the SQL for it.
     """
+    out: queue.Queue = queue.Queue()
+    budget = threading.Condition()
+    ahead = [0]  # bytes read and not yet taken
+    stop = threading.Event()
 
-    def __init__(self, paths: list[Path], done: set[str]) -> None:
-        self.paths, self.done = paths, done
-        self.out: queue.Queue = queue.Queue()
-        self.budget = threading.Condition()
-        self.ahead = 0  # bytes read and not yet taken
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._read, name="ingest-read-ahead", daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
+    def read() -> None:
         try:
-            for p in self.paths:
-                with self.budget:
-                    self.budget.wait_for(lambda: self.ahead < READ_AHEAD_BYTES or self.stop.is_set())
-                if self.stop.is_set():
+            for p in paths:
+                with budget:
+                    budget.wait_for(lambda: ahead[0] < READ_AHEAD_BYTES or stop.is_set())
+                if stop.is_set():
                     return
                 raw = p.read_bytes()
                 sha = hashlib.sha256(raw).hexdigest()
-                item = (p, sha, None if sha in self.done else _read_file(p, raw, sha))
-                with self.budget:
-                    self.ahead += len(raw)
-                self.out.put((len(raw), item))
+                item = (p, sha, None if sha in done else _read_file(p, raw, sha))
+                with budget:
+                    ahead[0] += len(raw)
+                out.put((len(raw), item))
                 del raw
-            self.out.put(None)
+            out.put(None)
         except BaseException as e:  # noqa: BLE001 - raised again in the caller
-            self.out.put(e)
+            out.put(e)
 
-    def __iter__(self) -> Iterator[tuple[Path, str, _ReadFile | None]]:
-        while (got := self.out.get()) is not None:
+    thread = threading.Thread(target=read, name="ingest-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (got := out.get()) is not None:
             if isinstance(got, BaseException):
                 raise got
             size, item = got
-            with self.budget:
-                self.ahead -= size
-                self.budget.notify()
+            with budget:
+                ahead[0] -= size
+                budget.notify()
             yield item
-
-    def __enter__(self) -> _ReadAhead:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        with self.budget:
-            self.budget.notify()
-        self.thread.join()
+    finally:
+        stop.set()
+        with budget:
+            budget.notify()
+        thread.join()
 
 
 STAGE_TABLES = ("events", "quarantine")  # raw.<table> rows wait in temp table _stage_<table>
