@@ -58,13 +58,13 @@ def test_results_files_hold_every_stage_baseline_and_ratio(bench) -> None:
     assert len(full["reports"]) >= 1  # at least one clinic report rendered
     assert full["rss_mb"]["peak"] > 50
     assert full["seconds"] >= full["run_seconds"] > 0
-    for base in ("floor", "plain", "gx"):
+    for base in ("floor", "floor_after", "plain", "gx"):
         assert run[base]["seconds"] > 0 and run[base]["rss_mb"]["peak"] > 0, base
     assert run["floor"]["rows"] > 0
     for k in ("ingest", "seeds", "sql_models", "model_tests", "publish"):
         assert k in run["plain"]["stages"]
     r = run["ratios"]
-    for k in ("ingest_over_floor", "dagster_over_plain", "validation_over_gx_alone",
+    for k in ("ingest_over_floor", "ingest_over_floor_after", "dagster_over_plain", "validation_over_gx_alone",
               "incremental_over_full", "full_events_per_second", "peak_rss_mb"):
         assert isinstance(r[k], (int, float)) and r[k] > 0, k
     assert {"ingest_at_most_3x_floor", "incremental_at_most_15pct"} <= set(r["targets"])
@@ -72,7 +72,8 @@ def test_results_files_hold_every_stage_baseline_and_ratio(bench) -> None:
     assert not any("1e6" in t or "1e7" in t for t in r["targets"])
     md = md_path.read_text()
     for needle in ("| ingest |", "read_json floor", "GX alone", "| **whole run** |",
-                   "incremental (+1% events", "ingest_at_most_3x_floor", "load average"):
+                   "incremental (+1% events", "ingest_at_most_3x_floor", "load average",
+                   "the floor again, after the pipeline"):
         assert needle in md, needle
 
 

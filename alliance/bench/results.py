@@ -92,6 +92,8 @@ def ratios(run: dict[str, Any]) -> dict[str, Any]:
                                                "publish")) if pst else None
     out: dict[str, Any] = {
         "ingest_over_floor": _ratio(st.get("ingest"), floor),
+        # the same over the floor measured again after the pipeline (drift within the run)
+        "ingest_over_floor_after": _ratio(st.get("ingest"), (run.get("floor_after") or {}).get("seconds")),
         "ingest_over_plain_ingest": _ratio(st.get("ingest"), pst.get("ingest")),
         "dagster_over_plain": _ratio(dag_core, plain_core),
         "validation_over_gx_alone": _ratio(st.get("validation"), gx),
@@ -188,6 +190,9 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| ingest | {_s(st.get('ingest'))} | {_s(plain.get('ingest'))} | "
             f"{_s((run.get('floor') or {}).get('seconds'))} (read_json floor) | "
             f"{_x(r.get('ingest_over_floor'))} of floor |",
+            f"| (the floor again, after the pipeline: the machine's drift) | | | "
+            f"{_s((run.get('floor_after') or {}).get('seconds'))} | "
+            f"{_x(r.get('ingest_over_floor_after'))} of it |",
             f"| validation (GX batch suite + line identity) | {_s(st.get('validation'))} | | "
             f"{_s((run.get('gx') or {}).get('seconds'))} (GX alone; + "
             f"{_s((run.get('gx') or {}).get('load_seconds'))} reading the batch into pandas) | "
