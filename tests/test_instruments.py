@@ -336,6 +336,9 @@ def test_phq9_bands_caseness_critical_and_prorating(warehouse) -> None:
     p = score(warehouse, "phq_pro2")
     assert (p["total"], p["prorated"], p["prorated_items"], p["items_answered"], p["is_scorable"]) == (18, True, 2, 7, True)
     assert p["total_mismatch"] is True  # the source said 17
+    # item 9 (the risk item) unanswered: prorated, but the risk is unknown, not "no risk"
+    assert (p["critical_item_flag"], p["critical_item_missing"]) == (None, True)
+    assert (s9["critical_item_missing"], score(warehouse, "phq_18")["critical_item_missing"]) == (False, False)
     r = score(warehouse, "phq_pro3")
     assert (r["total"], r["is_scorable"], r["prorated"], r["severity_band"], r["caseness"]) == (None, False, False, None, None)
 

@@ -88,6 +88,28 @@ def test_ruptures_found_and_repairs_match(warehouse):
     assert agree >= 0.90, agree
 
 
+def test_dropout_rate_counts_closed_episodes_without_outcome_scores(warehouse):
+    con, _ = warehouse
+    # the network's dropout rate over all months equals core.episodes' own count, including the
+    # closed episodes that never got an outcome score (dropout_definition = end_reason)
+    expected = con.execute("""
+        select count(*), count(*) filter (where end_reason = 'dropout')
+        from core.episodes where is_closed""").fetchone()
+    got = con.execute("""
+        select sum(episodes_ended), round(sum(dropout_rate * episodes_ended))
+        from marts.clinic_monthly where scope = 'network'""").fetchone()
+    assert (got[0], int(got[1])) == expected
+    without = con.execute("""
+        select count(*) from core.episodes e where is_closed and not exists (
+            select 1 from marts.fct_episode_outcomes o
+            where o.episode_id = e.episode_id and o.instrument = 'PHQ-9')""").fetchone()[0]
+    assert without > 0  # the case this test is about occurs in the demo network
+    assert con.execute("select sum(episodes_ended) - sum(episodes_closed) from marts.clinic_monthly "
+                       "where scope = 'network'").fetchone()[0] == without
+    assert con.execute("select sum(episodes_ended) from marts.therapist_summary").fetchone()[0] \
+        == con.execute("select count(*) from core.episodes where is_closed and therapist_id is not null").fetchone()[0]
+
+
 def test_aggregates_are_consistent(warehouse):
     con, _ = warehouse
     # the network row of a month adds up its clinic rows

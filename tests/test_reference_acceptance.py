@@ -219,6 +219,32 @@ def test_sudden_gains_match_suddengains_criteria(sgdata):
     assert (len(gains), len(losses)) == (EXPECTED_GAINS, EXPECTED_LOSSES), (gains, losses)
 
 
+def test_sudden_loss_change_proportion_as_create_bysg(sgdata):
+    """create_bysg(identify = "sl"): abs(sg_magnitude) / tx_change, positive for these losses."""
+    from alliance.pseudonyms import pseudonym
+
+    con, rows, clinic = sgdata
+    back = {pseudonym(KEY, "episode", clinic, f"csv:{r['id']}"): r["id"] for r in rows}
+    got = {back[e]: round(p, 3) for e, p in con.execute(
+        "select episode_id, change_proportion from marts.fct_sudden_gains where sg_type = 'loss'"
+    ).fetchall()}
+    # ids 4, 34 and 35 of sgdata, computed by the package's formula from their scores
+    assert got == {"4": 3.0, "34": 1.5, "35": 1.125}
+
+
+def test_sudden_gains_refuse_a_scale_where_higher_is_better(sgdata):
+    from alliance.sqlrunner import ModelError
+
+    con, _, _ = sgdata
+    set_parameter(con, "sg_instrument", "ORS")
+    try:
+        with pytest.raises(ModelError, match=r"sg_instrument = ORS: a scale where higher is better"):
+            rebuild(con, "marts.fct_sudden_gains")
+    finally:
+        set_parameter(con, "sg_instrument", "BDI-II")
+        rebuild(con, "marts.fct_sudden_gains")
+
+
 def test_sudden_gains_session_1_to_2_is_a_parameter(sgdata):
     con, rows, clinic = sgdata
     set_parameter(con, "sg_identify_1to2", 1)

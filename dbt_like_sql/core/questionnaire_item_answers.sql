@@ -53,7 +53,8 @@ scored as (
             when '>=' then answer >= critical_threshold
             when '<' then answer < critical_threshold
             when '<=' then answer <= critical_threshold
-        end as is_critical
+        end as is_critical,
+        critical_operator is not null as is_critical_item
     from checked
 )
 

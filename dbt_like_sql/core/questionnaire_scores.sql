@@ -63,7 +63,14 @@ item_totals as (
         count(item_score) as items_answered,
         sum(item_score) as item_sum,
         avg(item_score) as item_mean,
-        coalesce(bool_or(is_critical), false) as critical_item_flag,
+        -- a risk item left unanswered is not "no risk": unknown (NULL) unless another
+        -- critical item was endorsed
+        case
+            when bool_or(is_critical) then true
+            when bool_or(is_critical_item and is_missing) then null
+            else false
+        end as critical_item_flag,
+        bool_or(is_critical_item and is_missing) as critical_item_missing,
         string_agg(item, ',' order by item_number) filter (where is_critical) as critical_items,
         string_agg(item, ',' order by item_number) filter (where reverse_keyed)
             as reverse_keyed_items
@@ -93,6 +100,7 @@ joined as (
         item_totals.item_sum,
         item_totals.item_mean,
         item_totals.critical_item_flag,
+        coalesce(item_totals.critical_item_missing, false) as critical_item_missing,
         item_totals.critical_items,
         item_totals.reverse_keyed_items,
         episode_age.age_group,
@@ -226,7 +234,9 @@ final as (
         clinical_cutoff,
         clinical_range,
         reliable_change,
-        coalesce(critical_item_flag, false) as critical_item_flag,
+        case when critical_item_missing then critical_item_flag
+            else coalesce(critical_item_flag, false) end as critical_item_flag,
+        critical_item_missing,
         critical_items,
         alliance_concern,
         ---------- history

@@ -7,7 +7,9 @@ with
 params as (
     select
         (select value_text from seeds.parameters where name = 'assoc_outcome_instrument') as outcome_instrument,
-        (select value_double from seeds.parameters where name = 'min_cell_size') as min_cell_size
+        (select value_double from seeds.parameters where name = 'min_cell_size') as min_cell_size,
+        (select value_text from seeds.parameters where name = 'dropout_definition') as dropout_definition,
+        (select value_double from seeds.parameters where name = 'dropout_min_sessions') as dropout_min_sessions
 ),
 
 alliance_sessions as (select * from marts.fct_alliance_sessions),
@@ -20,6 +22,44 @@ episode_outcomes as (
     cross join params
     where episode_outcomes.instrument = params.outcome_instrument
         and episode_outcomes.is_closed
+),
+
+-- Every closed episode, with or without an outcome series (a patient who drops out often never
+-- fills in a questionnaire): the dropout rate counts them all. is_dropout is the mart's where the
+-- episode has an outcome series, else the same definition (parameter dropout_definition) read
+-- from core.episodes; without a series there is no reliable improvement, as in the mart.
+episode_endings as (
+    select
+        episodes.episode_id,
+        episodes.clinic_id,
+        episodes.therapist_id,
+        cast(date_trunc('month', episodes.closed_at) as date) as month,
+        coalesce(outcome.is_dropout, case params.dropout_definition
+            when 'attendance' then episodes.sessions_attended < params.dropout_min_sessions
+            when 'unimproved' then coalesce(episodes.end_reason, 'other') <> 'planned'
+            else episodes.end_reason = 'dropout'
+        end) as is_dropout
+    from core.episodes as episodes
+    cross join params
+    left join episode_outcomes as outcome on episodes.episode_id = outcome.episode_id
+    where episodes.is_closed
+),
+
+ending_scopes as (
+    select 'clinic' as scope, clinic_id, month, is_dropout from episode_endings
+    union all
+    select 'network' as scope, null::varchar as clinic_id, month, is_dropout from episode_endings
+),
+
+ending_measures as (
+    select
+        scope,
+        clinic_id,
+        month,
+        count(*) as episodes_ended,
+        avg(case when is_dropout then 1.0 else 0.0 end) as dropout_rate
+    from ending_scopes
+    group by scope, clinic_id, month
 ),
 
 sessions_with_outcome as (
@@ -90,7 +130,6 @@ outcome_measures as (
             as nhstt_recovery_rate,
         avg(case when nhstt_reliable_improvement then 1.0 else 0.0 end) filter (where nhstt_eligible)
             as nhstt_reliable_improvement_rate,
-        avg(case when is_dropout then 1.0 else 0.0 end) as dropout_rate,
         avg(improvement) filter (where is_paired) as mean_improvement,
         avg(expected_improvement) filter (where is_paired) as mean_expected_improvement,
         avg(improvement_vs_expected) / any_value(network_intake_sd) as severity_adjusted_effect_size
@@ -100,9 +139,10 @@ outcome_measures as (
 
 joined as (
     select
-        coalesce(session_measures.scope, outcome_measures.scope) as scope,
-        coalesce(session_measures.clinic_id, outcome_measures.clinic_id) as clinic_id,
-        coalesce(session_measures.month, outcome_measures.month) as month,
+        coalesce(session_measures.scope, outcome_measures.scope, ending_measures.scope) as scope,
+        coalesce(session_measures.clinic_id, outcome_measures.clinic_id, ending_measures.clinic_id)
+            as clinic_id,
+        coalesce(session_measures.month, outcome_measures.month, ending_measures.month) as month,
         coalesce(session_measures.patients, 0) as patients,
         coalesce(session_measures.therapists, 0) as therapists,
         coalesce(session_measures.sessions_attended, 0) as sessions_attended,
@@ -113,6 +153,7 @@ joined as (
         session_measures.repair_rate,
         session_measures.alliance_completeness,
         session_measures.outcome_completeness,
+        coalesce(ending_measures.episodes_ended, 0) as episodes_ended,
         coalesce(outcome_measures.episodes_closed, 0) as episodes_closed,
         coalesce(outcome_measures.episodes_paired, 0) as episodes_paired,
         outcome_measures.reliable_improvement_rate,
@@ -120,7 +161,7 @@ joined as (
         outcome_measures.deterioration_rate,
         outcome_measures.nhstt_recovery_rate,
         outcome_measures.nhstt_reliable_improvement_rate,
-        outcome_measures.dropout_rate,
+        ending_measures.dropout_rate,
         outcome_measures.mean_improvement,
         outcome_measures.mean_expected_improvement,
         outcome_measures.severity_adjusted_effect_size
@@ -129,6 +170,11 @@ joined as (
         on session_measures.scope = outcome_measures.scope
         and session_measures.clinic_id is not distinct from outcome_measures.clinic_id
         and session_measures.month = outcome_measures.month
+    full outer join ending_measures
+        on coalesce(session_measures.scope, outcome_measures.scope) = ending_measures.scope
+        and coalesce(session_measures.clinic_id, outcome_measures.clinic_id)
+            is not distinct from ending_measures.clinic_id
+        and coalesce(session_measures.month, outcome_measures.month) = ending_measures.month
 ),
 
 final as (

@@ -87,6 +87,7 @@ final as (
         reliable_change,
         higher_is_better,
         critical_item_flag,
+        critical_item_missing,
         ---------- change
         total - first_total as change_from_first,
         case when higher_is_better then total - first_total else first_total - total end

@@ -16,7 +16,19 @@ params as (
         (select value_double from seeds.parameters where name = 'sg_crit3_t_df3') as t_df3,
         (select value_double from seeds.parameters where name = 'sg_crit3_t_df4') as t_df4,
         case when (select value_double from seeds.parameters where name = 'sg_identify_1to2') = 1
-            then 0 else 1 end as first_position
+            then 0 else 1 end as first_position,
+        -- The criteria (magnitude = pre - post, 25% of the pre-gain score) are defined for symptom
+        -- scales where lower is better; on a scale where higher is better every improvement would
+        -- come out as a "loss". Such an instrument stops the build instead.
+        case when exists (
+            select 1 from seeds.instruments
+            where instrument = (select value_text from seeds.parameters where name = 'sg_instrument')
+                and higher_is_better
+        ) then error('parameters.yml, sg_instrument = '
+            || (select value_text from seeds.parameters where name = 'sg_instrument')
+            || ': a scale where higher is better; sudden gains and losses (Tang & DeRubeis 1999, '
+            || 'suddengains) are defined for symptom scales where lower is better (e.g. PHQ-9)')
+        end as direction_error
 ),
 
 instruments as (select * from seeds.instruments),
@@ -25,6 +37,7 @@ scores as (
     select fct_outcome_sessions.*
     from marts.fct_outcome_sessions
     inner join params on fct_outcome_sessions.instrument = params.instrument
+    where params.direction_error is null
 ),
 
 episodes as (select * from core.episodes),
@@ -176,8 +189,10 @@ final as (
         identified.total as pre_total,
         identified.post_total,
         identified.magnitude,
-        identified.magnitude / nullif(identified.first_total - identified.last_total, 0)
-            as change_proportion,
+        -- create_bysg: sg_magnitude / tx_change for gains, abs(sg_magnitude) / tx_change for losses
+        case when identified.sg_type = 'loss' then abs(identified.magnitude)
+            else identified.magnitude end
+            / nullif(identified.first_total - identified.last_total, 0) as change_proportion,
         ---------- criteria
         identified.crit1_cutoff,
         identified.mean_pre,

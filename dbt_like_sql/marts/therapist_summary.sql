@@ -6,7 +6,9 @@ with
 params as (
     select
         (select value_text from seeds.parameters where name = 'assoc_outcome_instrument') as outcome_instrument,
-        (select value_double from seeds.parameters where name = 'min_cell_size') as min_cell_size
+        (select value_double from seeds.parameters where name = 'min_cell_size') as min_cell_size,
+        (select value_text from seeds.parameters where name = 'dropout_definition') as dropout_definition,
+        (select value_double from seeds.parameters where name = 'dropout_min_sessions') as dropout_min_sessions
 ),
 
 alliance_sessions as (select * from marts.fct_alliance_sessions where therapist_id is not null),
@@ -20,6 +22,36 @@ episode_outcomes as (
     where episode_outcomes.instrument = params.outcome_instrument
         and episode_outcomes.is_closed
         and episode_outcomes.therapist_id is not null
+),
+
+-- Every closed episode, with or without an outcome series (a patient who drops out often never
+-- fills in a questionnaire): the dropout rate counts them all. is_dropout is the mart's where the
+-- episode has an outcome series, else the same definition (parameter dropout_definition) read
+-- from core.episodes; without a series there is no reliable improvement, as in the mart.
+episode_endings as (
+    select
+        episodes.episode_id,
+        episodes.clinic_id,
+        episodes.therapist_id,
+        coalesce(outcome.is_dropout, case params.dropout_definition
+            when 'attendance' then episodes.sessions_attended < params.dropout_min_sessions
+            when 'unimproved' then coalesce(episodes.end_reason, 'other') <> 'planned'
+            else episodes.end_reason = 'dropout'
+        end) as is_dropout
+    from core.episodes as episodes
+    cross join params
+    left join episode_outcomes as outcome on episodes.episode_id = outcome.episode_id
+    where episodes.is_closed and episodes.therapist_id is not null
+),
+
+ending_measures as (
+    select
+        therapist_id,
+        clinic_id,
+        count(*) as episodes_ended,
+        avg(case when is_dropout then 1.0 else 0.0 end) as dropout_rate
+    from episode_endings
+    group by therapist_id, clinic_id
 ),
 
 sessions_with_outcome as (
@@ -63,7 +95,6 @@ outcome_measures as (
             filter (where is_paired and clinical_before) as recovery_rate,
         avg(case when reliably_deteriorated then 1.0 else 0.0 end) filter (where is_paired)
             as deterioration_rate,
-        avg(case when is_dropout then 1.0 else 0.0 end) as dropout_rate,
         avg(improvement) filter (where is_paired) as mean_improvement,
         avg(improvement_vs_expected) / any_value(network_intake_sd) as severity_adjusted_effect_size
     from episode_outcomes
@@ -72,8 +103,10 @@ outcome_measures as (
 
 joined as (
     select
-        coalesce(session_measures.therapist_id, outcome_measures.therapist_id) as therapist_id,
-        coalesce(session_measures.clinic_id, outcome_measures.clinic_id) as clinic_id,
+        coalesce(session_measures.therapist_id, outcome_measures.therapist_id,
+                 ending_measures.therapist_id) as therapist_id,
+        coalesce(session_measures.clinic_id, outcome_measures.clinic_id, ending_measures.clinic_id)
+            as clinic_id,
         coalesce(session_measures.patients, 0) as patients,
         coalesce(session_measures.episodes_seen, 0) as episodes_seen,
         coalesce(session_measures.sessions_attended, 0) as sessions_attended,
@@ -85,18 +118,22 @@ joined as (
         session_measures.repair_rate,
         session_measures.alliance_completeness,
         session_measures.outcome_completeness,
+        coalesce(ending_measures.episodes_ended, 0) as episodes_ended,
         coalesce(outcome_measures.episodes_closed, 0) as episodes_closed,
         coalesce(outcome_measures.episodes_paired, 0) as episodes_paired,
         outcome_measures.reliable_improvement_rate,
         outcome_measures.recovery_rate,
         outcome_measures.deterioration_rate,
-        outcome_measures.dropout_rate,
+        ending_measures.dropout_rate,
         outcome_measures.mean_improvement,
         outcome_measures.severity_adjusted_effect_size
     from session_measures
     full outer join outcome_measures
         on session_measures.therapist_id = outcome_measures.therapist_id
         and session_measures.clinic_id = outcome_measures.clinic_id
+    full outer join ending_measures
+        on coalesce(session_measures.therapist_id, outcome_measures.therapist_id) = ending_measures.therapist_id
+        and coalesce(session_measures.clinic_id, outcome_measures.clinic_id) = ending_measures.clinic_id
 ),
 
 final as (
