@@ -110,6 +110,34 @@ def test_dropout_rate_counts_closed_episodes_without_outcome_scores(warehouse):
         == con.execute("select count(*) from core.episodes where is_closed and therapist_id is not null").fetchone()[0]
 
 
+def test_single_therapist_clinic_gets_no_between_therapist_r(warehouse, tmp_path):
+    """A clinic with one therapist: its between-therapist r has one point (NaN in DuckDB); the
+    mart gives NULL and its blocking column tests pass instead of stopping the build."""
+    import shutil
+
+    from alliance.sqlrunner import run_models
+
+    con, _ = warehouse
+    con.execute("checkpoint")
+    src = con.execute("select path from duckdb_databases() where database_name = current_database()").fetchone()[0]
+    shutil.copy(src, tmp_path / "copy.duckdb")
+    other = duckdb.connect(str(tmp_path / "copy.duckdb"))
+    try:
+        clinic, therapist = other.execute("""
+            select clinic_id, any_value(therapist_id) from marts.fct_episode_outcomes
+            where therapist_id is not null group by clinic_id order by clinic_id limit 1""").fetchone()
+        other.execute("delete from marts.fct_episode_outcomes where clinic_id = ? and therapist_id <> ?",
+                      [clinic, therapist])
+        run_models(other, ["marts.alliance_outcome_association"], tests=True)
+        rows = dict(other.execute("""select part, r from marts.alliance_outcome_association
+                                     where scope = 'clinic' and clinic_id = ?""", [clinic]).fetchall())
+        assert rows["between_therapist"] is None
+        assert other.execute("select count(*) from marts.alliance_outcome_association "
+                             "where isnan(r)").fetchone()[0] == 0
+    finally:
+        other.close()
+
+
 def test_aggregates_are_consistent(warehouse):
     con, _ = warehouse
     # the network row of a month adds up its clinic rows

@@ -118,11 +118,17 @@ between_part as (
 ),
 
 parts as (
-    select * from overall_part
-    union all
-    select * from within_part
-    union all
-    select * from between_part
+    -- No r where it means nothing: fewer than 3 independent observations (2 points always give
+    -- +-1), or no variance (DuckDB's corr() then returns NaN, e.g. the between-therapist part
+    -- of a clinic with one therapist).
+    select * replace (case when n_effective >= 3 and not isnan(r) then r end as r)
+    from (
+        select * from overall_part
+        union all
+        select * from within_part
+        union all
+        select * from between_part
+    )
 ),
 
 final as (
