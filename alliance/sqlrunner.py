@@ -54,6 +54,8 @@ MAX_SAMPLE_KEYS = 5
 # key whose rows may change (affected_keys).
 KEY_KINDS = ("episode_id", "response_id")
 STATE_TABLE = "meta.model_state"
+# Keys a column entry of a sidecar may have.
+COLUMN_KEYS = frozenset({"name", "description", "data_type", "tests", "severity"})
 KEYS_TABLE = "meta.incremental_keys"
 
 
@@ -368,6 +370,14 @@ def load_model(sql_path: Path) -> Model:
         if not isinstance(col, dict) or not col.get("name"):
             return _replace(base, error=ModelError(sidecar, "each column needs a name",
                                                    _yaml_line(node, "columns", i)))
+        unknown = sorted(str(k) for k in set(col) - COLUMN_KEYS)
+        if unknown:
+            # e.g. an unquoted description with a comma in a {...} entry: YAML reads the text
+            # after the comma as another key and the description comes out cut short
+            return _replace(base, error=ModelError(
+                sidecar, f"column {col['name']!r}: unknown key(s) {unknown} (known: "
+                f"{', '.join(sorted(COLUMN_KEYS))}; quote a description that holds a comma)",
+                _yaml_line(node, "columns", i)))
         columns.append(ColumnDoc(str(col["name"]), str(col.get("description") or "").strip(),
                                  str(col.get("data_type") or "")))
         severity = str(col.get("severity", "error")).lower()

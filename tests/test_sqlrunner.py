@@ -285,6 +285,15 @@ def test_sidecar_column_mismatch_is_an_error(tmp_path: Path) -> None:
         sqlrunner.run_models(duckdb.connect(), sql_dir=tmp_path)
 
 
+def test_unquoted_description_with_a_comma_is_an_error(tmp_path: Path) -> None:
+    # YAML reads "Of those, paired" in a {...} entry as description "Of those" plus a key "paired"
+    path = write_model(tmp_path, "core", "m", "select 1 as a",
+                       "columns:\n  - name: x\n  - {name: a, description: Of those, paired}\n")
+    err = sqlrunner.load_model(path).error
+    assert err is not None and err.line == 3
+    assert "column 'a': unknown key(s) ['paired']" in str(err) and "quote a description" in str(err)
+
+
 def test_bad_sidecar_test_names_line(tmp_path: Path) -> None:
     path = write_model(tmp_path, "core", "m", "select 1 as a",
                        "columns:\n  - name: a\n    tests:\n      - not_null\n      - frobnicate\n")
