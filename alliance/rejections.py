@@ -44,6 +44,9 @@ create table if not exists {REJECTIONS_TABLE} (
 comment on table {REJECTIONS_TABLE} is 'Ingested files a data engineer rejected after a blocking
 check failed (alliance reject-file): their events leave staging and every model; nothing is
 deleted. Append-only.';
+comment on column {REJECTIONS_TABLE}.file_id is 'The rejected file (raw.ingested_files.file_id).';
+comment on column {REJECTIONS_TABLE}.reason_code is 'Why, from a fixed list (alliance reject-file --help): no free text.';
+comment on column {REJECTIONS_TABLE}.rejected_at is 'When the rejection was recorded; as-of builds before it still see the file.';
 """
 
 

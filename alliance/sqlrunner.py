@@ -666,6 +666,36 @@ def _ensure_meta(con: duckdb.DuckDBPyConnection) -> None:
         last_mode varchar, last_reason varchar)""")
     con.execute(f"""create table if not exists {KEYS_TABLE} (
         kind varchar, since_file_id bigint, through_file_id bigint, key varchar)""")
+    for table, doc in META_COMMENTS.items():
+        con.execute(f"comment on table {table} is {_sql_text(doc[0])}")
+        for col, text in doc[1].items():
+            con.execute(f"comment on column {table}.{col} is {_sql_text(text)}")
+
+
+def _sql_text(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+META_COMMENTS: dict[str, tuple[str, dict[str, str]]] = {
+    STATE_TABLE: ("The SQL runner's build state: one row per model (docs/sql-models.md). A changed "
+                  "model or seed triggers a full rebuild; otherwise new files are built incrementally.", {
+        "model": "Model as schema.name.",
+        "materialized": "table or view.",
+        "code_hash": "Hash of the model's SQL and sidecar when it was last built.",
+        "inputs_hash": "Hash of the seeds and parameters it read.",
+        "built_through_file_id": "Highest raw.ingested_files.file_id included in the last build.",
+        "built_seq": "Build counter of the last build.",
+        "full_seq": "Build counter of the last full build.",
+        "built_at": "When it was last built.",
+        "last_mode": "full or incremental.",
+        "last_reason": "Why the last build was full or incremental."}),
+    KEYS_TABLE: ("Keys (episode or response ids, pseudonymised) touched by the files of an "
+                 "incremental build, computed once and shared by the incremental models.", {
+        "kind": "episode_id or response_id.",
+        "since_file_id": "Files after this one are new in the build.",
+        "through_file_id": "Last file of the build.",
+        "key": "The key (a pseudonym or event_id); NULL marks a computed, empty set."}),
+}
 
 
 def _table_exists(con: duckdb.DuckDBPyConnection, schema: str, name: str) -> bool:

@@ -545,6 +545,13 @@ create table if not exists quality.validated_batches (
     passed boolean not null,
     blocking_failures varchar[]
 );
+comment on table quality.validated_batches is 'Each validation of an ingested file by the GX batch suite: a file whose last validation failed a blocking check stays pending until rejected (alliance reject-file).';
+comment on column quality.validated_batches.file_id is 'The file (raw.ingested_files.file_id).';
+comment on column quality.validated_batches.run_id is 'Dagster run that validated it.';
+comment on column quality.validated_batches.validated_at is 'When.';
+comment on column quality.validated_batches.events is 'Events of the file that were validated.';
+comment on column quality.validated_batches.passed is 'False when a blocking check failed.';
+comment on column quality.validated_batches.blocking_failures is 'Names of the blocking checks that failed.';
 """
 
 

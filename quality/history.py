@@ -30,6 +30,15 @@ create table if not exists quality.check_results (
     evaluated_at timestamptz not null,
     details json                       -- expectation, failing keys (pseudonyms only), notes
 );
+comment on table quality.check_results is 'Every evaluation of a data quality check (GX suites and SQL checks), one row per check per run, kept for trends; the clinic report reads it. Append-only.';
+comment on column quality.check_results.run_id is 'Dagster run that evaluated the check.';
+comment on column quality.check_results.asset is 'Asset checked, as schema/name.';
+comment on column quality.check_results.check_name is 'Name of the check (docs/quality.md).';
+comment on column quality.check_results.passed is 'Whether the check passed.';
+comment on column quality.check_results.severity is 'ERROR (blocking) or WARN.';
+comment on column quality.check_results.unexpected_count is 'Rows that failed the check, where it counts rows.';
+comment on column quality.check_results.evaluated_at is 'When the check ran.';
+comment on column quality.check_results.details is 'The expectation, failing keys (pseudonyms only) and notes, as JSON.';
 """
 
 

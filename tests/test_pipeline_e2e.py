@@ -54,6 +54,21 @@ def test_run_succeeds_and_publishes(pipeline):
             assert con.execute(f"select count(*) from {t}").fetchone()[0] > 0, t
 
 
+def test_every_table_and_column_of_the_snapshot_is_documented(pipeline):
+    """Analysts read the serving snapshot: every table and every column carries a comment."""
+    p, _truth, _outcome = pipeline
+    with duckdb.connect(str(p.serving), read_only=True) as con:
+        tables = con.execute("""select schema_name || '.' || table_name from duckdb_tables()
+                                where comment is null or trim(comment) = ''""").fetchall()
+        columns = con.execute("""select schema_name || '.' || table_name || '.' || column_name
+                                 from duckdb_columns() c
+                                 where (comment is null or trim(comment) = '')
+                                   and exists (select 1 from duckdb_tables() t
+                                               where t.schema_name = c.schema_name
+                                                 and t.table_name = c.table_name)""").fetchall()
+    assert tables == [] and columns == []
+
+
 def test_data_docs_show_the_batch_and_the_marts_suites(pipeline):
     """GX Data Docs under <data>/quality-docs list every suite the run validated: the batch
     suites on raw.events and the marts suites run inside the models step."""
