@@ -128,7 +128,10 @@ def ingest(
     )
 
 
-@dg.asset_check(asset=RAW_FILES, blocking=True, pool="duckdb_writer",  # writes check history
+# On raw/events, which staging and everything after it read: a blocking check blocks what is
+# downstream of its asset, and nothing is downstream of raw/ingested_files (so on that asset a
+# failure did not stop the publish).
+@dg.asset_check(asset=RAW_EVENTS, blocking=True, pool="duckdb_writer",  # writes check history
                 description="Every file: lines read = accepted + duplicates + quarantined, its "
                 "accepted events are in raw.events and its quarantined lines in raw.quarantine.")
 def line_conservation(
@@ -142,18 +145,18 @@ def line_conservation(
         logged = con.execute(
             "select f.file_name, f.accepted, count(e.event_id) from raw.ingested_files f "
             "left join raw.events e using (file_id) where f.status = 'ingested' "
-            "group by all having f.accepted <> count(e.event_id)"
+            "group by f.file_id, f.file_name, f.accepted having f.accepted <> count(e.event_id)"
         ).fetchall()
         # ... and every quarantined line has its row in raw.quarantine (reason, file, line)
         unrecorded = con.execute(
             "select f.file_name, f.quarantined, count(q.line_number) from raw.ingested_files f "
             "left join raw.quarantine q using (file_id) where f.status = 'ingested' "
-            "group by all having f.quarantined <> count(q.line_number)"
+            "group by f.file_id, f.file_name, f.quarantined having f.quarantined <> count(q.line_number)"
         ).fetchall()
         passed = not bad and not logged and not unrecorded
         # Check history (quality.check_results) on the same connection, for `alliance status`.
         record_check_results(con, context.run.run_id, [{
-            "asset": RAW_FILES.path, "check_name": "line_conservation", "passed": passed,
+            "asset": RAW_EVENTS.path, "check_name": "line_conservation", "passed": passed,
             "severity": "ERROR", "unexpected_count": len(bad) + len(logged) + len(unrecorded),
             "details": {"files_failing_identity": len(bad),
                         "files_with_missing_events": len(logged),

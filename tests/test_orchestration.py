@@ -229,7 +229,7 @@ def test_definitions_wire_pool_jobs_schedules_and_sensors(world):
         [k for k in writers if graph.get(k).pools != {"duckdb_writer"}]
     # check steps that write the warehouse (check history, validated batches) hold the pool too
     nodes = {n.name: n.definition for n in defs.resolve_job_def("nightly_rebuild_job").graph.nodes}
-    for name in ("raw__ingested_files_line_conservation", "raw_events_batch_suite"):
+    for name in ("raw__events_line_conservation", "raw_events_batch_suite"):
         assert nodes[name].pool == "duckdb_writer", name
     snap = graph.get(dg.AssetKey(["serving", "snapshot"]))
     assert dg.AssetKey(["marts", "clinic_monthly"]) in snap.parent_keys
@@ -423,11 +423,11 @@ def test_status_shows_failing_check_only_the_warehouse_knows(world, capsys):
         st = json.loads(capsys.readouterr().out)
         assert st["failing_checks_source"] == "warehouse"
         failing = {(f["asset"], f["check_name"]): f for f in st["failing_checks"]}
-        lc = failing[("raw/ingested_files", "line_conservation")]
+        lc = failing[("raw/events", "line_conservation")]
         assert lc["severity"] == "ERROR" and lc["unexpected_count"] == "1"
         assert lc["failing_since"] and lc["run_id"] == out["run_id"]
         # the snapshot cannot know: the failure happened after its publish
-        assert ("raw/ingested_files", "line_conservation") not in {
+        assert ("raw/events", "line_conservation") not in {
             (f["asset"], f["check_name"]) for f in failing_checks(p.serving)}
 
         holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITER, str(p.warehouse)],
@@ -442,6 +442,12 @@ def test_status_shows_failing_check_only_the_warehouse_knows(world, capsys):
         assert locked["row_counts"]["raw.events"] > 0
         assert main(["status"]) == 0
         assert "line_conservation (1 rows; failing since" in capsys.readouterr().out
+
+        # the failure blocks everything that reads raw.events: no model, no publish
+        published = p.serving.stat().st_mtime_ns
+        blocked = execute_job("nightly_rebuild_job", log=lambda _m: None)
+        assert not blocked["success"]
+        assert p.serving.stat().st_mtime_ns == published
     finally:
         with duckdb.connect(str(p.warehouse)) as con:
             con.execute("update raw.ingested_files set lines_read = lines_read - 1 "

@@ -544,7 +544,7 @@ def test_column_tests_and_line_conservation_are_recorded(tmp_path: Path) -> None
     resources = {"duckdb": DuckDBResource(database=str(tmp_path / "w.duckdb"))}
     db = tmp_path / "w.duckdb"
 
-    @dg.multi_asset(specs=[dg.AssetSpec(["raw", "visits"]), dg.AssetSpec(["raw", "ingested_files"])])
+    @dg.multi_asset(specs=[dg.AssetSpec(["raw", "visits"]), dg.AssetSpec(["raw", "events"])])
     def raw_tables(duckdb: DuckDBResource) -> Iterator[dg.MaterializeResult]:
         with duckdb.get_connection() as con:
             con.execute("""
@@ -561,7 +561,7 @@ def test_column_tests_and_line_conservation_are_recorded(tmp_path: Path) -> None
                     select 1 as file_id, n as line_number from range(9, 11) as t(n);
             """)
         yield dg.MaterializeResult(asset_key=["raw", "visits"])
-        yield dg.MaterializeResult(asset_key=["raw", "ingested_files"])
+        yield dg.MaterializeResult(asset_key=["raw", "events"])
 
     (visits,) = model_assets(tmp_path / "sql")
     instance = dg.DagsterInstance.ephemeral()
@@ -576,12 +576,12 @@ def test_column_tests_and_line_conservation_are_recorded(tmp_path: Path) -> None
     failing = {(f["asset"], f["check_name"]): f for f in failing_checks(db)}
     assert set(failing) == {("core/visits", "session_id__unique"),
                             ("core/visits", "clinic_id__not_null"),
-                            ("raw/ingested_files", "line_conservation")}
+                            ("raw/events", "line_conservation")}
     assert all(f["run_id"] == first.run_id and f["severity"] == "ERROR" for f in failing.values())
     assert failing[("core/visits", "clinic_id__not_null")]["unexpected_count"] == 2
     assert failing[("core/visits", "session_id__unique")]["details"]["failing_keys"] == "se_02"
-    assert failing[("raw/ingested_files", "line_conservation")]["unexpected_count"] == 2
-    assert failing[("raw/ingested_files", "line_conservation")]["details"][
+    assert failing[("raw/events", "line_conservation")]["unexpected_count"] == 2
+    assert failing[("raw/events", "line_conservation")]["details"][
         "files_with_missing_quarantine_rows"] == 1
     assert [(r["asset"], r["check_name"]) for r in latest_results(db) if r["passed"]] == [
         ("core/visits", "session_id__not_null")]
@@ -593,7 +593,7 @@ def test_column_tests_and_line_conservation_are_recorded(tmp_path: Path) -> None
                            instance=instance, raise_on_error=False,
                            selection=dg.AssetSelection.checks(line_conservation))
     assert _evaluations(again) == {"line_conservation": (True, "ERROR")}
-    assert ("raw/ingested_files", "line_conservation") not in {
+    assert ("raw/events", "line_conservation") not in {
         (f["asset"], f["check_name"]) for f in failing_checks(db)}
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("select count(*) from quality.check_results").fetchone()[0] == 5
