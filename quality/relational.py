@@ -25,7 +25,11 @@ class RelationalCheck:
     requires: tuple[str, ...]  # tables the query reads ('schema.name')
 
 
-AS_OF = "recorded_at <= coalesce(getvariable('as_of')::timestamptz, 'infinity'::timestamptz)"
+# The events staging keeps: recorded as of the as-of time, and not in a file rejected by then
+# (alliance reject-file), as in staging.stg_events.
+_AS_OF_TIME = "coalesce(getvariable('as_of')::timestamptz, 'infinity'::timestamptz)"
+AS_OF = (f"recorded_at <= {_AS_OF_TIME} and file_id not in (select file_id from raw.rejected_files "
+         f"where rejected_at <= {_AS_OF_TIME})")
 
 # Per-type staging views, the event types each holds, and how it accounts for them:
 # 'collapsing' views keep the latest event per session or episode and carry `event_count` (the

@@ -61,6 +61,11 @@ def test_rejected_file_leaves_every_model_and_the_next_build_is_full(built, tmp_
     assert con.execute("select count(*) from staging.stg_events").fetchone()[0] == before - n
     assert con.execute("select count(*) from staging.stg_events where file_id = ?",
                        [fid]).fetchone()[0] == 0
+    # the blocking events_conserved check accounts for the rejected file's events too (it
+    # counted them as lost, so `reject-file` then `alliance run` could never publish)
+    from quality.relational import conservation_report
+
+    assert [r for r in conservation_report(con) if r["unaccounted"]] == []
     # as of a time before the rejection (after the events were recorded: the two can be less
     # than a second apart), the file's events are still known; after it, not
     last_recorded = con.execute("select max(recorded_at) from raw.events").fetchone()[0]
