@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 from datetime import UTC, datetime
@@ -120,15 +119,26 @@ def copy_into_landing(src: Path, landing: Path) -> Path:
     landing = landing.resolve()
     if landing in src.parents:
         return src
+    from alliance.ingest import file_sha256
+
+    data = src.read_bytes()
     target = landing / src.name
-    if target.exists() and target.read_bytes() == src.read_bytes():
+    if target.exists() and target.read_bytes() == data:
         return target
-    if target.exists():  # a different file with the same name: keep both
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        target = landing / f"{src.stem.split('.')[0]}-{stamp}{''.join(src.suffixes)}"
+    if target.exists():
+        # A different file with the same name: keep both, the new one named by its content (a
+        # time stamp gave two same-named sources of one call the same name: one was lost).
+        base, suffixes = src.name.split(".")[0], "".join(src.suffixes)
+        target = landing / f"{base}-{file_sha256(src)[:12]}{suffixes}"
+        n = 2
+        while target.exists() and target.read_bytes() != data:
+            target = landing / f"{base}-{file_sha256(src)[:12]}-{n}{suffixes}"
+            n += 1
+        if target.exists():
+            return target
     partial = target.with_name(target.name + ".partial")
     landing.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, partial)
+    partial.write_bytes(data)
     os.replace(partial, target)
     return target
 
@@ -138,13 +148,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from orchestration.jobs import LANDING_FILE_TAG, LANDING_SHA_TAG, ingest_job, ingest_run_config
 
     p = paths().ensure()
-    targets = []
-    for raw in args.paths:
-        src = Path(raw)
-        if not src.is_file():
-            print(f"alliance ingest: {src}: no such file", file=sys.stderr)
-            return 2
-        targets.append(copy_into_landing(src, p.landing))
+    missing = [raw for raw in args.paths if not Path(raw).is_file()]
+    if missing:  # checked before anything is copied into landing/
+        for raw in missing:
+            print(f"alliance ingest: {raw}: no such file", file=sys.stderr)
+        return 2
+    targets = [copy_into_landing(Path(raw), p.landing) for raw in args.paths]
     ok = True
     for t in targets:
         rel = t.relative_to(p.landing.resolve()).as_posix()

@@ -651,3 +651,22 @@ def test_alliance_dev_stops_on_sigterm_when_started_in_the_background(tmp_path: 
         for pid in _processes_mentioning(str(tmp_path)) + ([proc.pid] if proc.poll() is None else []):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_ingest_copy_keeps_every_same_named_file(tmp_path: Path):
+    """`alliance ingest a/x b/x c/x`: three different files with one name all reach landing/
+    (a time-stamped name gave two of them the same target and one was lost); the same content
+    again is not copied twice."""
+    from orchestration.cli_ops import copy_into_landing
+
+    landing = tmp_path / "landing"
+    sources = []
+    for d, body in (("a", b'{"n": 1}\n'), ("b", b'{"n": 2}\n'), ("c", b'{"n": 3}\n')):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "dup.ndjson").write_bytes(body)
+        sources.append(tmp_path / d / "dup.ndjson")
+    targets = [copy_into_landing(s, landing) for s in sources]
+    assert len(set(targets)) == 3
+    assert sorted(t.read_bytes() for t in targets) == sorted(s.read_bytes() for s in sources)
+    assert copy_into_landing(sources[1], landing) == targets[1]
+    assert len(list(landing.iterdir())) == 3
