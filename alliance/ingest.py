@@ -164,7 +164,7 @@ COLUMN_COMMENTS = {
         "field": "The offending field (dotted path), when there is one.",
         "message": "Human-readable explanation naming file, line and field.",
         "line_sha256": "sha256 of the verbatim line (kept outside the warehouse).",
-        "line_redacted": "Envelope of the line with identifiers pseudonymised and no payload values; NULL when unparseable.",
+        "line_redacted": "Envelope of the line with identifiers pseudonymised, values only where they pass their field's checks (no free text), the contract's payload keys (others counted) and no payload values; NULL when unparseable.",
     },
 }
 
@@ -347,6 +347,41 @@ def _json_text_sql(ref: str) -> str:
             f"else {ref}::varchar end")
 
 
+def _echo_sql(contract: Contract) -> dict[str, str]:
+    """SQL (over _checked c) of the envelope values a quarantine row may repeat.
+
+    A rejected line may carry free text or a raw identifier in any field, and raw.quarantine is
+    in the warehouse. A value is repeated only when it passes its own field's checks, which leave
+    no room for free text: the known event types, a timestamp, an integer, the field's pattern.
+    Any other value, and a string field without a pattern, is NULL (the verbatim line is in the
+    quarantine file outside the warehouse). Payload keys: only the contract's names are listed,
+    the others counted.
+    """
+    env = contract.envelope
+    cols = {"event_id": "c.event_id", "event_type": "c.event_type", "clinic_id": "c.clinic_id",
+            "schema_version": "c.sv_e_schema_version", "occurred_at": "c.sv_e_occurred_at",
+            "source": "c.sv_e_source"}
+    out: dict[str, str] = {}
+    for name, v in cols.items():
+        spec = env.get(name)
+        if name == "event_type":
+            cond = f"list_contains({_list_lit(contract.event_types)}, {v})"
+        elif spec is None:
+            cond = None
+        elif spec.type == "timestamp":
+            cond = f"regexp_full_match({v}, {_lit(TIMESTAMP_RE)})"
+        elif spec.type == "integer":
+            cond = f"regexp_full_match({v}, '-?[0-9]{{1,18}}')"
+        elif spec.pattern:
+            cond = f"regexp_full_match({v}, {_lit(spec.pattern)})"
+        else:
+            cond = None
+        out[name] = f"(case when {cond} then {v} end)" if cond else "null::varchar"
+    names = sorted({n for et in contract.event_types.values() for n in et.payload})
+    out["payload_keys"] = _list_lit(names)
+    return out
+
+
 def _validation_sql(contract: Contract) -> list[str]:
     """Statements that turn _lines into _checked: envelope extracted, first violation named.
 
@@ -387,10 +422,10 @@ def _validation_sql(contract: Contract) -> list[str]:
             rules.append((f"{present(n)} and {tv}", "wrong_type", name,
                           _lit(f"must be a JSON {spec.type}, got ") + got(n)))
     types = list(contract.event_types)
-    quote = _lit("'")
+    # (the unknown value itself is not repeated: it could be free text; the verbatim line is in
+    # the quarantine file outside the warehouse)
     rules.append((f"not list_contains({_list_lit(types)}, sv_e_event_type)", "unknown_event_type",
-                  "event_type",
-                  f"{quote} || left(sv_e_event_type, 40) || {quote} || {_lit(' is not a known event type')}"))
+                  "event_type", _lit("is not one of the contract's event types")))
     version_cases = " ".join(
         f"when {_lit(n)} then list_contains([{', '.join(str(v) for v in et.schema_versions)}], "
         f"try_cast(sv_e_schema_version as bigint))"
@@ -698,7 +733,9 @@ answer_checks as (
         end as reason_code,
         case
             when it.item is null then a.instrument || ' v' || a.instrument_version
-                || ' has no item ''' || left(a.item, 20) || ''''
+                || case when regexp_full_match(a.item, '[0-9]{1,4}')
+                    then ' has no item ''' || a.item || ''''
+                    else ' has no item with that key (item keys are item numbers)' end
             when a.repeated then
                 'answer to ' || a.instrument || ' item ' || a.item || ' is given more than once'
             when a.x is null and a.v <> 'null' then
@@ -714,15 +751,21 @@ answer_checks as (
 first_answer_violation as (
     select file_id, line_number,
         arg_min(reason_code, ord) as reason_code,
-        arg_min('payload.answers.' || item, ord) as field,
+        -- (a key that is not an item number is not repeated: it could be free text)
+        arg_min('payload.answers' || case when regexp_full_match(item, '[0-9]{1,4}')
+            then '.' || item else '' end, ord) as field,
         arg_min(message, ord) as message
     from answer_checks where reason_code is not null
     group by all
 ),
 instrument_violations as (
     select file_id, line_number, 'unknown_instrument' as reason_code, 'payload.instrument' as field,
-        'instrument ''' || instrument || ''' version ''' || instrument_version
-            || ''' is not defined in schemas/instruments' as message
+        case when regexp_full_match(instrument, '[A-Za-z0-9][A-Za-z0-9._-]{0,31}')
+                and regexp_full_match(instrument_version, '[A-Za-z0-9._-]{1,16}')
+            then 'instrument ''' || instrument || ''' version ''' || instrument_version
+                || ''' is not defined in schemas/instruments'
+            else 'the instrument and version are not defined in schemas/instruments' end
+            as message
     from known where not known_instrument
     union all
     select file_id, line_number, 'missing_field', 'payload.total',
@@ -822,7 +865,8 @@ def ingest_files(
     preserve = con.execute("select current_setting('preserve_insertion_order')").fetchone()[0]
     con.execute("set preserve_insertion_order = false")
     try:
-        return _ingest_paths(con, [Path(p) for p in paths], key, validation_sql, answer_sql,
+        return _ingest_paths(con, [Path(p) for p in paths], key, validation_sql,
+                             _echo_sql(contract), answer_sql,
                              quarantine_dir, recorded_at, max_lines_per_transaction, log)
     finally:
         con.execute(f"set preserve_insertion_order = {str(bool(preserve)).lower()}")
@@ -835,6 +879,7 @@ def _ingest_paths(
     paths: list[Path],
     key: bytes,
     validation_sql: list[str],
+    echo: dict[str, str],
     answer_sql: str | None,
     quarantine_dir: Path | None,
     recorded_at: datetime | None,
@@ -860,7 +905,7 @@ def _ingest_paths(
     def run_group() -> None:
         nonlocal group, group_lines, groups_run, ids
         groups_run += 1
-        stage.add(_ingest_group(con, group, ids, key, validation_sql, answer_sql, quarantine_dir,
+        stage.add(_ingest_group(con, group, ids, key, validation_sql, echo, answer_sql, quarantine_dir,
                                 log))
         group, group_lines, ids = [], 0, {}
         if stage.lines >= max_lines_per_transaction:
@@ -1061,6 +1106,7 @@ def _ingest_group(
     file_ids: dict[str, int],
     key: bytes,
     validation_sql: list[str],
+    echo: dict[str, str],
     answer_sql: str | None,
     quarantine_dir: Path | None,
     log,
@@ -1212,18 +1258,20 @@ def _ingest_group(
             select c.file_id, n.source_file, c.line_number, c.reason_code, nullif(c.field, ''),
                 n.source_file || ' line ' || c.line_number::varchar || ': '
                     || coalesce(c.message, m.message),
-                case when c.jt_e_event_id = {JT_STRING} then c.event_id end,
-                case when c.jt_e_event_type = {JT_STRING} then c.event_type end,
-                case when c.jt_e_clinic_id = {JT_STRING} then c.clinic_id end,
+                {echo["event_id"]}, {echo["event_type"]}, {echo["clinic_id"]},
                 r.line_sha256,
                 case when c.is_object then json_object(
-                    'event_id', c.event_id, 'event_type', c.event_type,
-                    'schema_version', c.sv_e_schema_version, 'occurred_at', c.sv_e_occurred_at,
-                    'source', c.sv_e_source, 'clinic_id', c.clinic_id, {ids_json},
-                    'payload_keys', coalesce(c.payload_keys, case when c.payload_plain
-                        then json_keys(c.e_payload) end)) end,
+                    'event_id', {echo["event_id"]}, 'event_type', {echo["event_type"]},
+                    'schema_version', {echo["schema_version"]},
+                    'occurred_at', {echo["occurred_at"]},
+                    'source', {echo["source"]}, 'clinic_id', {echo["clinic_id"]}, {ids_json},
+                    'payload_keys', list_filter(k.keys, lambda x: list_contains({echo["payload_keys"]}, x)),
+                    'other_payload_keys', len(k.keys) - len(list_filter(k.keys, lambda x:
+                        list_contains({echo["payload_keys"]}, x)))) end,
                 {rec}
             from _checked c
+            cross join lateral (select coalesce(c.payload_keys, case when c.payload_plain
+                then json_keys(c.e_payload) end) as keys) k
             join _names n on n.file_id = c.file_id
             join _rejected_sha r on r.file_id = c.file_id and r.line_number = c.line_number
             left join _rule_messages m on m.file_id = c.file_id and m.line_number = c.line_number

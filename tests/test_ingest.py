@@ -65,7 +65,7 @@ BAD = {  # line content -> expected (reason_code, field)
     json.dumps(phq9("x6c", {"1": 7, "2": 0})).replace('"2": 0', '"1": 2'):
         ("answer_out_of_range", "payload.answers.1"),
     # an item key that is not a number (was accepted: no order for the first violation)
-    json.dumps(phq9("x6d", {"x": 1})): ("unknown_item", "payload.answers.x"),
+    json.dumps(phq9("x6d", {"x": 1})): ("unknown_item", "payload.answers"),  # a non-number key is not repeated
     json.dumps(ev("x7", "questionnaire.submitted", payload={
         "instrument": "NOPE-1", "instrument_version": "1", "respondent": "patient",
         "administered_at": T, "answers": {"1": 1}})): ("unknown_instrument", "payload.instrument"),
@@ -180,6 +180,50 @@ def test_identifiers_are_pseudonymised_and_no_raw_identifier_reaches_the_warehou
             f'select count(*) from {schema}.{table} where "{col}"::varchar like \'%SECRET%\' '
             f"or \"{col}\"::varchar like '%free text%'").fetchone()[0]
         assert hits == 0, f"raw identifier or free text in {schema}.{table}.{col}"
+
+
+# Free text or a raw identifier where the contract expects something else: every such line is
+# quarantined, and nothing of it may reach a text column of the warehouse (raw.quarantine
+# included: its redacted copy repeats only values that pass their own field's checks).
+LEAKY = [
+    ev("e-leak-1", "Jane Doe SECRET-T phoned about her results"),  # event_type
+    ev("e-leak-2", "session.attended", session_id="SES-SECRET-1",
+       occurred_at="yesterday with SECRET-O", payload={}),
+    ev("e-leak-3", "session.attended", session_id="SES-SECRET-1", source="EHR export for SECRET-S",
+       payload={}),
+    ev("SECRET-E event for Jane", "session.attended", session_id="SES-SECRET-1", payload={}),
+    ev("e-leak-5", "session.attended", session_id="SES-SECRET-1", clinic_id="Clinic SECRET-C",
+       payload={}),
+    ev("e-leak-6", "episode.opened", schema_version="SECRET-V", payload={"age_group": "adult"}),
+    ev("e-leak-7", "episode.opened", payload={"age_group": "nope", "SECRET-K note": "x"}),
+    phq9("e-leak-8", {"SECRET-A": 1}),
+    ev("e-leak-9", "questionnaire.submitted", session_id="SES-SECRET-1", payload={
+        "instrument": "SECRET-I Jane", "instrument_version": "1", "respondent": "patient",
+        "administered_at": T, "answers": {"1": 1}}),
+]
+
+
+def test_free_text_in_rejected_lines_stays_out_of_the_warehouse(con, tmp_path):
+    f = write(tmp_path / "leaky.ndjson", GOOD + LEAKY)
+    [r] = ingest_files(con, [f], KEY, quarantine_dir=tmp_path / "q")
+    assert (r.accepted, r.quarantined) == (len(GOOD), len(LEAKY))
+    text_cols = con.execute(
+        "select schema_name, table_name, column_name from duckdb_columns() "
+        "where data_type in ('VARCHAR', 'JSON') and schema_name = 'raw'").fetchall()
+    for schema, table, col in text_cols:
+        hits = con.execute(f'select "{col}"::varchar from {schema}.{table} '
+                           f"where \"{col}\"::varchar like '%SECRET%' or \"{col}\"::varchar like '%Jane%'"
+                           ).fetchall()
+        assert hits == [], f"free text in {schema}.{table}.{col}: {hits[:2]}"
+    # what can be repeated still is: the valid event id, type and clinic of a line
+    row = con.execute("select event_id, event_type, clinic_id, line_redacted from raw.quarantine "
+                      "where line_number = ?", [len(GOOD) + 7]).fetchone()
+    assert row[:3] == ("e-leak-7", "episode.opened", "clinic-01")
+    redacted = json.loads(row[3])
+    assert redacted["payload_keys"] == ["age_group"] and redacted["other_payload_keys"] == 1
+    # the verbatim lines are in the quarantine file, outside the warehouse
+    assert len((tmp_path / "q").read_text().splitlines()) == len(LEAKY) if (tmp_path / "q").is_file() \
+        else sum(len(p.read_text().splitlines()) for p in (tmp_path / "q").iterdir()) == len(LEAKY)
 
 
 def test_landing_skips_files_still_being_written(tmp_path):
