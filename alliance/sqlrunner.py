@@ -54,6 +54,8 @@ MAX_SAMPLE_KEYS = 5
 # key whose rows may change (affected_keys).
 KEY_KINDS = ("episode_id", "response_id")
 STATE_TABLE = "meta.model_state"
+# Time zone of every model build (docs/sql-models.md) and of the reports that read the marts.
+MODEL_TIME_ZONE = "UTC"
 # Keys a column entry of a sidecar may have.
 COLUMN_KEYS = frozenset({"name", "description", "data_type", "tests", "severity"})
 KEYS_TABLE = "meta.incremental_keys"
@@ -556,6 +558,10 @@ def build_model(con: duckdb.DuckDBPyConnection, model: Model, *,
     """
     if model.error is not None:
         raise model.error
+    # Months, dates and day boundaries of timestamptz values are UTC's, whatever the host's TZ
+    # (DuckDB takes its TimeZone from it: a build in Auckland put late-evening UTC events in the
+    # next month).
+    con.execute(f"set TimeZone = '{MODEL_TIME_ZONE}'")
     started = time.perf_counter()
     kind = model.materialized
     target = f"{_quote(model.schema)}.{_quote(model.name)}"

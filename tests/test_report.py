@@ -413,9 +413,12 @@ def test_concern_and_completeness_protect_numerators() -> None:
     bins = [{"lo": 0, "hi": 36, "sessions": 0, "patients": 0, "below_cutoff": True},
             {"lo": 36, "hi": 40, "sessions": 15, "patients": 12, "below_cutoff": False}]
     ctx = build(_raw(activity=activity, alliance=alliance, srs_bins=bins), Options(min_cell=11))
-    # 93.8% of 16 sessions = 1 session without a score; 33.3% of 15 = 5 concern sessions
-    assert ctx["activity"]["with_alliance"].is_suppressed
+    # 33.3% of 15 = 5 concern sessions
     assert ctx["alliance"]["pct_concern"].is_suppressed
+    # 93.8% of 16 sessions: shown, since 16 (sessions attended) and 15 (the SRS table's All) are
+    # both in the report; hiding the ratio would protect nothing
+    assert not ctx["activity"]["with_alliance"].is_suppressed
+    assert not ctx["activity"]["sessions"].is_suppressed and not ctx["alliance"]["srs_sessions"].is_suppressed
     # 50% of 16 = 8 with an outcome score: small too (and only 6 patients)
     assert ctx["activity"]["with_outcome"].is_suppressed
     ctx = build(_raw(activity=activity, alliance=alliance, srs_bins=bins),

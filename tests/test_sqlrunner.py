@@ -414,3 +414,14 @@ def test_discovered_models_follow_edits_to_their_files(tmp_path: Path) -> None:
     assert sqlrunner.discover_models(tmp_path)["core.m"].description == "Now documented."
     write_model(tmp_path, "marts", "n", "select * from core.m")
     assert set(sqlrunner.discover_models(tmp_path)) == {"core.m", "marts.n"}
+
+
+def test_models_cut_months_in_utc_whatever_the_session_time_zone(tmp_path: Path) -> None:
+    """20:00 UTC on 31 May is 1 June in Auckland: a build must still put it in May."""
+    write_model(tmp_path, "core", "m",
+                "select date_trunc('month', '2026-05-31T20:00:00Z'::timestamptz)::date as month",
+                "columns:\n  - name: month\n    description: The month.\n")
+    con = duckdb.connect()
+    con.execute("set TimeZone = 'Pacific/Auckland'")  # what TZ=Pacific/Auckland gives DuckDB
+    sqlrunner.run_models(con, sql_dir=tmp_path)
+    assert str(con.execute("select month from core.m").fetchone()[0]) == "2026-05-01"

@@ -100,6 +100,9 @@ def build_report(
     out = report_path(Path(reports_dir), clinic, month)
     period = Period(parse_month(month), window_months)
     with duckdb.connect(str(serving_path), read_only=True) as con:
+        from alliance.sqlrunner import MODEL_TIME_ZONE
+
+        con.execute(f"set TimeZone = '{MODEL_TIME_ZONE}'")  # months as the marts cut them
         raw = extract(con, clinic, period)
     ctx = _context.build(raw, options)
     inst_cols = [c for c in INSTRUMENT_COLS if raw.instruments and c in raw.instruments[0]]

@@ -102,7 +102,9 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
             "sessions": suppress_value(a["sessions"], a["active_patients"], mc),
             "attendance": suppress_rate(a["sessions"], a["appointments"], mc, opts.protect_numerators)
             if a["booked_patients"] >= mc else Shown(None, a["booked_patients"], PRIMARY),
-            "with_alliance": _completeness(a, "alliance", mc, opts.protect_numerators),
+            # (no numerator protection: the report shows the sessions attended and, in the SRS
+            # table's All column, the sessions with a score, so hiding their ratio hid nothing)
+            "with_alliance": _completeness(a, "alliance", mc, False),
             "with_outcome": _completeness(a, "outcome", mc, opts.protect_numerators),
         }
 
