@@ -66,8 +66,8 @@ def load_key(demo_key_file: Path | None = None) -> bytes:
     if demo_key_file is None:
         raise MissingKeyError(
             f"{KEY_ENV} is not set. Set it to a secret of at least 32 characters kept outside "
-            "the warehouse (the same key must be used for every run), or use `alliance demo`, "
-            "which creates a local demo key."
+            "the warehouse (the same key must be used for every run), or, for synthetic data "
+            "only, use `alliance demo` or set ALLIANCE_DEMO=1, which create a local demo key."
         )
     if not demo_key_file.exists():
         demo_key_file.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from alliance.pseudonyms import MissingKeyError
+
+    try:
+        return int(args.func(args) or 0)
+    except MissingKeyError as e:  # a configuration error, not a bug: no traceback
+        print(f"alliance {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

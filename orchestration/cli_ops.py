@@ -145,11 +145,16 @@ def copy_into_landing(src: Path, landing: Path) -> Path:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from alliance.ingest import file_sha256
+    from assets.ingest import pseudonym_key
     from orchestration.jobs import LANDING_FILE_TAG, LANDING_SHA_TAG, ingest_job, ingest_run_config
+    from orchestration.resources import default_resources
 
     p = paths().ensure()
+    # Checked before anything is copied into landing/: the key (MissingKeyError is reported by
+    # `alliance` itself, without a traceback), then the paths.
+    pseudonym_key(default_resources()["settings"])
     missing = [raw for raw in args.paths if not Path(raw).is_file()]
-    if missing:  # checked before anything is copied into landing/
+    if missing:
         for raw in missing:
             print(f"alliance ingest: {raw}: no such file", file=sys.stderr)
         return 2

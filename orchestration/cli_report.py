@@ -52,7 +52,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    month = f"{parse_month(args.month):%Y-%m}"
+    try:
+        month = f"{parse_month(args.month):%Y-%m}"
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     data = paths()
     if not data.serving.exists():
         print(f"{data.serving}: no published snapshot yet; run `alliance run` first")

@@ -704,3 +704,22 @@ def test_cli_month_outside_the_partitions_is_one_line_error(monkeypatch, capsys,
     assert main(["report", "--clinic", "C1", "--month", "1999-01"]) == 2
     err = capsys.readouterr().err
     assert "no report partition for 1999-01" in err and "Traceback" not in err
+
+
+def test_cli_user_errors_are_one_line_not_tracebacks(monkeypatch, capsys, tmp_path):
+    """A month that does not exist, or no pseudonym key, is a one-line error with exit code 2;
+    `alliance ingest` without a key copies nothing into landing/."""
+    from orchestration.cli import main
+
+    monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "data"))
+    monkeypatch.delenv("ALLIANCE_PSEUDONYM_KEY", raising=False)
+    monkeypatch.delenv("ALLIANCE_DEMO", raising=False)
+    assert main(["report", "--clinic", "C1", "--month", "2026-13"]) == 2
+    assert "month '2026-13': expected YYYY-MM" in capsys.readouterr().err
+    export = tmp_path / "export.ndjson"
+    export.write_text("{}\n")
+    assert main(["ingest", str(export)]) == 2
+    err = capsys.readouterr().err
+    assert "ALLIANCE_PSEUDONYM_KEY is not set" in err and "Traceback" not in err
+    assert not any((tmp_path / "data" / "landing").glob("*"))
