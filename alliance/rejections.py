@@ -116,8 +116,14 @@ def reject_files(
         s = str(f)
         if s.isdigit() and int(s) in by_id:
             ids.append(int(s))
-        elif s in by_name:
+        elif s in by_name and len(by_name[s]) == 1:
             ids.extend(by_name[s])
+        elif s in by_name:
+            # (files of two folders, or a corrected re-send, can share a name: rejecting them all
+            # would reject files nobody looked at)
+            raise RejectionError(
+                f"{s}: {len(by_name[s])} ingested files have this name (file_ids "
+                f"{', '.join(map(str, sorted(by_name[s])))}); give the file_id of the one to reject")
         else:
             raise RejectionError(f"{s}: no ingested file with this file_id or file name "
                                  "(see raw.ingested_files)")

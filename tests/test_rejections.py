@@ -142,3 +142,22 @@ def test_cli_rejects_by_name_and_explains_errors(built, tmp_path, monkeypatch, c
     assert event is not None and event.asset_materialization.metadata["reason_code"].value == "test_data"
     assert cli.main(["reject-file", "missing.ndjson", "--reason", "test_data"]) == 2
     assert "no ingested file" in capsys.readouterr().err
+
+
+def test_a_name_shared_by_two_files_is_refused_not_rejected_twice(tmp_path):
+    """Two ingested files with one name (two folders of landing/, or a corrected re-send):
+    rejecting by that name would reject a file nobody looked at, so it asks for the file_id."""
+    ev = {"event_id": "ev-1", "event_type": "episode.opened", "schema_version": 1,
+          "occurred_at": "2025-03-03T09:00:00+01:00", "source": "t", "clinic_id": "c1",
+          "patient_id": "P1", "episode_id": "E1", "payload": {"age_group": "adult"}}
+    for site, eid in (("siteA", "ev-a"), ("siteB", "ev-b")):
+        (tmp_path / site).mkdir()
+        (tmp_path / site / "export.ndjson").write_text(json.dumps({**ev, "event_id": eid}) + "\n")
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    ingest_files(con, [tmp_path / "siteA" / "export.ndjson", tmp_path / "siteB" / "export.ndjson"],
+                 KEY, instruments=None)
+    with pytest.raises(RejectionError, match=r"2 ingested files have this name \(file_ids 1, 2\)"):
+        reject_files(con, ["export.ndjson"], "corrupt_export")
+    assert con.execute("select count(*) from raw.rejected_files").fetchone()[0] == 0
+    [r] = reject_files(con, ["2"], "corrupt_export")
+    assert r.file_id == 2
