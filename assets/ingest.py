@@ -63,6 +63,11 @@ def pseudonym_key(settings: AllianceSettings) -> bytes:
                      metadata={"dagster/column_schema": _schema("raw.quarantine"),
                                "dagster/table_name": "raw.quarantine"}),
     ],
+    check_specs=[dg.AssetCheckSpec(
+        "no_unreadable_files", asset=RAW_FILES,
+        description="Warns when a file of this run could not be read at all (e.g. a corrupt "
+        "gzip): it is recorded as unreadable in raw.ingested_files, with the error, and never "
+        "retried; a corrected export (other bytes) is a new file.")],
     pool="duckdb_writer",
     description="Ingest new canonical NDJSON files from landing/ into raw.events; reject to raw.quarantine.",
 )
@@ -103,9 +108,9 @@ def ingest(
             f"file(s) ({', '.join(f'{k}={v}' for k, v in reasons.most_common())}), e.g. {examples}. "
             "Details in raw.quarantine (file, line, field, reason)."
         )
-    for r in results:
-        if r.status == "unreadable":
-            context.log.error(f"{r.path}: {r.error}")
+    unreadable = [r for r in results if r.status == "unreadable"]
+    for r in unreadable:
+        context.log.error(r.error)  # the error names the file
     batch = {
         "files_seen": len(results),
         "files_ingested": len(new),
@@ -125,6 +130,17 @@ def ingest(
         asset_key=RAW_QUARANTINE,
         metadata={"dagster/row_count": totals[2], "quarantined_this_run": batch["quarantined"],
                   "by_reason": dg.MetadataValue.json(dict(reasons))},
+    )
+    names = [Path(r.path).name for r in unreadable]
+    with duckdb.get_connection() as con:  # check history, for `alliance status`
+        record_check_results(con, context.run.run_id, [{
+            "asset": RAW_FILES.path, "check_name": "no_unreadable_files", "passed": not unreadable,
+            "severity": "WARN", "unexpected_count": len(unreadable),
+            "details": {"file_ids": [r.file_id for r in unreadable]}}])
+    yield dg.AssetCheckResult(
+        asset_key=RAW_FILES, check_name="no_unreadable_files", passed=not unreadable,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"unreadable_files": len(unreadable), "files": dg.MetadataValue.json(names[:20])},
     )
 
 

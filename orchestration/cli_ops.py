@@ -169,6 +169,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             tags={LANDING_FILE_TAG: rel, LANDING_SHA_TAG: file_sha256(t)},
         )
         ok = ok and out["success"]
+        if "raw/ingested_files:no_unreadable_files" in out.get("failed_check_names", []):
+            # recorded (raw.ingested_files, status unreadable, with the error) but not read
+            print(f"alliance ingest: {rel} could not be read (see the run's log or "
+                  "raw.ingested_files.error); nothing of it was ingested", file=sys.stderr)
+            ok = False
     return 0 if ok else 1
 
 

@@ -78,7 +78,9 @@ def execute_job(
             + (" ..." if len(skipped) > 8 else ""))
     log(f"run {result.run_id[:8]} ({job_name}) {'succeeded' if result.success else 'FAILED'}")
     return {"success": result.success, "run_id": result.run_id,
-            "failed_checks": len(failed_checks), "skipped_steps": skipped}
+            "failed_checks": len(failed_checks), "skipped_steps": skipped,
+            "failed_check_names": [f"{e.asset_key.to_user_string()}:{e.check_name}"
+                                   for e in failed_checks]}
 
 
 

@@ -670,3 +670,23 @@ def test_ingest_copy_keeps_every_same_named_file(tmp_path: Path):
     assert sorted(t.read_bytes() for t in targets) == sorted(s.read_bytes() for s in sources)
     assert copy_into_landing(sources[1], landing) == targets[1]
     assert len(list(landing.iterdir())) == 3
+
+
+def test_unreadable_file_is_a_warning_and_a_failed_ingest_command(world, tmp_path, capsys):
+    """`alliance ingest` of a corrupt gzip: recorded as unreadable (never lost, never retried),
+    the run's no_unreadable_files check warns, `alliance status` lists it, exit code 1."""
+    from orchestration.cli import main
+    from quality.history import failing_checks
+
+    bad = tmp_path / "export-corrupt.ndjson.gz"
+    bad.write_bytes(b"this is not gzip")
+    assert main(["ingest", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "export-corrupt.ndjson.gz could not be read" in err and "Traceback" not in err
+    p = world["paths"]
+    with duckdb.connect(str(p.warehouse), read_only=True) as con:
+        status, error = con.execute("select status, error from raw.ingested_files "
+                                    "where file_name = 'export-corrupt.ndjson.gz'").fetchone()
+    assert status == "unreadable" and error.count("export-corrupt.ndjson.gz") == 1
+    failing = {(f["asset"], f["check_name"]): f for f in failing_checks(p.warehouse)}
+    assert failing[("raw/ingested_files", "no_unreadable_files")]["severity"] == "WARN"
