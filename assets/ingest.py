@@ -95,53 +95,56 @@ def ingest(
                 "asset": RAW_FILES.path, "check_name": "no_unreadable_files",
                 "passed": not unreadable, "severity": "WARN", "unexpected_count": len(unreadable),
                 "details": {"file_ids": [r.file_id for r in unreadable]}}])
+        new = [r for r in results if r.status == "ingested"]
+        reasons: Counter[str] = Counter()
+        for r in new:
+            reasons.update(r.quarantine_reasons)
+        with_rejects = [r for r in new if r.quarantined]
+        if with_rejects:
+            # One summary line, not one per file: a backfill can touch thousands of files.
+            examples = "; ".join(
+                f"{Path(r.path).name}: {', '.join(f'{k}={v}' for k, v in sorted(r.quarantine_reasons.items()))}"
+                for r in with_rejects[:5]
+            )
+            context.log.warning(
+                f"{sum(r.quarantined for r in with_rejects)} line(s) quarantined in {len(with_rejects)} "
+                f"file(s) ({', '.join(f'{k}={v}' for k, v in reasons.most_common())}), e.g. {examples}. "
+                "Details in raw.quarantine (file, line, field, reason)."
+            )
+        for r in unreadable:
+            context.log.error(r.error)  # the error names the file
+        batch = {
+            "files_seen": len(results),
+            "files_ingested": len(new),
+            "files_already_ingested": sum(r.status == "already_ingested" for r in results),
+            "files_unreadable": sum(r.status == "unreadable" for r in results),
+            "lines_read": sum(r.lines_read for r in new),
+            "accepted": sum(r.accepted for r in new),
+            "duplicates": sum(r.duplicates for r in new),
+            "quarantined": sum(r.quarantined for r in new),
+            "dropped_fields": sum(r.dropped_fields for r in new),
+            "file_ids": dg.MetadataValue.json([r.file_id for r in new]),
+        }
+        yield dg.MaterializeResult(asset_key=RAW_EVENTS, metadata={**batch, "dagster/row_count": totals[0]})
+        yield dg.MaterializeResult(asset_key=RAW_FILES, metadata={"dagster/row_count": totals[1],
+                                                                  "file_ids": batch["file_ids"]})
+        yield dg.MaterializeResult(
+            asset_key=RAW_QUARANTINE,
+            metadata={"dagster/row_count": totals[2], "quarantined_this_run": batch["quarantined"],
+                      "by_reason": dg.MetadataValue.json(dict(reasons))},
+        )
+        names = [Path(r.path).name for r in unreadable]
+        yield dg.AssetCheckResult(
+            asset_key=RAW_FILES, check_name="no_unreadable_files", passed=not unreadable,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"unreadable_files": len(unreadable), "files": dg.MetadataValue.json(names[:20])},
+        )
     finally:
-        # The run's GX import (quality.checks.GreatExpectationsResource) waited for this.
+        # The run's GX import (quality.checks.GreatExpectationsResource) waited for the ingest.
+        # It starts once this step's results are processed: the import of Great Expectations
+        # in its thread and Dagster's own lazy imports for a check result in this one (sqlalchemy)
+        # raced ("partially initialized module 'sqlalchemy.orm.exc'", seen in a fresh clone).
         release_preload()
-    new = [r for r in results if r.status == "ingested"]
-    reasons: Counter[str] = Counter()
-    for r in new:
-        reasons.update(r.quarantine_reasons)
-    with_rejects = [r for r in new if r.quarantined]
-    if with_rejects:
-        # One summary line, not one per file: a backfill can touch thousands of files.
-        examples = "; ".join(
-            f"{Path(r.path).name}: {', '.join(f'{k}={v}' for k, v in sorted(r.quarantine_reasons.items()))}"
-            for r in with_rejects[:5]
-        )
-        context.log.warning(
-            f"{sum(r.quarantined for r in with_rejects)} line(s) quarantined in {len(with_rejects)} "
-            f"file(s) ({', '.join(f'{k}={v}' for k, v in reasons.most_common())}), e.g. {examples}. "
-            "Details in raw.quarantine (file, line, field, reason)."
-        )
-    for r in unreadable:
-        context.log.error(r.error)  # the error names the file
-    batch = {
-        "files_seen": len(results),
-        "files_ingested": len(new),
-        "files_already_ingested": sum(r.status == "already_ingested" for r in results),
-        "files_unreadable": sum(r.status == "unreadable" for r in results),
-        "lines_read": sum(r.lines_read for r in new),
-        "accepted": sum(r.accepted for r in new),
-        "duplicates": sum(r.duplicates for r in new),
-        "quarantined": sum(r.quarantined for r in new),
-        "dropped_fields": sum(r.dropped_fields for r in new),
-        "file_ids": dg.MetadataValue.json([r.file_id for r in new]),
-    }
-    yield dg.MaterializeResult(asset_key=RAW_EVENTS, metadata={**batch, "dagster/row_count": totals[0]})
-    yield dg.MaterializeResult(asset_key=RAW_FILES, metadata={"dagster/row_count": totals[1],
-                                                              "file_ids": batch["file_ids"]})
-    yield dg.MaterializeResult(
-        asset_key=RAW_QUARANTINE,
-        metadata={"dagster/row_count": totals[2], "quarantined_this_run": batch["quarantined"],
-                  "by_reason": dg.MetadataValue.json(dict(reasons))},
-    )
-    names = [Path(r.path).name for r in unreadable]
-    yield dg.AssetCheckResult(
-        asset_key=RAW_FILES, check_name="no_unreadable_files", passed=not unreadable,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={"unreadable_files": len(unreadable), "files": dg.MetadataValue.json(names[:20])},
-    )
 
 
 # On raw/events, which staging and everything after it read: a blocking check blocks what is

@@ -179,6 +179,12 @@ def preload_in_background() -> threading.Thread:
     with _lock:
         thread = _state.get("preload")
         if thread is None:
+            # sqlalchemy.orm is imported here, in the caller's thread, first: GX imports it in the
+            # preload thread while Dagster may import it lazily in the run's thread (checking a
+            # result's target materialization), and two threads importing its circular modules
+            # at once gave "partially initialized module 'sqlalchemy.orm.exc'" (a failed step).
+            import sqlalchemy.orm  # noqa: F401
+
             thread = threading.Thread(target=_load, name="gx-preload", daemon=True)
             _state["preload"] = thread
             thread.start()
