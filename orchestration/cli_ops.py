@@ -104,6 +104,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             print(as_of_dir(paths().root, cutoff) / "alliance.duckdb")
         return 0 if out["success"] else 1
+    if args.clinic or args.month:  # only meaningful with --as-of: not a silent full rebuild
+        print("alliance run: --clinic and --month go with --as-of (a past report); for the "
+              "current one use `alliance report --clinic C --month YYYY-MM`", file=sys.stderr)
+        return 2
     out = execute_job(nightly_rebuild_job.name, select=args.select,
                       tags={"alliance/writer": "true"})
     return 0 if out["success"] else 1
@@ -153,6 +157,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     # Checked before anything is copied into landing/: the key (MissingKeyError is reported by
     # `alliance` itself, without a traceback), then the paths.
     pseudonym_key(default_resources()["settings"])
+    from alliance.ingest import LANDING_SUFFIXES
+
+    # what the landing sensor and the nightly run take; anything else (a CSV, say) would be
+    # read as NDJSON line by line and quarantined whole, or never be picked up again
+    other = [raw for raw in args.paths if not str(raw).endswith(LANDING_SUFFIXES)]
+    if other:
+        for raw in other:
+            print(f"alliance ingest: {raw}: not an NDJSON export (expected "
+                  f"{', '.join(LANDING_SUFFIXES)}); CSV, FHIR and REDCap go through "
+                  "`alliance import`", file=sys.stderr)
+        return 2
     missing = [raw for raw in args.paths if not Path(raw).is_file()]
     if missing:
         for raw in missing:

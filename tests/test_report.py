@@ -723,3 +723,11 @@ def test_cli_user_errors_are_one_line_not_tracebacks(monkeypatch, capsys, tmp_pa
     err = capsys.readouterr().err
     assert "ALLIANCE_PSEUDONYM_KEY is not set" in err and "Traceback" not in err
     assert not any((tmp_path / "data" / "landing").glob("*"))
+    monkeypatch.setenv("ALLIANCE_DEMO", "1")
+    (tmp_path / "export.csv").write_text("id,score\n1,2\n")
+    assert main(["ingest", str(tmp_path / "export.csv")]) == 2
+    assert "not an NDJSON export" in capsys.readouterr().err
+    assert not any((tmp_path / "data" / "landing").glob("*"))
+    # --clinic/--month without --as-of was silently a full nightly rebuild
+    assert main(["run", "--clinic", "C1", "--month", "2026-01"]) == 2
+    assert "go with --as-of" in capsys.readouterr().err
