@@ -394,6 +394,15 @@ def test_status_reports_runs_counts_and_snapshot_age(world, capsys):
     assert {r["job"] for r in st["runs"]} >= {"ingest_job", "asof_job"}
     assert st["row_counts"]["raw.events"] > 0
     assert isinstance(st["failing_checks"], list)
+    # every landing file is published by now (_ensure_late_files_published): none waiting
+    assert st["landing_files"] > 0 and st["landing_files_waiting"] == 0
+    extra = world["paths"].landing / "waiting-2099-01-01.ndjson"
+    extra.write_text("{}\n")
+    try:
+        assert main(["status", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["landing_files_waiting"] == 1
+    finally:
+        extra.unlink()
 
 
 HOLD_WRITER = r"""
