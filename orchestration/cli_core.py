@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -61,7 +62,13 @@ def _say(msg: str) -> None:
 def cmd_pseudonym(args: argparse.Namespace) -> int:
     from alliance.pseudonyms import load_key, pseudonym
 
-    key = load_key(paths().secrets / "demo_pseudonym_key" if args.demo else None)
+    demo_key = paths().secrets / "demo_pseudonym_key"
+    if args.demo and not demo_key.exists() and not os.environ.get("ALLIANCE_PSEUDONYM_KEY"):
+        # a new key would give a pseudonym that matches nothing (and later demo runs would use it)
+        print(f"alliance pseudonym --demo: no demo key at {demo_key}; run `alliance demo` first, "
+              "or check ALLIANCE_DATA_DIR", file=sys.stderr)
+        return 2
+    key = load_key(demo_key if args.demo else None)
     print(pseudonym(key, args.kind, args.clinic_id, args.identifier))
     return 0
 

@@ -148,19 +148,16 @@ def copy_into_landing(src: Path, landing: Path) -> Path:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from alliance.ingest import file_sha256
+    from alliance.ingest import LANDING_SUFFIXES, file_sha256
     from assets.ingest import pseudonym_key
     from orchestration.jobs import LANDING_FILE_TAG, LANDING_SHA_TAG, ingest_job, ingest_run_config
     from orchestration.resources import default_resources
 
     p = paths().ensure()
-    # Checked before anything is copied into landing/: the key (MissingKeyError is reported by
-    # `alliance` itself, without a traceback), then the paths.
-    pseudonym_key(default_resources()["settings"])
-    from alliance.ingest import LANDING_SUFFIXES
-
-    # what the landing sensor and the nightly run take; anything else (a CSV, say) would be
-    # read as NDJSON line by line and quarantined whole, or never be picked up again
+    # Checked before anything is copied into landing/: the paths, then the key (MissingKeyError
+    # is reported by `alliance` itself, without a traceback).
+    # What the landing sensor and the nightly run take; anything else (a CSV, say) would be
+    # read as NDJSON line by line and quarantined whole, or never be picked up again.
     other = [raw for raw in args.paths if not str(raw).endswith(LANDING_SUFFIXES)]
     if other:
         for raw in other:
@@ -173,6 +170,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         for raw in missing:
             print(f"alliance ingest: {raw}: no such file", file=sys.stderr)
         return 2
+    pseudonym_key(default_resources()["settings"])
     targets = [copy_into_landing(Path(raw), p.landing) for raw in args.paths]
     ok = True
     for t in targets:

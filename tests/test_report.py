@@ -728,6 +728,10 @@ def test_cli_user_errors_are_one_line_not_tracebacks(monkeypatch, capsys, tmp_pa
     assert main(["ingest", str(tmp_path / "export.csv")]) == 2
     assert "not an NDJSON export" in capsys.readouterr().err
     assert not any((tmp_path / "data" / "landing").glob("*"))
+    # pseudonym --demo without a demo key made a new key: a pseudonym that matches nothing
+    assert main(["pseudonym", "--demo", "patient", "clinic-01", "PAT-1"]) == 2
+    assert "no demo key" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "secrets" / "demo_pseudonym_key").exists()
     # --clinic/--month without --as-of was silently a full nightly rebuild
     assert main(["run", "--clinic", "C1", "--month", "2026-01"]) == 2
     assert "go with --as-of" in capsys.readouterr().err
