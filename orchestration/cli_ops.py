@@ -276,24 +276,35 @@ def cmd_reject_file(args: argparse.Namespace) -> int:
 
     from alliance.config import warehouse_config
     from alliance.rejections import RejectionError, reject_files
+    from orchestration.resources import acquire_run_lock, release_run_lock, run_lock_path
 
     p = paths()
     if not p.warehouse.exists():
         print(f"error: no warehouse at {p.warehouse}", file=sys.stderr)
         return 2
+    # A writer run holds the run lock from start to end and opens the warehouse step by step:
+    # a rejection between two of its steps would change staging under its later steps.
     try:
-        con = duckdb.connect(str(p.warehouse), config=warehouse_config())
-    except duckdb.IOException as e:
-        print(f"error: {p.warehouse} is in use by a running job; retry when it is done ({e})",
-              file=sys.stderr)
+        lock = acquire_run_lock(run_lock_path(p.warehouse), timeout_seconds=0)
+    except RuntimeError as e:
+        print(f"error: a writer run is in progress; retry when it is done ({e})", file=sys.stderr)
         return 2
     try:
-        done = reject_files(con, args.files, args.reason)
-    except RejectionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        try:
+            con = duckdb.connect(str(p.warehouse), config=warehouse_config())
+        except duckdb.IOException as e:
+            print(f"error: {p.warehouse} is in use by a running job; retry when it is done ({e})",
+                  file=sys.stderr)
+            return 2
+        try:
+            done = reject_files(con, args.files, args.reason)
+        except RejectionError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            con.close()
     finally:
-        con.close()
+        release_run_lock(lock)
     if not done:
         print("nothing to do: the files were rejected before")
     for r in done:

@@ -582,6 +582,10 @@ def test_writer_runs_wait_for_each_other_however_launched(world, tmp_path):
         assert holder.stdout.readline().strip() == "holding"
         with pytest.raises(RuntimeError, match=r"another writer run \(pid \d+\)"):
             acquire_run_lock(lock, timeout_seconds=0.3)
+        # reject-file writes the warehouse too: it refuses while a writer run holds the lock
+        from orchestration.cli import main
+
+        assert main(["reject-file", "1", "--reason", "test_data"]) == 2
         t0 = time.monotonic()
         out = execute_job("publish_job", log=lambda _m: None)
         waited = time.monotonic() - t0
