@@ -455,6 +455,10 @@ def test_early_alliance_bands_cannot_be_recovered_from_jacobson_truax() -> None:
     assert _unknowns(c) != 1 and _unknowns({k: s for k, (_, s) in eb.items()}) != 1
     # the chart and table name the instrument of the correlation
     assert "on PHQ-9" in ctx["early_svg"]
+    # the Jacobson-Truax chart shows the outcome instrument, also where another has more episodes
+    jt[1]["counts"]["recovered"] = 80
+    ctx = build(_raw(early_bins=bands, jt=jt, outcome_instrument="PHQ-9"), Options(min_cell=11))
+    assert ctx["jt_main"] == "PHQ-9" and "categories, PHQ-9" in ctx["jt_svg"]
 
 
 def test_recoverable_finds_cells_isolated_across_tables() -> None:

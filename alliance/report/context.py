@@ -179,7 +179,10 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
                 counts, total, pct = suppress_categories(row["counts"], mc)
             jt_rows.append({"instrument": row["instrument"], "counts": counts, "total": total, "pct": pct})
         ctx["jt"] = jt_rows
-        main = max(jt_rows, key=lambda r: r["total"].value or 0, default=None)
+        # the configured outcome instrument's chart (assoc_outcome_instrument); the largest row
+        # only when that instrument has none (it picked GAD-7 in months where it had more rows)
+        main = next((r for r in jt_rows if r["instrument"] == raw.outcome_instrument), None) or max(
+            jt_rows, key=lambda r: r["total"].value or 0, default=None)
         if main is not None:
             ctx["jt_main"] = main["instrument"]
             ctx["jt_svg"] = charts.bars(
