@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 from dagster_duckdb import DuckDBResource
 
 from alliance import sqlrunner
@@ -197,7 +198,8 @@ def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models",
                 # Check history (quality.check_results), in one transaction on the connection
                 # the tests ran on, so `alliance status` and the report see column tests too.
                 record_check_results(con, context.run.run_id,
-                                     [_history_row(model, r) for r in results])
+                                     [_history_row(model, r) for r in
+                                      _recordable(con, model, results, built.test_scope)])
                 failed = [r for r in results if not r.passed and r.test.severity == "error"]
                 if failed:
                     blocked[fqn] = fqn
@@ -271,6 +273,31 @@ def _check_result(r: sqlrunner.TestResult, key: dg.AssetKey) -> dg.AssetCheckRes
                   else dg.AssetCheckSeverity.WARN),
         metadata=metadata,
     )
+
+
+def _recordable(con, model: sqlrunner.Model, results: list[sqlrunner.TestResult],
+                scope: str | None) -> list[sqlrunner.TestResult]:
+    """The results to record in the check history.
+
+    An incremental build tests only its rebuilt rows, so a warning-level test that passes there
+    says nothing about the rows it did not rebuild: it does not overwrite a failure on record
+    (a failing relationships test read "passed" after every run whose new events missed the
+    orphan row, and its failing_since started again). A whole-model evaluation (a full build)
+    records the recovery. Error-level failures force the next build to be full anyway.
+    """
+    if scope is None:
+        return results
+    asset = "/".join(model.key_path)
+    try:
+        failing = {r[0] for r in con.execute(
+            "select check_name from (select check_name, passed, row_number() over ("
+            "partition by check_name order by evaluated_at desc) as rn "
+            "from quality.check_results where asset = ?) where rn = 1 and not passed",
+            [asset]).fetchall()}
+    except duckdb.CatalogException:  # no history yet
+        return results
+    return [r for r in results
+            if not (r.passed and r.test.severity != "error" and r.test.check_name in failing)]
 
 
 def _history_row(model: sqlrunner.Model, r: sqlrunner.TestResult) -> dict[str, object]:

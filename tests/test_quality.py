@@ -625,3 +625,25 @@ def test_blocking_failure_holds_until_the_file_is_rejected(
     assert released.success and "serving/snapshot_test" in _materialized(released)
     with duckdb.connect(db) as con:
         assert pending_file_ids(con) == []
+
+
+def test_scoped_pass_of_a_warning_test_does_not_clear_a_recorded_failure(tmp_path: Path) -> None:
+    """An incremental build tests only its rebuilt rows: a warning-level test passing there does
+    not overwrite the failure on record (failing_since kept); a whole-model pass does."""
+    from alliance import sqlrunner
+    from assets.sql_models import _recordable
+    from quality.history import record_check_results
+
+    model = sqlrunner.discover_models()["core.sessions"]
+    warn = next(t for t in model.tests if t.severity == "warn")
+    err = next(t for t in model.tests if t.severity == "error")
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    record_check_results(con, "run-1", [{"asset": list(model.key_path), "check_name": warn.check_name,
+                                         "passed": False, "severity": "WARN", "unexpected_count": 1}])
+    passed = [sqlrunner.TestResult(warn, 0, []), sqlrunner.TestResult(err, 0, [])]
+    assert [r.test.check_name for r in _recordable(con, model, passed, "rebuilt_rows")] \
+        == [err.check_name]
+    assert [r.test.check_name for r in _recordable(con, model, passed, None)] \
+        == [warn.check_name, err.check_name]
+    failing_again = [sqlrunner.TestResult(warn, 2, ["se_1"])]
+    assert _recordable(con, model, failing_again, "rebuilt_rows") == failing_again
