@@ -74,11 +74,11 @@ def _table_exists(con: duckdb.DuckDBPyConnection) -> bool:
 def ensure_rejections_table(con: duckdb.DuckDBPyConnection) -> None:
     """Create raw.rejected_files if missing (staging reads it, so every warehouse has it).
 
-    Called before every model build: the DDL and its comment are written only when the table is
-    missing, not on every call.
+    Called before every model build: the DDL and its comments are written only when needed.
     """
-    if not _table_exists(con):
-        con.execute(REJECTIONS_DDL)
+    from alliance.catalog import ensure_table
+
+    ensure_table(con, "raw", "rejected_files", REJECTIONS_DDL)
 
 
 def rejected_file_ids(con: duckdb.DuckDBPyConnection) -> set[int]:

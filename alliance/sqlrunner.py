@@ -662,24 +662,21 @@ def build_model(con: duckdb.DuckDBPyConnection, model: Model, *,
 
 
 def _ensure_meta(con: duckdb.DuckDBPyConnection) -> None:
+    from alliance.catalog import ensure_table
     from alliance.rejections import ensure_rejections_table
 
     ensure_rejections_table(con)  # staging.stg_events reads it, even before any ingest
-    con.execute("create schema if not exists meta")
-    con.execute(f"""create table if not exists {STATE_TABLE} (
-        model varchar primary key, materialized varchar, code_hash varchar, inputs_hash varchar,
-        built_through_file_id bigint, built_seq bigint, full_seq bigint, built_at timestamptz,
-        last_mode varchar, last_reason varchar)""")
-    con.execute(f"""create table if not exists {KEYS_TABLE} (
-        kind varchar, since_file_id bigint, through_file_id bigint, key varchar)""")
-    for table, doc in META_COMMENTS.items():
-        con.execute(f"comment on table {table} is {_sql_text(doc[0])}")
-        for col, text in doc[1].items():
-            con.execute(f"comment on column {table}.{col} is {_sql_text(text)}")
-
-
-def _sql_text(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
+    for table, columns in ((STATE_TABLE, """model varchar primary key, materialized varchar,
+            code_hash varchar, inputs_hash varchar, built_through_file_id bigint, built_seq bigint,
+            full_seq bigint, built_at timestamptz, last_mode varchar, last_reason varchar"""),
+                           (KEYS_TABLE, """kind varchar, since_file_id bigint,
+            through_file_id bigint, key varchar""")):
+        doc, cols = META_COMMENTS[table]
+        schema, name = table.split(".")
+        ensure_table(con, schema, name, f"create schema if not exists {schema}; "
+                     f"create table if not exists {table} ({columns}); "
+                     f"comment on table {table} is {_comment(doc)}; " + "; ".join(
+                         f"comment on column {table}.{c} is {_comment(t)}" for c, t in cols.items()))
 
 
 META_COMMENTS: dict[str, tuple[str, dict[str, str]]] = {

@@ -17,6 +17,7 @@ from typing import Any
 import duckdb
 import yaml
 
+from alliance.catalog import ensure_table
 from alliance.contract import ID_FIELDS, Contract, load_contract
 from quality.gx_runner import (
     MAX_FAILING_KEYS,
@@ -565,7 +566,7 @@ def pending_file_ids(con: duckdb.DuckDBPyConnection) -> list[int]:
     """
     from alliance.rejections import ensure_rejections_table
 
-    con.execute(_VALIDATED_DDL)
+    ensure_table(con, "quality", "validated_batches", _VALIDATED_DDL)
     if not _table_exists(con, "raw", "ingested_files"):
         return []
     ensure_rejections_table(con)
@@ -590,7 +591,7 @@ def mark_validated(
     con: duckdb.DuckDBPyConnection, validation: BatchValidation, run_id: str
 ) -> None:
     """Record that the files of `validation` were validated (so they are not pending any more)."""
-    con.execute(_VALIDATED_DDL)
+    ensure_table(con, "quality", "validated_batches", _VALIDATED_DDL)
     if not validation.file_ids:
         return
     counts = dict(con.execute(

@@ -44,7 +44,9 @@ comment on column quality.check_results.details is 'The expectation, failing key
 
 def ensure_history_table(con: duckdb.DuckDBPyConnection) -> None:
     """Create quality.check_results when it does not exist yet (idempotent)."""
-    con.execute(_DDL)
+    from alliance.catalog import ensure_table
+
+    ensure_table(con, "quality", "check_results", _DDL)
 
 
 def record_check_result(
