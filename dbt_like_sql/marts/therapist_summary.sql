@@ -6,9 +6,7 @@ with
 params as (
     select
         (select value_text from seeds.parameters where name = 'assoc_outcome_instrument') as outcome_instrument,
-        (select value_double from seeds.parameters where name = 'min_cell_size') as min_cell_size,
-        (select value_text from seeds.parameters where name = 'dropout_definition') as dropout_definition,
-        (select value_double from seeds.parameters where name = 'dropout_min_sessions') as dropout_min_sessions
+        (select value_double from seeds.parameters where name = 'min_cell_size') as min_cell_size
 ),
 
 alliance_sessions as (select * from marts.fct_alliance_sessions where therapist_id is not null),
@@ -24,25 +22,8 @@ episode_outcomes as (
         and episode_outcomes.therapist_id is not null
 ),
 
--- Every closed episode, with or without an outcome series (a patient who drops out often never
--- fills in a questionnaire): the dropout rate counts them all. is_dropout is the mart's where the
--- episode has an outcome series, else the same definition (parameter dropout_definition) read
--- from core.episodes; without a series there is no reliable improvement, as in the mart.
-episode_endings as (
-    select
-        episodes.episode_id,
-        episodes.clinic_id,
-        episodes.therapist_id,
-        coalesce(outcome.is_dropout, case params.dropout_definition
-            when 'attendance' then episodes.sessions_attended < params.dropout_min_sessions
-            when 'unimproved' then coalesce(episodes.end_reason, 'other') <> 'planned'
-            else episodes.end_reason = 'dropout'
-        end) as is_dropout
-    from core.episodes as episodes
-    cross join params
-    left join episode_outcomes as outcome on episodes.episode_id = outcome.episode_id
-    where episodes.is_closed and episodes.therapist_id is not null
-),
+-- every closed episode, with or without an outcome series: the dropout rate counts them all
+episode_endings as (select * from marts.fct_episode_endings where therapist_id is not null),
 
 ending_measures as (
     select
