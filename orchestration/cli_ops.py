@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -123,8 +124,6 @@ def copy_into_landing(src: Path, landing: Path) -> Path:
     landing = landing.resolve()
     if landing in src.parents:
         return src
-    from alliance.ingest import file_sha256
-
     data = src.read_bytes()
     target = landing / src.name
     if target.exists() and target.read_bytes() == data:
@@ -133,11 +132,10 @@ def copy_into_landing(src: Path, landing: Path) -> Path:
         # A different file with the same name: keep both, the new one named by its content (a
         # time stamp gave two same-named sources of one call the same name: one was lost).
         base, suffixes = src.name.split(".")[0], "".join(src.suffixes)
-        target = landing / f"{base}-{file_sha256(src)[:12]}{suffixes}"
-        n = 2
+        stem = f"{base}-{hashlib.sha256(data).hexdigest()[:12]}"
+        target, n = landing / f"{stem}{suffixes}", 2
         while target.exists() and target.read_bytes() != data:
-            target = landing / f"{base}-{file_sha256(src)[:12]}-{n}{suffixes}"
-            n += 1
+            target, n = landing / f"{stem}-{n}{suffixes}", n + 1
         if target.exists():
             return target
     partial = target.with_name(target.name + ".partial")
