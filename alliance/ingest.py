@@ -1265,13 +1265,13 @@ def _ingest_group(
                     'schema_version', {echo["schema_version"]},
                     'occurred_at', {echo["occurred_at"]},
                     'source', {echo["source"]}, 'clinic_id', {echo["clinic_id"]}, {ids_json},
-                    'payload_keys', list_filter(k.keys, lambda x: list_contains({echo["payload_keys"]}, x)),
-                    'other_payload_keys', len(k.keys) - len(list_filter(k.keys, lambda x:
-                        list_contains({echo["payload_keys"]}, x)))) end,
+                    'payload_keys', k.known, 'other_payload_keys', len(k.keys) - len(k.known)) end,
                 {rec}
             from _checked c
-            cross join lateral (select coalesce(c.payload_keys, case when c.payload_plain
-                then json_keys(c.e_payload) end) as keys) k
+            cross join lateral (select keys, list_filter(keys, lambda x:
+                list_contains({echo["payload_keys"]}, x)) as known
+                from (select coalesce(c.payload_keys, case when c.payload_plain
+                    then json_keys(c.e_payload) end) as keys)) k
             join _names n on n.file_id = c.file_id
             join _rejected_sha r on r.file_id = c.file_id and r.line_number = c.line_number
             left join _rule_messages m on m.file_id = c.file_id and m.line_number = c.line_number
