@@ -117,7 +117,7 @@ def ingest(
             "files_seen": len(results),
             "files_ingested": len(new),
             "files_already_ingested": sum(r.status == "already_ingested" for r in results),
-            "files_unreadable": sum(r.status == "unreadable" for r in results),
+            "files_unreadable": len(unreadable),
             "lines_read": sum(r.lines_read for r in new),
             "accepted": sum(r.accepted for r in new),
             "duplicates": sum(r.duplicates for r in new),

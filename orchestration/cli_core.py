@@ -60,10 +60,10 @@ def _say(msg: str) -> None:
 
 
 def cmd_pseudonym(args: argparse.Namespace) -> int:
-    from alliance.pseudonyms import load_key, pseudonym
+    from alliance.pseudonyms import KEY_ENV, load_key, pseudonym
 
     demo_key = paths().secrets / "demo_pseudonym_key"
-    if args.demo and not demo_key.exists() and not os.environ.get("ALLIANCE_PSEUDONYM_KEY"):
+    if args.demo and not demo_key.exists() and not os.environ.get(KEY_ENV):
         # a new key would give a pseudonym that matches nothing (and later demo runs would use it)
         print(f"alliance pseudonym --demo: no demo key at {demo_key}; run `alliance demo` first, "
               "or check ALLIANCE_DATA_DIR", file=sys.stderr)

@@ -216,6 +216,7 @@ def collect_status(n_runs: int = 8) -> dict[str, Any]:
     from orchestration.instance import get_instance
 
     p = paths()
+    landing = landing_files(p.landing)
     instance = get_instance(p)
     runs = []
     for r in instance.get_runs(limit=n_runs):
@@ -238,7 +239,7 @@ def collect_status(n_runs: int = 8) -> dict[str, Any]:
             "age_seconds": snapshot.snapshot_age_seconds(p.serving),
             "history": [h.name for h in snapshot.list_history(p.serving)],
         },
-        "landing_files": len(landing_files(p.landing)),
+        "landing_files": len(landing),
         "landing_files_waiting": None,
         "row_counts": {},
     }
@@ -251,8 +252,7 @@ def collect_status(n_runs: int = 8) -> dict[str, Any]:
             if "raw.ingested_files" in out["row_counts"]:
                 known = {str(Path(r[0]).resolve())
                          for r in con.execute("select path from raw.ingested_files").fetchall()}
-                out["landing_files_waiting"] = sum(
-                    str(f.resolve()) not in known for f in landing_files(p.landing))
+                out["landing_files_waiting"] = sum(str(f.resolve()) not in known for f in landing)
         finally:
             con.close()
     # Failing checks come from the working warehouse: a blocking failure stops publish, so the
@@ -288,19 +288,15 @@ def cmd_reject_file(args: argparse.Namespace) -> int:
         print(f"error: a writer run is in progress; retry when it is done ({e})", file=sys.stderr)
         return 2
     try:
-        try:
-            con = duckdb.connect(str(p.warehouse), config=warehouse_config())
-        except duckdb.IOException as e:
-            print(f"error: {p.warehouse} is in use by a running job; retry when it is done ({e})",
-                  file=sys.stderr)
-            return 2
-        try:
+        with duckdb.connect(str(p.warehouse), config=warehouse_config()) as con:
             done = reject_files(con, args.files, args.reason)
-        except RejectionError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        finally:
-            con.close()
+    except duckdb.IOException as e:
+        print(f"error: {p.warehouse} is in use by a running job; retry when it is done ({e})",
+              file=sys.stderr)
+        return 2
+    except RejectionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         release_run_lock(lock)
     if not done:
