@@ -12,14 +12,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 from dagster_duckdb import DuckDBResource
 
 from alliance import sqlrunner
 from alliance.config import REPO_ROOT
 from quality.checks import InlineCheck, model_inline_checks, render_data_docs
 from quality.gx_runner import SuiteResult
-from quality.history import record_check_results
+from quality.history import failing_check_names, record_check_results
 
 # As-of rebuilds never touch the working warehouse: asof_job (orchestration/jobs.py) builds them in
 # a separate file, so nothing of the past can be published by mistake.
@@ -287,15 +286,7 @@ def _recordable(con, model: sqlrunner.Model, results: list[sqlrunner.TestResult]
     """
     if scope is None:
         return results
-    asset = "/".join(model.key_path)
-    try:
-        failing = {r[0] for r in con.execute(
-            "select check_name from (select check_name, passed, row_number() over ("
-            "partition by check_name order by evaluated_at desc) as rn "
-            "from quality.check_results where asset = ?) where rn = 1 and not passed",
-            [asset]).fetchall()}
-    except duckdb.CatalogException:  # no history yet
-        return results
+    failing = failing_check_names(con, "/".join(model.key_path))
     return [r for r in results
             if not (r.passed and r.test.severity != "error" and r.test.check_name in failing)]
 

@@ -186,6 +186,17 @@ def latest_results(db: str | os.PathLike[str] | duckdb.DuckDBPyConnection) -> li
     return rows
 
 
+def failing_check_names(con: duckdb.DuckDBPyConnection, asset: str) -> set[str]:
+    """Checks of one asset ('schema/name') whose latest evaluation failed (latest_results for
+    one asset, without the rest: it runs before every incremental model's history is written)."""
+    if not _table_exists(con):
+        return set()
+    return {r[0] for r in con.execute(
+        "select check_name from quality.check_results where asset = ? "
+        "qualify row_number() over (partition by check_name order by evaluated_at desc) = 1 "
+        "and not passed", [asset]).fetchall()}
+
+
 def failing_checks(
     db_path_or_con: str | os.PathLike[str] | duckdb.DuckDBPyConnection,
 ) -> list[dict[str, Any]]:
