@@ -7,8 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from alliance import yamlio
 from alliance.config import SCHEMAS_DIR
 
 CONTRACT_FILE = SCHEMAS_DIR / "events.yaml"
@@ -94,7 +93,7 @@ def parse_contract(raw: dict[str, Any], where: str = str(CONTRACT_FILE)) -> Cont
 @lru_cache(maxsize=4)
 def load_contract(path: Path = CONTRACT_FILE) -> Contract:
     with open(path) as f:
-        return parse_contract(yaml.safe_load(f), str(path))
+        return parse_contract(yamlio.safe_load(f), str(path))
 
 
 def _field_row(f: FieldSpec) -> str:

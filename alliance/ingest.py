@@ -195,16 +195,29 @@ class FileResult:
 
 
 def ensure_raw_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the raw schema, its tables and their documentation if missing."""
+    """Create the raw schema and its tables if missing, and write the documentation that differs.
+
+    Every ingest calls this: one catalog read decides, so an up-to-date warehouse gets no DDL
+    and no COMMENT ON (about 80 catalog writes, 0.1-0.2 s per ingest before).
+    """
     from alliance.rejections import ensure_rejections_table
 
-    con.execute(RAW_DDL)
+    tables = {f"raw.{t}": c for t, c in con.execute(
+        "select table_name, comment from duckdb_tables() "
+        "where database_name = current_database() and schema_name = 'raw'").fetchall()}
+    if not all(t in tables for t in TABLE_COMMENTS):
+        con.execute(RAW_DDL)
     ensure_rejections_table(con)
+    columns = {(f"raw.{t}", c): doc for t, c, doc in con.execute(
+        "select table_name, column_name, comment from duckdb_columns() "
+        "where database_name = current_database() and schema_name = 'raw'").fetchall()}
     for table, comment in TABLE_COMMENTS.items():
-        con.execute(f"comment on table {table} is '{_sq(comment)}'")
+        if tables.get(table) != comment:
+            con.execute(f"comment on table {table} is '{_sq(comment)}'")
     for table, cols in COLUMN_COMMENTS.items():
         for col, comment in cols.items():
-            con.execute(f"comment on column {table}.{col} is '{_sq(comment)}'")
+            if columns.get((table, col)) != comment:
+                con.execute(f"comment on column {table}.{col} is '{_sq(comment)}'")
 
 
 def landing_files(landing: Path) -> list[Path]:

@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
+from alliance import yamlio
 from alliance.config import REPO_ROOT, SCHEMAS_DIR
 
 INSTRUMENTS_DIR = SCHEMAS_DIR / "instruments"
@@ -165,7 +166,7 @@ def _line_index(text: str) -> dict[str, int]:
                 walk(v, p)
 
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yamlio.compose(text)
     except yaml.YAMLError:
         return lines
     if root is not None:
@@ -543,7 +544,7 @@ def load_instrument_file(path: Path, overrides: Mapping[str, Any] | None = None)
     except (OSError, UnicodeDecodeError) as e:
         raise InstrumentError(f"{path}: cannot be read ({e})") from e
     try:
-        raw = yaml.safe_load(text)
+        raw = yamlio.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}" if mark else str(path)
@@ -564,7 +565,7 @@ def _env_parameters() -> dict[str, Any]:
     if not p:
         return {}
     try:
-        data = yaml.safe_load(Path(p).read_text(encoding="utf-8")) or {}
+        data = yamlio.safe_load(Path(p).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
         raise InstrumentError(f"{p}: cannot read instrument parameters ({e})") from e
     if not isinstance(data, dict):
@@ -889,7 +890,7 @@ def parse_parameters(raw: Any, path: Path | str) -> list[tuple[Any, ...]]:
 def write_parameters_table(con: Any, path: Path) -> int:
     """Create or replace seeds.parameters from a parameters YAML file; returns the row count."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yamlio.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise InstrumentError(f"{path}: cannot be read as YAML ({e})") from e
     rows = parse_parameters(raw, path)

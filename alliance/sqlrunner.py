@@ -43,6 +43,7 @@ import sqlglot
 import yaml
 from sqlglot import exp
 
+from alliance import yamlio
 from alliance.config import SQL_DIR
 
 log = logging.getLogger(__name__)
@@ -351,8 +352,8 @@ def load_model(sql_path: Path) -> Model:
 
     text = sidecar.read_text(encoding="utf-8")
     try:
-        doc = yaml.safe_load(text) or {}
-        node = yaml.compose(text)
+        doc = yamlio.safe_load(text) or {}
+        node = yamlio.compose(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         return _replace(base, error=ModelError(sidecar, f"invalid YAML: {e}",

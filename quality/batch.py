@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import yaml
 
+from alliance import yamlio
 from alliance.catalog import ensure_table
 from alliance.contract import ID_FIELDS, Contract, load_contract
 from quality.gx_runner import (
@@ -57,7 +57,7 @@ class BatchParams:
 
 def load_params(path: Path = BATCH_PARAMS_FILE) -> BatchParams:
     """Read the batch suite's parameters; errors name the file and the field."""
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = yamlio.safe_load(path.read_text()) or {}
     try:
         checks = raw["checks"]
         sev = {name: str(c["severity"]).upper() for name, c in checks.items()}

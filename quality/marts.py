@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import yaml
 
+from alliance import yamlio
 from quality.gx_runner import CheckOutcome, ExpectationSpec, SuiteResult, validate_frame
 
 MARTS_CONFIG_FILE = Path(__file__).resolve().parent / "suites" / "marts.yaml"
@@ -70,7 +70,7 @@ def model_suites(
         from alliance.sqlrunner import discover_models
 
         models = discover_models()
-    raw = yaml.safe_load(config_path.read_text()) or {}
+    raw = yamlio.safe_load(config_path.read_text()) or {}
     rates_cfg = raw.get("rates") or {}
     rate_schemas = set(rates_cfg.get("schemas") or [])
     try:

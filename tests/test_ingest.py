@@ -310,6 +310,32 @@ def test_schema_is_documented(con):
     assert n >= 15
 
 
+def test_schema_documentation_is_rewritten_only_where_it_differs(con):
+    """A warehouse whose comments were changed or lost gets the current text back; an
+    up-to-date one gets no catalog writes at all (the check runs before every ingest)."""
+    from alliance.ingest import COLUMN_COMMENTS, TABLE_COMMENTS
+
+    ensure_raw_schema(con)
+    con.execute("comment on column raw.events.source is 'stale'")
+    con.execute("comment on table raw.quarantine is null")
+    ensure_raw_schema(con)
+    assert con.execute("select comment from duckdb_columns() where schema_name = 'raw' and "
+                       "table_name = 'events' and column_name = 'source'").fetchone()[0] \
+        == COLUMN_COMMENTS["raw.events"]["source"]
+    assert con.execute("select comment from duckdb_tables() where schema_name = 'raw' and "
+                       "table_name = 'quarantine'").fetchone()[0] == TABLE_COMMENTS["raw.quarantine"]
+
+    statements: list[str] = []
+
+    class Recording:
+        def execute(self, sql, *args):
+            statements.append(sql)
+            return con.execute(sql, *args)
+
+    ensure_raw_schema(Recording())
+    assert not [s for s in statements if not s.lstrip().lower().startswith("select")], statements
+
+
 def test_contract_docs_are_generated_from_the_contract():
     from alliance.config import REPO_ROOT
     from alliance.contract import contract_markdown

@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo
 
 import yaml
 
+from alliance import yamlio
 from alliance.config import REPO_ROOT, paths
 
 MAPPINGS_DIR = REPO_ROOT / "schemas" / "mappings"
@@ -57,7 +58,7 @@ def load_mapping(path: str | os.PathLike[str], kind: str | None = None) -> dict[
         p = MAPPINGS_DIR / f"{p}.yaml"
     try:
         with open(p) as f:
-            data = yaml.safe_load(f)
+            data = yamlio.safe_load(f)
     except FileNotFoundError as e:
         raise MappingError(f"{path}: mapping file not found (looked also in {MAPPINGS_DIR})") from e
     except yaml.YAMLError as e:
