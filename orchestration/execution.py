@@ -46,13 +46,21 @@ def execute_job(
     if select:
         graph = defs.resolve_asset_graph()
         try:
-            keys = dg.AssetSelection.from_string(select).resolve(graph)
+            selection = dg.AssetSelection.from_string(select)
+            keys = selection.resolve(graph)
+            # An asset made by a step with others (the ingest writes raw/events, ingested_files
+            # and quarantine in one transaction) runs with all of them: Dagster cannot run part
+            # of such a step, and refused the run with a traceback.
+            whole = selection.required_multi_asset_neighbors().resolve(graph)
         except Exception as e:  # noqa: BLE001 - any selection error goes back to the user
             raise SystemExit(f"alliance run --select {select!r}: {e}") from e
         if not keys:
             raise SystemExit(f"alliance run --select {select!r} matches no asset")
-        asset_selection = sorted(keys, key=lambda k: k.to_user_string())
+        asset_selection = sorted(whole, key=lambda k: k.to_user_string())
         log(f"selected {len(asset_selection)} assets")
+        if whole - keys:
+            log("  with " + ", ".join(sorted(k.to_user_string() for k in whole - keys))
+                + " (made in the same step as the selected ones)")
     # Step-level DEBUG events belong in the UI; the terminal gets INFO and up unless asked.
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}, **(run_config or {})}
     result = job.execute_in_process(
@@ -76,7 +84,8 @@ def execute_job(
     if skipped:
         log(f"  skipped (upstream failed or a blocking check failed): {', '.join(skipped[:8])}"
             + (" ..." if len(skipped) > 8 else ""))
-    log(f"run {result.run_id[:8]} ({job_name}) {'succeeded' if result.success else 'FAILED'}")
+    label = f"selection {select}" if select else job_name
+    log(f"run {result.run_id[:8]} ({label}) {'succeeded' if result.success else 'FAILED'}")
     return {"success": result.success, "run_id": result.run_id,
             "failed_checks": len(failed_checks), "skipped_steps": skipped,
             "failed_check_names": [f"{e.asset_key.to_user_string()}:{e.check_name}"

@@ -46,10 +46,8 @@ class WarehouseResource(DuckDBResource):
         file serialises writer runs however they were launched; it is released when the run's
         resources are torn down, or by the OS when the process dies.
         """
-        from orchestration.jobs import WRITER_TAG
-
         run = context.dagster_run
-        if run is None or run.tags.get(WRITER_TAG) != "true" or self.database == ":memory:":
+        if run is None or not is_writer_run(run) or self.database == ":memory:":
             return
         log = context.log.info if context.log else None
         self._run_lock_fd = acquire_run_lock(run_lock_path(self.database),
@@ -74,6 +72,34 @@ class WarehouseResource(DuckDBResource):
             yield conn
         finally:
             conn.close()
+
+
+# Asset key prefixes of the groups that only read the working warehouse or the snapshot.
+READ_ONLY_KEY_PREFIXES = frozenset({"reports", "exports"})
+# Dagster's implicit asset job ("__ASSET_JOB"; older releases added a partition suffix), named
+# only in a private module.
+IMPLICIT_ASSET_JOB_PREFIX = "__ASSET_JOB"
+
+
+def is_writer_run(run: dg.DagsterRun) -> bool:
+    """Whether a run writes the working warehouse, so must hold the writer-run lock.
+
+    The named writer jobs carry the alliance/writer tag. A run of the implicit asset job (the
+    UI's Materialize, `dg launch --assets`, an asset check executed on its own) carries no tag:
+    it is a writer run unless every asset and check it selects belongs to a read-only group
+    (reports, exports). Before, such runs skipped the lock, so a snapshot materialized from the
+    UI could copy a warehouse another run was half-way through updating.
+    """
+    from orchestration.jobs import WRITER_TAG
+
+    if run.tags.get(WRITER_TAG) == "true":
+        return True
+    if not run.job_name.startswith(IMPLICIT_ASSET_JOB_PREFIX):
+        return False  # named jobs declare it with the tag (orchestration/jobs.py)
+    if run.asset_selection is None and run.asset_check_selection is None:
+        return True  # the whole asset graph
+    keys = [*(run.asset_selection or ()), *(c.asset_key for c in run.asset_check_selection or ())]
+    return any(k.path[0] not in READ_ONLY_KEY_PREFIXES for k in keys)
 
 
 def run_lock_path(database: str | Path) -> Path:

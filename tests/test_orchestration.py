@@ -598,6 +598,53 @@ def test_writer_runs_wait_for_each_other_however_launched(world, tmp_path):
     release_run_lock(acquire_run_lock(lock, timeout_seconds=1))  # released by the run
 
 
+def test_untagged_runs_that_write_the_warehouse_take_the_writer_lock(world, tmp_path, capsys):
+    """A run of the implicit asset job (the UI's Materialize, `dg launch --assets`) carries no
+    writer tag; when it writes the warehouse it still waits for the writer-run lock, and a
+    selection of one asset of the ingest step runs the whole step instead of a traceback."""
+    import dagster as dg
+
+    from orchestration.cli import main
+    from orchestration.execution import execute_job
+    from orchestration.instance import get_instance
+    from orchestration.resources import is_writer_run, run_lock_path
+
+    def run(job: str, assets=None, checks=None, tags=None) -> dg.DagsterRun:
+        return dg.DagsterRun(job_name=job, asset_selection=assets, asset_check_selection=checks,
+                             tags=tags or {})
+
+    key = dg.AssetKey
+    assert is_writer_run(run("__ASSET_JOB", {key(["serving", "snapshot"])}))
+    assert is_writer_run(run("__ASSET_JOB"))  # everything
+    assert is_writer_run(run("__ASSET_JOB", set(),
+                             {dg.AssetCheckKey(key(["raw", "events"]), "line_conservation")}))
+    assert not is_writer_run(run("__ASSET_JOB", {key(["reports", "clinic_report"]),
+                                                 key(["exports", "parquet"])}))
+    assert not is_writer_run(run("reports_job"))
+    assert is_writer_run(run("publish_job", tags={"alliance/writer": "true"}))
+
+    lock = run_lock_path(world["paths"].warehouse)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN_LOCK, str(lock), "3"],
+                              stdout=subprocess.PIPE, text=True, cwd=str(Path.cwd()))
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        t0 = time.monotonic()
+        out = execute_job("materialize", select="serving/snapshot", log=lambda _m: None)
+        waited = time.monotonic() - t0
+    finally:
+        holder.wait(timeout=30)
+    assert out["success"], out
+    assert waited >= 1.5
+    logs = [e.user_message for e in get_instance().all_logs(out["run_id"])]
+    assert any("waiting for another writer run" in m for m in logs)
+
+    capsys.readouterr()
+    assert main(["run", "--select", "raw/events"]) == 0
+    printed = capsys.readouterr().out
+    assert "with raw/ingested_files, raw/quarantine (made in the same step" in printed
+    assert "(selection raw/events) succeeded" in printed
+
+
 def test_lock_holder_is_named_whole_from_duckdbs_error(tmp_path: Path):
     """The retry log names the process holding the warehouse (a path with dots, its PID)."""
     from orchestration.resources import lock_holder_from_error
