@@ -63,6 +63,8 @@ def test_results_files_hold_every_stage_baseline_and_ratio(bench) -> None:
     assert run["floor"]["rows"] > 0
     for k in ("ingest", "seeds", "sql_models", "model_tests", "publish"):
         assert k in run["plain"]["stages"]
+    # the ingest's own peak (issue 2's memory target), within the plain process's peak
+    assert 50 < run["plain"]["ingest_peak_rss_mb"] <= run["plain"]["rss_mb"]["peak"]
     r = run["ratios"]
     for k in ("ingest_over_floor", "ingest_over_floor_after", "dagster_over_plain", "validation_over_gx_alone",
               "incremental_over_full", "full_events_per_second", "peak_rss_mb"):
@@ -73,7 +75,7 @@ def test_results_files_hold_every_stage_baseline_and_ratio(bench) -> None:
     md = md_path.read_text()
     for needle in ("| ingest |", "read_json floor", "GX alone", "| **whole run** |",
                    "incremental (+1% events", "ingest_at_most_3x_floor", "load average",
-                   "the floor again, after the pipeline"):
+                   "the floor again, after the pipeline", "(its ingest "):
         assert needle in md, needle
 
 
@@ -115,4 +117,8 @@ def test_ratios_judge_targets_and_size_labels() -> None:
     assert r["incremental_over_full"] == 0.2
     assert r["targets"]["full_at_most_120s_at_1e6"]["met"] is True
     assert r["validation_over_gx_alone"] is None  # missing baselines give None, not a crash
+    assert "ingest_peak_rss_under_2gb_at_1e6" not in r["targets"]  # no plain run, no verdict
+    run["plain"] = {"stages": {"ingest": 25.0}, "ingest_peak_rss_mb": 2100.0}
+    assert ratios(run)["targets"]["ingest_peak_rss_under_2gb_at_1e6"] == {
+        "value": 2100.0, "limit": 2048.0, "met": False}
     assert size_label(10**6) == "1e6" and size_label(25_000) == "25000"

@@ -19,6 +19,7 @@ TARGETS = {
     "incremental_over_full_max": 0.15,
     "full_seconds_max_at_1e7": 1200.0,
     "peak_rss_mb_max_at_1e7": 8192.0,
+    "ingest_peak_rss_mb_max_at_1e6": 2048.0,
 }
 
 
@@ -118,6 +119,11 @@ def ratios(run: dict[str, Any]) -> dict[str, Any]:
         targets["full_at_most_120s_at_1e6"] = {
             "value": full.get("seconds"), "limit": TARGETS["full_seconds_max_at_1e6"],
             "met": _met(full.get("seconds"), TARGETS["full_seconds_max_at_1e6"])}
+        ingest_peak = plain.get("ingest_peak_rss_mb")
+        if ingest_peak is not None:  # (the plain scenario was run)
+            targets["ingest_peak_rss_under_2gb_at_1e6"] = {
+                "value": ingest_peak, "limit": TARGETS["ingest_peak_rss_mb_max_at_1e6"],
+                "met": _met(ingest_peak, TARGETS["ingest_peak_rss_mb_max_at_1e6"])}
     if events >= 10_000_000:
         targets["full_at_most_20min_at_1e7"] = {
             "value": full.get("seconds"), "limit": TARGETS["full_seconds_max_at_1e7"],
@@ -219,7 +225,8 @@ def markdown(doc: dict[str, Any]) -> str:
             f"Peak RSS (MB): pipeline {_s((full.get('rss_mb') or {}).get('peak'))}, incremental "
             f"{_s(((run.get('incremental') or {}).get('rss_mb') or {}).get('peak'))}, floor "
             f"{_s(((run.get('floor') or {}).get('rss_mb') or {}).get('peak'))}, plain "
-            f"{_s(((run.get('plain') or {}).get('rss_mb') or {}).get('peak'))}, GX alone "
+            f"{_s(((run.get('plain') or {}).get('rss_mb') or {}).get('peak'))} (its ingest "
+            f"{_s((run.get('plain') or {}).get('ingest_peak_rss_mb'))}), GX alone "
             f"{_s(((run.get('gx') or {}).get('rss_mb') or {}).get('peak'))}. "
             f"Throughput {r.get('full_events_per_second') or 'n/a'} events/s end to end.",
             "",

@@ -91,6 +91,9 @@ def plain(spec: dict[str, Any]) -> dict[str, Any]:
     # The Dagster step pays it when its connection closes.
     con.execute("checkpoint")
     stages["ingest"] = time.perf_counter() - t
+    # The process's peak so far is the ingest's own (nothing but imports ran before it): the
+    # issue's memory target is on the ingest, which the pipeline's peak (GX, models) hides.
+    out["ingest_peak_rss_mb"] = peak_rss_mb()["self"]
     out["accepted"] = sum(r.accepted for r in results)
     out["quarantined"] = sum(r.quarantined for r in results)
     t = time.perf_counter()
