@@ -739,3 +739,42 @@ def test_cli_user_errors_are_one_line_not_tracebacks(monkeypatch, capsys, tmp_pa
     # --clinic/--month without --as-of was silently a full nightly rebuild
     assert main(["run", "--clinic", "C1", "--month", "2026-01"]) == 2
     assert "go with --as-of" in capsys.readouterr().err
+
+
+def _kpi(html: str, kpi_id: str) -> str:
+    return re.search(rf'id="{kpi_id}">([^<]*)<', html).group(1)
+
+
+def test_month_without_sessions_says_so_instead_of_suppressing_zeros(snapshot: Path,
+                                                                    tmp_path: Path) -> None:
+    """A month after the clinic's last session: its zeros rest on no patient, so they are shown
+    as zeros or dashes with a notice naming the latest month with a session, not as [s]."""
+    with duckdb.connect(str(snapshot), read_only=True) as con:
+        last = con.execute("select max(session_month) from core.sessions where clinic_id = 'C1' "
+                           "and status = 'attended'").fetchone()[0]
+    month = f"{last.year + (last.month + 2) // 12}-{(last.month + 2) % 12 + 1:02d}"  # 3 later
+    html = build_report(snapshot, tmp_path, "C1", month).html_path.read_text()
+    notice = re.search(r'id="idle-month">(.*?)</p>', html, re.S).group(1)
+    assert f"the latest month with one is {last:%B %Y}" in notice
+    assert _kpi(html, "kpi-active-patients") == "0" and _kpi(html, "kpi-sessions") == "0"
+    for kpi in ("kpi-attendance", "kpi-with-alliance", "kpi-mean-srs", "kpi-pct-concern"):
+        assert _kpi(html, kpi) == "–", kpi
+    assert "[s]" not in _section(html, "activity")
+    # a month with sessions has no notice
+    assert 'id="idle-month"' not in build_report(snapshot, tmp_path, "C1", f"{last:%Y-%m}") \
+        .html_path.read_text()
+
+
+def test_trend_axis_reaches_down_to_a_shown_low_month_but_not_a_suppressed_one() -> None:
+    from alliance.report.context import build
+
+    def trend_axis(rows: list[dict]) -> list[str]:
+        svg = build(_raw(trend=rows), Options(min_cell=11))["trend_svg"]
+        return re.findall(r"text-anchor='end' fill='[^']*'>(\d+)</text>", svg)
+
+    month = dt.date(2026, 5, 1)
+    assert trend_axis([{"month": month, "mean_srs": 31.0, "patients": 20}])[0] == "20"
+    # 17.4 shown: the axis starts at 15, so the point is drawn where its label says
+    assert trend_axis([{"month": month, "mean_srs": 17.4, "patients": 20}])[0] == "15"
+    # 12.0 over 3 patients is suppressed: the axis must not hint at it
+    assert trend_axis([{"month": month, "mean_srs": 12.0, "patients": 3}])[0] == "20"

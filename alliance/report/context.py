@@ -7,6 +7,7 @@ suppressed values only.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,14 @@ def fmt(v: Shown | float | int | None, kind: str = "n", digits: int = 1) -> str:
     return f"{int(v):,}"
 
 
+def _trend_floor(points: list[tuple[str, Shown | None]]) -> float:
+    """Bottom of the SRS trend axis: 20, or lower in steps of 5 when a shown month is below 20
+    (a clamped point would have been drawn at 20 with a label saying otherwise). Suppressed
+    months do not move it, so the axis tells nothing about them."""
+    shown = [float(p.shown) for _, p in points if p is not None and p.shown is not None]
+    return float(min(20, 5 * math.floor(min(shown) / 5))) if shown else 20.0
+
+
 def _bin_label(lo: float, hi: float) -> str:
     return f"{lo:g}–{hi:g}" if hi < 40 else f"{lo:g}–40"
 
@@ -96,11 +105,19 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
     # Activity: one month. Rates rest on the patients who had appointments.
     if raw.activity:
         a = raw.activity
+        # A month without an attended session (before the clinic's first, after its last): its
+        # zeros rest on no patient, so there is nothing to suppress; the report says so instead
+        # of showing [s] beside "0 active patients".
+        idle = not a["active_patients"]
+        if idle:
+            last = a.get("last_active_month")
+            ctx["idle_month"] = {"last_active": f"{last:%B %Y}" if last else None}
         ctx["activity"] = {
             "active_patients": Shown(a["active_patients"], a["active_patients"],
                                      PRIMARY if 0 < a["active_patients"] < mc else None),
-            "sessions": suppress_value(a["sessions"], a["active_patients"], mc),
-            "attendance": suppress_rate(a["sessions"], a["appointments"], mc, opts.protect_numerators)
+            "sessions": Shown(0, 0) if idle else suppress_value(a["sessions"], a["active_patients"], mc),
+            "attendance": Shown(None, 0) if not a["booked_patients"]
+            else suppress_rate(a["sessions"], a["appointments"], mc, opts.protect_numerators)
             if a["booked_patients"] >= mc else Shown(None, a["booked_patients"], PRIMARY),
             # (no numerator protection: the report shows the sessions attended and, in the SRS
             # table's All column, the sessions with a score, so hiding their ratio hid nothing)
@@ -120,7 +137,7 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
         "chart-trend", "Mean SRS total by month",
         f"Mean Session Rating Scale total per month, {window}; dashed line: concern cutoff "
         f"{raw.srs_cutoff:g}. Months resting on fewer than {mc} patients are marked s.",
-        trend, 20, 40, raw.srs_cutoff, f"cutoff {raw.srs_cutoff:g}")
+        trend, _trend_floor(trend), 40, raw.srs_cutoff, f"cutoff {raw.srs_cutoff:g}")
 
     # SRS distribution: bins sum to the sessions total and, below the cutoff, to the concern count.
     if raw.alliance is not None:
@@ -131,7 +148,8 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
         reasons, hide = suppress_groups(
             [b["patients"] for b in bins], [list(range(len(bins))), below, above], mc)
         base_ok = al["srs_patients"] >= mc
-        if not base_ok:
+        no_srs = not al["srs_patients"]  # no SRS this month: zeros, nothing to protect
+        if not base_ok and not no_srs:
             reasons = [PRIMARY] * len(bins)
         shown_bins = [Shown(b["sessions"], b["patients"], r) for b, r in zip(bins, reasons, strict=True)]
         concern_hidden = not base_ok or hide[0] or hide[1] or hide[2]
@@ -155,9 +173,10 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
         ctx["alliance"] = {
             "mean_srs": suppress_value(al["mean_srs"], al["srs_patients"], mc),
             "srs_sessions": Shown(al["srs_sessions"], al["srs_patients"],
-                                  None if base_ok and not hide[0] else PRIMARY),
-            "pct_concern": Shown(100.0 * al["concern_sessions"] / al["srs_sessions"] if al["srs_sessions"] else None,
-                                 al["srs_patients"], PRIMARY if concern_hidden else None),
+                                  None if no_srs or (base_ok and not hide[0]) else PRIMARY),
+            "pct_concern": Shown(None, 0) if no_srs else Shown(
+                100.0 * al["concern_sessions"] / al["srs_sessions"], al["srs_patients"],
+                PRIMARY if concern_hidden else None),
             "ruptures": None if ruptures is None else Shown(
                 ruptures, al["rupture_patients"], PRIMARY if 0 < al["rupture_patients"] < mc else None),
             "pct_repaired": None if ruptures is None else suppress_rate(

@@ -225,6 +225,12 @@ def extract(
                     as patients_without_outcome
             from s left join q using (session_id)
         """, [clinic, m0, clinic])[0]
+        if not a["active_patients"]:
+            # For the report's notice: the clinic's latest month with an attended session, up to
+            # this one (None: none yet).
+            a["last_active_month"] = con.execute(
+                "select max(session_month) from core.sessions where clinic_id = ? "
+                "and status = 'attended' and session_month <= ?", [clinic, m0]).fetchone()[0]
         rep.activity = a
 
     cm = columns(con, "marts", "clinic_monthly")
