@@ -34,7 +34,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory):
     out = root / "results"
     logs: list[str] = []
     doc = run_bench([EVENTS], out, months=MONTHS, report_months=1, data_root=root / "data",
-                    log=logs.append)
+                    rounds=2, log=logs.append)
     yield doc, out, root, logs
     shutil.rmtree(root, ignore_errors=True)
 
@@ -63,6 +63,13 @@ def test_results_files_hold_every_stage_baseline_and_ratio(bench) -> None:
     assert run["floor"]["rows"] > 0
     for k in ("ingest", "seeds", "sql_models", "model_tests", "publish"):
         assert k in run["plain"]["stages"]
+    # the interleaved rounds the ingest target is judged on: a floor, then the Dagster ingest
+    # step alone on a fresh data directory, each pair next to each other
+    assert len(run["rounds"]) == 2
+    for rd in run["rounds"]:
+        assert rd["floor"]["seconds"] > 0 and rd["floor"]["rows"] == run["floor"]["rows"]
+        assert rd["ingest_step"]["success"] and rd["ingest_step"]["seconds"] > 0
+        assert "ingest" in rd["ingest_step"]["steps"]
     # the ingest's own peak (issue 2's memory target), within the plain process's peak
     assert 50 < run["plain"]["ingest_peak_rss_mb"] <= run["plain"]["rss_mb"]["peak"]
     r = run["ratios"]
@@ -70,12 +77,18 @@ def test_results_files_hold_every_stage_baseline_and_ratio(bench) -> None:
               "incremental_over_full", "full_events_per_second", "peak_rss_mb"):
         assert isinstance(r[k], (int, float)) and r[k] > 0, k
     assert {"ingest_at_most_3x_floor", "incremental_at_most_15pct"} <= set(r["targets"])
+    assert len(r["ingest_over_floor_rounds"]) == 2
+    verdict = r["targets"]["ingest_at_most_3x_floor"]
+    assert verdict["value"] == r["ingest_over_floor_median"] > 0
+    assert verdict["basis"] == "median of 2 interleaved rounds"
     # The size targets only judge the sizes they are stated for.
     assert not any("1e6" in t or "1e7" in t for t in r["targets"])
     md = md_path.read_text()
     for needle in ("| ingest |", "read_json floor", "GX alone", "| **whole run** |",
                    "incremental (+1% events", "ingest_at_most_3x_floor", "load average",
-                   "the floor again, after the pipeline", "(its ingest "):
+                   "the floor again, after the pipeline", "(its ingest ",
+                   "| ingest, round 2 (Dagster ingest step alone", "median of the 2 rounds",
+                   "ingest_at_most_3x_floor (median of 2 interleaved rounds)"):
         assert needle in md, needle
 
 
@@ -117,7 +130,18 @@ def test_ratios_judge_targets_and_size_labels() -> None:
     assert r["incremental_over_full"] == 0.2
     assert r["targets"]["full_at_most_120s_at_1e6"]["met"] is True
     assert r["validation_over_gx_alone"] is None  # missing baselines give None, not a crash
+    assert r["targets"]["ingest_at_most_3x_floor"]["basis"].startswith("the pipeline's")
     assert "ingest_peak_rss_under_2gb_at_1e6" not in r["targets"]  # no plain run, no verdict
+    # with rounds, the verdict is their median; a failed round does not count
+    rounds = [{"floor": {"seconds": f}, "ingest_step": {"seconds": i, "success": True}}
+              for f, i in ((3.0, 8.4), (2.5, 8.0), (3.2, 9.0))]
+    rounds.append({"floor": {"seconds": 3.0}, "ingest_step": {"seconds": 1.0, "success": False}})
+    r = ratios({**run, "rounds": rounds})
+    assert r["ingest_over_floor_rounds"] == [2.8, 3.2, 2.812]
+    assert r["ingest_over_floor_median"] == 2.812
+    assert r["targets"]["ingest_at_most_3x_floor"]["value"] == 2.812
+    assert r["targets"]["ingest_at_most_3x_floor"]["met"] is True
+    assert r["ingest_over_floor"] == 6.0  # the single pair stays reported
     run["plain"] = {"stages": {"ingest": 25.0}, "ingest_peak_rss_mb": 2100.0}
     assert ratios(run)["targets"]["ingest_peak_rss_under_2gb_at_1e6"] == {
         "value": 2100.0, "limit": 2048.0, "met": False}

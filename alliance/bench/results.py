@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
 from datetime import UTC, datetime
 from importlib import metadata
@@ -104,12 +105,23 @@ def ratios(run: dict[str, Any]) -> dict[str, Any]:
         "incremental_over_full": _ratio(inc, full.get("seconds")),
         "full_events_per_second": round(events / full["seconds"]) if full.get("seconds") else None,
     }
+    # Interleaved rounds: each Dagster ingest step over the floor run just before it.
+    pairs = [_ratio((r.get("ingest_step") or {}).get("seconds"), (r.get("floor") or {}).get("seconds"))
+             for r in run.get("rounds") or []
+             if (r.get("ingest_step") or {}).get("success") and "error" not in (r.get("floor") or {})]
+    pairs = [x for x in pairs if x]
+    out["ingest_over_floor_rounds"] = pairs
+    out["ingest_over_floor_median"] = round(statistics.median(pairs), 3) if pairs else None
+    # The verdict: the median of the rounds when they ran, else the pipeline's single pair.
+    verdict = out["ingest_over_floor_median"] if pairs else out["ingest_over_floor"]
     peak = max((r.get("rss_mb", {}).get("peak", 0.0) for r in (full, run.get("incremental") or {})),
                default=0.0)
     targets: dict[str, dict[str, Any]] = {
         "ingest_at_most_3x_floor": {
-            "value": out["ingest_over_floor"], "limit": TARGETS["ingest_over_floor_max"],
-            "met": _met(out["ingest_over_floor"], TARGETS["ingest_over_floor_max"])},
+            "value": verdict, "limit": TARGETS["ingest_over_floor_max"],
+            "met": _met(verdict, TARGETS["ingest_over_floor_max"]),
+            "basis": f"median of {len(pairs)} interleaved rounds" if pairs
+            else "the pipeline's ingest step over the first floor"},
         "incremental_at_most_15pct": {
             "value": out["incremental_over_full"], "limit": TARGETS["incremental_over_full_max"],
             "met": _met(out["incremental_over_full"], TARGETS["incremental_over_full_max"])},
@@ -150,6 +162,23 @@ def _x(x: float | None) -> str:
 
 def _load(values: list[float] | None) -> str:
     return "not recorded" if not values else " / ".join(map(str, values))
+
+
+def _rounds_rows(run: dict[str, Any], r: dict[str, Any]) -> list[str]:
+    """Table rows of the interleaved (floor, Dagster ingest step) rounds and their median."""
+    rounds = run.get("rounds") or []
+    if not rounds:
+        return []
+    rows = []
+    for i, rd in enumerate(rounds, 1):
+        fl, ing = rd.get("floor") or {}, rd.get("ingest_step") or {}
+        ratio = _ratio(ing.get("seconds"), fl.get("seconds")) if ing.get("success") else None
+        rows.append(f"| ingest, round {i} (Dagster ingest step alone; the floor just before it) "
+                    f"| {_s(ing.get('seconds') if ing.get('success') else None)} | | "
+                    f"{_s(fl.get('seconds'))} | {_x(ratio)} of it |")
+    rows.append(f"| **ingest, median of the {len(rounds)} rounds (the target's verdict)** | | | | "
+                f"**{_x(r.get('ingest_over_floor_median'))}** |")
+    return rows
 
 
 def _source(doc: dict[str, Any]) -> str:
@@ -199,6 +228,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| (the floor again, after the pipeline: the machine's drift) | | | "
             f"{_s((run.get('floor_after') or {}).get('seconds'))} | "
             f"{_x(r.get('ingest_over_floor_after'))} of it |",
+            *_rounds_rows(run, r),
             f"| validation (GX batch suite + line identity) | {_s(st.get('validation'))} | | "
             f"{_s((run.get('gx') or {}).get('seconds'))} (GX alone; + "
             f"{_s((run.get('gx') or {}).get('load_seconds'))} reading the batch into pandas) | "
@@ -235,7 +265,8 @@ def markdown(doc: dict[str, Any]) -> str:
         ]
         for name, t in r.get("targets", {}).items():
             met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
-            lines.append(f"| {name} | {_s(t['value'])} | {_s(t['limit'])} | {met} |")
+            basis = f" ({t['basis']})" if t.get("basis") else ""
+            lines.append(f"| {name}{basis} | {_s(t['value'])} | {_s(t['limit'])} | {met} |")
         if full.get("failed_checks"):
             lines += ["", "Failed checks in the full run: " + ", ".join(full["failed_checks"])]
         lines.append("")
