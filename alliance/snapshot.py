@@ -47,6 +47,10 @@ class SnapshotInfo:
     tables: int
     row_counts: dict[str, int]
     pruned: tuple[Path, ...] = ()
+    data_version: str | None = None
+    # The previous history entry, dropped because it held the same data version (a run that
+    # changed no data: only its check results are newer).
+    superseded: Path | None = None
 
 
 def _stamp(ts: datetime) -> str:
@@ -66,6 +70,47 @@ def list_history(serving_path: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if _STAMP_RE.match(p.name))
 
 
+def _version_file(snapshot: Path) -> Path:
+    return snapshot.with_name(snapshot.name + ".version")
+
+
+def data_version(con: duckdb.DuckDBPyConnection) -> str:
+    """What the snapshot's data depends on, hashed: the event log's and manifest's extent, the
+    rejected files, and every model's code and seed inputs as last built (meta.model_state).
+
+    Two publishes with the same version hold the same events and models; only the check
+    history (quality.*) and build times differ. It is cheap (counts and maxima, no table scan
+    of the marts).
+    """
+    import hashlib
+    import json
+
+    cols: dict[tuple[str, str], set[str]] = {}
+    for schema, name, col in con.execute(
+            "select schema_name, table_name, column_name from duckdb_columns() "
+            "where database_name = current_database() and schema_name in ('raw', 'meta')"
+    ).fetchall():
+        cols.setdefault((schema, name), set()).add(col)
+    parts: dict[str, object] = {}
+    # The log and its manifest only grow: their size and latest row tell their state.
+    for name, latest in (("events", "recorded_at"), ("quarantine", "recorded_at"),
+                         ("ingested_files", "file_id")):
+        have = cols.get(("raw", name))
+        if have is not None:
+            last = f"max({latest})::varchar" if latest in have else "null"
+            parts[name] = list(con.execute(f"select count(*), {last} from raw.{name}").fetchone())
+    if "file_id" in cols.get(("raw", "rejected_files"), ()):
+        parts["rejected_files"] = con.execute(
+            "select string_agg(file_id::varchar, ',' order by file_id) from raw.rejected_files"
+        ).fetchone()[0]
+    state = cols.get(("meta", "model_state"), set())
+    if {"model", "code_hash", "inputs_hash", "built_through_file_id"} <= state:
+        parts["models"] = [list(r) for r in con.execute(
+            "select model, code_hash, inputs_hash, built_through_file_id from meta.model_state "
+            "order by model").fetchall()]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
 def prune_history(serving_path: Path, keep: int = DEFAULT_KEEP) -> list[Path]:
     """Delete all but the newest `keep` history snapshots; returns the deleted paths.
 
@@ -78,6 +123,7 @@ def prune_history(serving_path: Path, keep: int = DEFAULT_KEEP) -> list[Path]:
     doomed = old[: max(0, len(old) - keep)]
     for p in doomed:
         p.unlink(missing_ok=True)
+        _version_file(p).unlink(missing_ok=True)
     return doomed
 
 
@@ -190,6 +236,7 @@ def publish_from_connection(
 
     # CHECKPOINT folds the WAL into the main file; without it the copy would miss recent writes.
     con.execute("checkpoint")
+    version = data_version(con)
     wal = Path(str(warehouse_path) + ".wal")
     if wal.exists() and wal.stat().st_size > 0:
         raise SnapshotError(
@@ -216,15 +263,32 @@ def publish_from_connection(
         except OSError:
             # Filesystems without hard links: keep a copy instead.
             shutil.copy2(partial, history_path)
+        _version_file(history_path).write_text(version + "\n")
         os.replace(partial, serving_path)
         _fsync_dir(serving_path.parent)
     except BaseException:
         partial.unlink(missing_ok=True)
         raw_copy.unlink(missing_ok=True)
         raise
+    # History keeps data versions, not runs: a publish that changed no data (a nightly run with
+    # no new file) replaces the newest entry instead of pushing the last real change out.
+    superseded = None
+    earlier = [h for h in list_history(serving_path) if h != history_path]
+    if earlier and _read_version(earlier[-1]) == version:
+        superseded = earlier[-1]
+        superseded.unlink(missing_ok=True)
+        _version_file(superseded).unlink(missing_ok=True)
     pruned = tuple(prune_history(serving_path, keep))
     return SnapshotInfo(path=serving_path, history_path=history_path, published_at=ts,
-                        bytes=size, tables=tables, row_counts=counts, pruned=pruned)
+                        bytes=size, tables=tables, row_counts=counts, pruned=pruned,
+                        data_version=version, superseded=superseded)
+
+
+def _read_version(snapshot: Path) -> str | None:
+    try:
+        return _version_file(snapshot).read_text().strip() or None
+    except OSError:
+        return None  # a snapshot from before data versions: never superseded
 
 
 def snapshot_age_seconds(serving_path: Path | str, now: float | None = None) -> float | None:

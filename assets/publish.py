@@ -49,8 +49,10 @@ def serving_snapshot(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             con, context.resources.duckdb.database, serving, keep=settings.snapshot_keep
         )
     context.log.info(
-        f"published {serving} ({info.bytes / 1e6:.1f} MB, {info.tables} tables); "
-        f"history keeps {settings.snapshot_keep}, pruned {len(info.pruned)}"
+        f"published {serving} ({info.bytes / 1e6:.1f} MB, {info.tables} tables, data version "
+        f"{info.data_version}); history keeps {settings.snapshot_keep}, pruned {len(info.pruned)}"
+        + ("; same data as the previous snapshot, which it replaces in history"
+           if info.superseded else "")
     )
     # The report partitions follow the data: every clinic in the new snapshot gets a partition.
     new_clinics = add_clinic_partitions(context.instance, serving)
@@ -62,6 +64,8 @@ def serving_snapshot(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "path": dg.MetadataValue.path(str(serving)),
             "history_path": dg.MetadataValue.path(str(info.history_path)),
             "published_at": info.published_at.isoformat(),
+            "data_version": info.data_version or "",
+            "replaced_same_data_in_history": info.superseded is not None,
             "bytes": info.bytes,
             "tables": info.tables,
             "events": info.row_counts.get("raw.events", 0),

@@ -750,3 +750,46 @@ def test_unreadable_file_is_a_warning_and_a_failed_ingest_command(world, tmp_pat
     assert status == "unreadable" and error.count("export-corrupt.ndjson.gz") == 1
     failing = {(f["asset"], f["check_name"]): f for f in failing_checks(p.warehouse)}
     assert failing[("raw/ingested_files", "no_unreadable_files")]["severity"] == "WARN"
+
+
+def test_history_keeps_data_versions_not_runs(tmp_path):
+    """A publish that changed no data (a nightly run with no new file) replaces the newest
+    history entry instead of pushing the last real change out of the kept snapshots; the serving
+    file is still replaced (its check history is newer)."""
+    from alliance.snapshot import list_history, publish_from_connection
+
+    wh, serving = tmp_path / "w.duckdb", tmp_path / "serving" / "alliance.duckdb"
+    con = duckdb.connect(str(wh))
+    con.execute("create schema raw")
+    con.execute("create table raw.events (event_id varchar, recorded_at timestamptz)")
+    con.execute("create schema quality")
+    con.execute("create table quality.check_results (run_id varchar)")
+
+    def publish(run: str):
+        con.execute(f"insert into quality.check_results values ('{run}')")
+        return publish_from_connection(con, wh, serving, keep=3)
+
+    def load(n: int) -> None:
+        con.execute(f"insert into raw.events select 'e' || range, now() from range({n})")
+
+    load(5)
+    first = publish("r1")
+    assert first.data_version and first.superseded is None
+    again = publish("r2")  # nothing new: same data version
+    assert again.data_version == first.data_version and again.superseded == first.history_path
+    assert list_history(serving) == [again.history_path]
+    with duckdb.connect(str(serving), read_only=True) as snap:  # the serving file is the new one
+        assert snap.execute("select count(*) from quality.check_results").fetchone()[0] == 2
+    load(3)
+    changed = publish("r3")
+    assert changed.data_version != first.data_version and changed.superseded is None
+    for run in ("r4", "r5", "r6"):  # three quiet nights keep the snapshot before the last load
+        publish(run)
+    history = list_history(serving)
+    assert len(history) == 2 and history[0] == again.history_path
+    with duckdb.connect(str(history[0]), read_only=True) as snap:
+        assert snap.execute("select count(*) from raw.events").fetchone()[0] == 5
+    # no orphaned version files
+    versions = sorted(p.name for p in serving.parent.joinpath("history").glob("*.version"))
+    assert versions == sorted(p.name + ".version" for p in history)
+    con.close()
