@@ -109,6 +109,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("alliance run: --clinic and --month go with --as-of (a past report); for the "
               "current one use `alliance report --clinic C --month YYYY-MM`", file=sys.stderr)
         return 2
+    if not args.select:
+        # The rebuild starts with the ingest, which needs the pseudonym key: a missing key is one
+        # line from `alliance` (MissingKeyError), not a failed step with a traceback in the log.
+        from assets.ingest import pseudonym_key
+        from orchestration.resources import default_resources
+
+        pseudonym_key(default_resources()["settings"])
     out = execute_job(nightly_rebuild_job.name, select=args.select,
                       tags={"alliance/writer": "true"})
     return 0 if out["success"] else 1

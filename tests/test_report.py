@@ -727,6 +727,10 @@ def test_cli_user_errors_are_one_line_not_tracebacks(monkeypatch, capsys, tmp_pa
     err = capsys.readouterr().err
     assert "ALLIANCE_PSEUDONYM_KEY is not set" in err and "Traceback" not in err
     assert not any((tmp_path / "data" / "landing").glob("*"))
+    # the rebuild starts with the ingest: no run is started without the key
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("alliance run: ALLIANCE_PSEUDONYM_KEY is not set") and "Traceback" not in err
     monkeypatch.setenv("ALLIANCE_DEMO", "1")
     (tmp_path / "export.csv").write_text("id,score\n1,2\n")
     assert main(["ingest", str(tmp_path / "export.csv")]) == 2
