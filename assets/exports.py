@@ -6,7 +6,8 @@ with a ``clinic_id`` are Hive-partitioned by clinic (one folder per clinic, so a
 granted per clinic) and, when they carry a month column (a DATE named ``month`` or ``*_month``),
 by that month too: BI tools then prune files by clinic and period. Other tables are one file.
 The new export is built beside the old one and swapped in by rename, so readers never see a
-half-written export. ``_manifest.json`` lists tables, columns, row counts and partition keys.
+half-written export. ``_manifest.json`` lists tables, columns, row counts and partition keys,
+and names the snapshot it was made from (data version, publish time).
 """
 
 
@@ -41,6 +42,15 @@ def export_parquet(serving_db: Path, out_dir: Path,
     try:
         con = duckdb.connect(str(serving_db), read_only=True)
         try:
+            from alliance.snapshot import data_version
+
+            # Which snapshot this export is: an export is refreshed by the nightly run, while
+            # a landed file publishes a new snapshot at once, so the two can differ for a while
+            # (`alliance status` compares them).
+            source_snapshot = {
+                "data_version": data_version(con),
+                "published_at": datetime.fromtimestamp(serving_db.stat().st_mtime, UTC).isoformat(),
+            }
             schema_list = ", ".join(f"'{s}'" for s in schemas)
             rels = con.execute(
                 f"""select table_schema, table_name from information_schema.tables
@@ -75,7 +85,7 @@ def export_parquet(serving_db: Path, out_dir: Path,
         finally:
             con.close()
         manifest = {"exported_at": datetime.now(UTC).isoformat(), "source": str(serving_db),
-                    "tables": tables}
+                    "snapshot": source_snapshot, "tables": tables}
         (staging / "_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         # Swap: old export aside, new one in, old one removed (readers see old or new, not half).
         old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
@@ -114,6 +124,7 @@ def parquet_export(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         "tables": len(rows),
         "rows": sum(rows.values()),
         "row_counts": dg.MetadataValue.json(rows),
+        "snapshot_data_version": manifest["snapshot"]["data_version"],
         "partitioned": dg.MetadataValue.json(
             {t["table"]: t["partition_by"] for t in manifest["tables"] if t["partition_by"]}),
     })

@@ -260,8 +260,11 @@ def collect_status(n_runs: int = 8) -> dict[str, Any]:
                 known = {str(Path(r[0]).resolve())
                          for r in con.execute("select path from raw.ingested_files").fetchall()}
                 out["landing_files_waiting"] = sum(str(f.resolve()) not in known for f in landing)
+            out["snapshot"]["data_version"] = snapshot.data_version(con)
         finally:
             con.close()
+    out["exports"] = _export_state(p.root / "exports" / "parquet",
+                                   out["snapshot"].get("data_version"))
     # Failing checks come from the working warehouse: a blocking failure stops publish, so the
     # snapshot never hears of it. While a writer holds the warehouse, the snapshot answers.
     from quality.history import failing_checks_with_fallback
@@ -336,6 +339,19 @@ def _report_rejections(p: DataPaths, done: list[Rejection]) -> None:
               file=sys.stderr)
 
 
+def _export_state(export_dir: Path, snapshot_version: str | None) -> dict[str, Any] | None:
+    """The Parquet export's manifest summary, and whether it is of the current snapshot."""
+    try:
+        manifest = json.loads((export_dir / "_manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    version = (manifest.get("snapshot") or {}).get("data_version")
+    return {"path": str(export_dir), "exported_at": manifest.get("exported_at"),
+            "snapshot_data_version": version,
+            "current": None if version is None or snapshot_version is None
+            else version == snapshot_version}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     st = collect_status(args.runs)
     if args.json:
@@ -345,6 +361,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     snap = st["snapshot"]
     print(f"serving snapshot: {snap['path']} (age {_fmt_age(snap['age_seconds'])}, "
           f"{len(snap['history'])} kept in history)")
+    exp = st.get("exports")
+    if exp:
+        state = {True: "of the current snapshot", False: "of an older snapshot: the nightly run "
+                 "(or `alliance run --select exports/parquet`) refreshes it",
+                 None: "snapshot unknown"}[exp["current"]]
+        print(f"Parquet export: {exp['path']} (exported {exp['exported_at']}, {state})")
     waiting = st.get("landing_files_waiting")
     print(f"files in landing/: {st['landing_files']}"
           + ("" if waiting is None else f", {waiting} not ingested as of the snapshot"))

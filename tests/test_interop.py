@@ -524,3 +524,16 @@ def test_parquet_export_asset_partitions_by_clinic_and_month(tmp_path) -> None:
     [mat] = [e.materialization for e in result.get_asset_materialization_events()]
     assert mat.asset_key == dg.AssetKey(["exports", "parquet"])
     assert mat.metadata["rows"].value == 5
+    # the export names the snapshot it was made from; status tells whether that is the current one
+    from alliance.snapshot import data_version
+    from orchestration.cli_ops import _export_state
+
+    with duckdb.connect(str(serving), read_only=True) as snap:
+        version = data_version(snap)
+    assert manifest["snapshot"]["data_version"] == version
+    assert mat.metadata["snapshot_data_version"].value == version
+    assert _export_state(out, version)["current"] is True
+    with duckdb.connect(str(serving)) as con:  # a newer snapshot (a landed file was published)
+        con.execute("insert into raw.events values (2)")
+        newer = data_version(con)
+    assert newer != version and _export_state(out, newer)["current"] is False
