@@ -225,6 +225,39 @@ def test_questionnaire_retraction_and_amendment(tmp_path) -> None:
     assert by_type(res.events, "questionnaire.retracted")[0]["payload"]["retracts_event_id"] == sub["event_id"]
 
 
+def test_fhir_scores_join_their_encounters_episode_respondent_is_the_source(tmp_path) -> None:
+    """A response naming an Encounter of an EpisodeOfCare belongs to that episode (not to a
+    synthesised one with no sessions); the respondent is whoever answered (source), not who
+    typed it in (author); a corrected score Observation amends the original instead of being
+    quarantined at ingest as a conflicting duplicate."""
+    eoc = {"resourceType": "EpisodeOfCare", "id": "eoc1", "status": "active",
+           "patient": {"reference": "Patient/p1"}, "period": {"start": "2024-02-01T09:00:00Z"}}
+    enc = {"resourceType": "Encounter", "id": "e1", "status": "finished", "class": {"code": "AMB"},
+           "subject": {"reference": "Patient/p1"}, "episodeOfCare": [{"reference": "EpisodeOfCare/eoc1"}],
+           "period": {"start": "2024-03-01T09:00:00Z", "end": "2024-03-01T09:50:00Z"}}
+    qr = {**_phq9_qr("q1", "p1", [1] * 9, None), "author": {"reference": "Practitioner/dr1"},
+          "source": {"reference": "Patient/p1"}}
+    obs = {"resourceType": "Observation", "id": "o1", "status": "final",
+           "code": {"coding": [{"system": "http://loinc.org", "code": "70274-6"}]},
+           "subject": {"reference": "Patient/p1"}, "encounter": {"reference": "Encounter/e1"},
+           "effectiveDateTime": "2024-03-01T09:55:00Z", "valueInteger": 21}
+    m = {"kind": "fhir", "clinic_id": "c1", "answer_weights": {"LA6569-3": 1},
+         "encounter": {"status": {"finished": "session.attended"}},
+         "respondent_by_author": {"Patient": "patient", "Practitioner": "therapist"}}
+    f = _write_ndjson(tmp_path / "a.ndjson", [eoc, enc, qr, obs])
+    res = import_fhir(f, m)
+    assert {e["episode_id"] for e in res.events} == {"fhir:EpisodeOfCare/eoc1"}
+    assert len(by_type(res.events, "episode.opened")) == 1  # no synthesised second episode
+    sub = {e["payload"]["instrument"]: e for e in by_type(res.events, "questionnaire.submitted")}
+    assert sub["PHQ-9"]["payload"]["respondent"] == "patient"
+    corrected = {**obs, "status": "corrected", "valueInteger": 12, "meta": {"versionId": "2"}}
+    res2 = import_fhir(_write_ndjson(tmp_path / "b.ndjson", [eoc, enc, corrected]), m)
+    [amended] = by_type(res2.events, "questionnaire.amended")
+    assert amended["payload"]["amends_event_id"] == sub["GAD-7"]["event_id"]
+    assert amended["payload"]["total"] == 12 and amended["event_id"] != sub["GAD-7"]["event_id"]
+    assert not by_type(res2.events, "questionnaire.submitted")
+
+
 # --------------------------------------------------------------------------- REDCap
 
 

@@ -206,6 +206,9 @@ class Index:
     valuesets: dict[str, dict[str, Any]] = field(default_factory=dict)
     patient_ids: dict[str, str] = field(default_factory=dict)  # resource id -> patient_id
     episodes_of_care: set[str] = field(default_factory=set)
+    # Encounter id -> its episodeOfCare references: a response or score that names only its
+    # Encounter belongs to that Encounter's episode.
+    encounter_episodes: dict[str, list[Any]] = field(default_factory=dict)
     panel_members: dict[str, str] = field(default_factory=dict)  # member obs id -> panel id
     observations: dict[str, dict[str, Any]] = field(default_factory=dict)  # item/total obs by id
 
@@ -239,6 +242,8 @@ def build_index(files: list[Path], mapping: dict[str, Any]) -> Index:
                     idx.patient_ids[pid] = pid
             elif rt == "EpisodeOfCare" and res.get("id"):
                 idx.episodes_of_care.add(str(res["id"]))
+            elif rt == "Encounter" and res.get("id") and res.get("episodeOfCare"):
+                idx.encounter_episodes[str(res["id"])] = list(res["episodeOfCare"])
             elif rt == "Observation" and res.get("id"):
                 codes = {c for _, c in _codes(res.get("code"))}
                 if codes & watched["panels"]:
@@ -456,7 +461,7 @@ class FhirImporter:
         submitted_id = event_id(self.clinic, rid, "questionnaire.submitted", "")
         enc = ref_id(res.get("encounter"), "Encounter")
         session = f"fhir:Encounter/{enc}" if enc else None
-        episode = self.episode_for(pid, None)
+        episode = self.episode_for(pid, self.idx.encounter_episodes.get(enc or ""))
         if status == "entered-in-error":
             return [self.ev(rid, "questionnaire.retracted", occurred_at=when, patient_id=pid,
                             episode_id=episode, payload={"retracts_event_id": submitted_id,
@@ -484,7 +489,9 @@ class FhirImporter:
         payload = {
             "instrument": ref.code,
             "instrument_version": str((qmap or {}).get("version") or ref.version),
-            "respondent": self._respondent(res.get("author") or res.get("source"), pid),
+            # source is who answered; author who recorded the answers (R4), e.g. a clinician
+            # typing in a patient's paper PHQ-9: the respondent is still the patient
+            "respondent": self._respondent(res.get("source") or res.get("author"), pid),
             "administered_at": when,
             "timing": (qmap or {}).get("timing"),
             "answers": {k: answers[k] for k in sorted(answers, key=_item_sort)} or None,
@@ -638,8 +645,8 @@ class FhirImporter:
             raise Quarantined("wrong_type", where, "reported total is not a number")
         return v
 
-    def _respondent(self, author: Any, pid: str) -> str:
-        kind = ref_type(author)
+    def _respondent(self, who: Any, pid: str) -> str:
+        kind = ref_type(who)
         table = self.m.get("respondent_by_author") or {}
         return str(table.get(kind, "patient")) if kind else "patient"
 
@@ -688,7 +695,8 @@ class FhirImporter:
         pid = self.patient(res.get("subject"), "subject")
         when = self.ts(res.get("effectiveDateTime") or (res.get("effectivePeriod") or {}).get("start")
                        or res.get("issued"), "effectiveDateTime")
-        episode = self.episode_for(pid, None)
+        enc = ref_id(res.get("encounter"), "Encounter")
+        episode = self.episode_for(pid, self.idx.encounter_episodes.get(enc or ""))
         submitted_id = event_id(self.clinic, rid, "questionnaire.submitted", "")
         if status == "entered-in-error":
             return [self.ev(rid, "questionnaire.retracted", occurred_at=when, patient_id=pid,
@@ -729,10 +737,19 @@ class FhirImporter:
             "answers": {k: answers[k] for k in sorted(answers, key=_item_sort)} or None,
             "total": total,
         }
-        enc = ref_id(res.get("encounter"), "Encounter")
+        session = f"fhir:Encounter/{enc}" if enc else None
+        if status in ("amended", "corrected"):
+            # A correction of a score already sent: a new event that amends it, as for an
+            # amended QuestionnaireResponse (the same event id with other content would be
+            # quarantined as a conflicting duplicate and the correction lost).
+            meta = res.get("meta") or {}
+            version = meta.get("versionId") or meta.get("lastUpdated") or res.get("issued") or when
+            payload["amends_event_id"] = submitted_id
+            return [self.ev(rid, "questionnaire.amended", str(version), occurred_at=when,
+                            patient_id=pid, episode_id=episode, session_id=session,
+                            payload=payload)]
         return [self.ev(rid, "questionnaire.submitted", occurred_at=when, patient_id=pid,
-                        episode_id=episode, session_id=f"fhir:Encounter/{enc}" if enc else None,
-                        payload=payload)]
+                        episode_id=episode, session_id=session, payload=payload)]
 
     # ----- synthesised episodes
 
