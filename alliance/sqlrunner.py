@@ -751,11 +751,23 @@ def plan_build(con: duckdb.DuckDBPyConnection, model: Model, *,
     variable is set, there is no event log or no state, the SQL or sidecar changed, a seed table
     it reads changed (or a file was rejected: alliance.rejections), an upstream model has no
     state or was fully rebuilt after this model's last build, or the model's table is missing. Views are always recreated (it costs nothing); for
-    them "incremental" only narrows which rows their tests re-check.
+    them "incremental" only narrows which rows their tests re-check. The watermark recorded
+    (`through`) is the event log's newest file, capped at the watermark of every upstream model.
     """
     code_hash = model.code_version
     in_hash = inputs_hash(con, model)
     through = _current_file_id(con)
+    state = read_state(con)
+    if through is not None:
+        # A model is only as current as what it reads: an upstream model built through an
+        # earlier file (a subset run built this model alone, or the ingest ran without the
+        # models) caps the watermark recorded here, so the files in between are rebuilt into
+        # this model once the upstream has them. Recording the log's newest file instead made
+        # a later incremental build skip them for good.
+        for schema, name in model.deps:
+            up = state.get(f"{schema}.{name}")
+            if schema not in ("raw", "seeds") and up and up["built_through_file_id"] is not None:
+                through = min(through, int(up["built_through_file_id"]))
 
     def full(reason: str) -> tuple[BuildPlan, str, str]:
         return BuildPlan("full", reason, None, through), code_hash, in_hash
@@ -768,7 +780,6 @@ def plan_build(con: duckdb.DuckDBPyConnection, model: Model, *,
         return full("no raw.events")
     if con.execute("select getvariable('as_of') is not null").fetchone()[0]:
         return full("as-of build")
-    state = read_state(con)
     mine = state.get(model.fqn)
     if mine is None:
         return full("no build state")
@@ -791,7 +802,7 @@ def plan_build(con: duckdb.DuckDBPyConnection, model: Model, *,
             return full(f"upstream {schema}.{name} was fully rebuilt since")
     since = int(mine["built_through_file_id"])
     if since > through:
-        return full("event log is behind the model's watermark")
+        return full("event log or an upstream model is behind the model's watermark")
     return BuildPlan("incremental", f"events with file_id {since} < id <= {through}", since,
                      through), code_hash, in_hash
 
@@ -851,14 +862,19 @@ _SEED_EPISODES_SQL = """
 create or replace temp table _inc_episodes as
 select episode_id from _inc_new where episode_id is not null
 union
--- a retraction names no episode: take the retracted event's
+-- a retraction names no episode: take the retracted event's, and for an orphan response (its
+-- submission never arrived, so the retraction names an id no event has) the episodes of the
+-- amendments that amend that id
 select events.episode_id
 from raw.events as events
 where events.file_id <= {through} and events.episode_id is not null
-    and events.event_id in (
-        select payload ->> 'retracts_event_id' from _inc_new
-        where event_type = 'questionnaire.retracted'
-    )
+    and (events.event_id in (
+            select payload ->> 'retracts_event_id' from _inc_new
+            where event_type = 'questionnaire.retracted')
+         or (events.event_type = 'questionnaire.amended'
+             and (events.payload ->> 'amends_event_id') in (
+                select payload ->> 'retracts_event_id' from _inc_new
+                where event_type = 'questionnaire.retracted')))
 """
 
 # One step of the closure: episodes sharing a session with an affected episode, and episodes of
@@ -1073,10 +1089,15 @@ def run_models(con: duckdb.DuckDBPyConnection, select: Sequence[str] | str | Non
     With tests=True, every error-severity test failure raises ModelError after its model is built
     (warn-severity failures are logged), mirroring blocking checks in Dagster. With
     incremental=True models build incrementally where their state allows (`plan_build`); the
-    tests then check the rebuilt rows only.
+    tests then check the rebuilt rows only. With the as-of variable set (`set_as_of`), the
+    selection's upstream models are rebuilt too: some staging models are tables.
     """
     models = discover_models(sql_dir)
     results: list[BuildResult] = []
+    if con.execute("select getvariable('as_of') is not null").fetchone()[0]:
+        # Some staging models are tables (built with every event they saw): a selection built
+        # under a cutoff rebuilds what it reads too, or it would mix in later events.
+        upstream = True
     for fqn in select_models(models, select, upstream=upstream):
         model = models[fqn]
         built = build_model(con, model, incremental=incremental)

@@ -290,3 +290,104 @@ def test_as_of_builds_are_never_incremental(warehouses):
         assert (p.mode, p.reason) == ("full", "as-of build")
     finally:
         sqlrunner.set_as_of(inc, None)
+
+
+# ---------------------------------------------------------------- review findings (sixth session)
+
+@pytest.fixture(scope="module")
+def small_landing(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from alliance.simulation import simulate
+
+    tmp = tmp_path_factory.mktemp("incremental-small")
+    simulate(tmp / "landing", clinics=1, patients=50, months=3, seed=7, therapists_per_clinic=4,
+             truth_path=tmp / "truth.json")
+    return sorted((tmp / "landing").glob("*.ndjson"))
+
+
+def _ingest_any(con: duckdb.DuckDBPyConnection, files: list[Path], tmp: Path) -> None:
+    """Ingest without asserting on each file (a small simulation has files of one bad line)."""
+    from alliance.ingest import ingest_files
+
+    ingest_files(con, files, KEY, quarantine_dir=tmp / "quarantine")
+
+
+def _differences(inc: duckdb.DuckDBPyConnection, full: duckdb.DuckDBPyConnection,
+                 models: list[str] | None = None) -> list[str]:
+    return [fqn for fqn in models or sqlrunner.discover_models()
+            if table_rows(inc, *fqn.split(".")) != table_rows(full, *fqn.split("."))]
+
+
+def test_retraction_of_an_orphan_response_reaches_incremental_builds(small_landing, tmp_path):
+    """An amendment whose submission never arrived stands as a response under the missing id; a
+    retraction of that id names no event that exists, and the incremental build must still find
+    the episode (through the amendment) and drop the response, as a full rebuild does."""
+    base = small_landing[:60]
+    sub = [e for f in base for e in _events(f) if e["event_type"] == "questionnaire.submitted"
+           and e["payload"].get("instrument") == "PHQ-9" and e["payload"].get("answers")][5]
+    missing = _new_id()
+    amend = {**{k: v for k, v in sub.items() if k != "payload"}, "event_id": _new_id(),
+             "event_type": "questionnaire.amended",
+             "payload": {**sub["payload"], "answers": {k: 1 for k in sub["payload"]["answers"]},
+                         "amends_event_id": missing}}
+    retract = {"event_id": _new_id(), "event_type": "questionnaire.retracted", "schema_version": 1,
+               "occurred_at": "2025-04-01T10:00:00+00:00", "source": "simulator",
+               "clinic_id": sub["clinic_id"], "patient_id": sub["patient_id"],
+               "payload": {"retracts_event_id": missing, "reason": "entered_in_error"}}
+    inc = duckdb.connect(str(tmp_path / "inc.duckdb"))
+    _ingest_any(inc, base, tmp_path)
+    _seed(inc)
+    sqlrunner.run_models(inc, incremental=True)
+    scored = "select count(*) from core.questionnaire_scores where response_id = ?"
+    _ingest_any(inc, [_write(tmp_path / "orphan.ndjson", [amend])], tmp_path)
+    sqlrunner.run_models(inc, incremental=True)
+    assert inc.execute(scored, [missing]).fetchone()[0] == 1
+    _ingest_any(inc, [_write(tmp_path / "retract.ndjson", [retract])], tmp_path)
+    built = {r.model.fqn: r for r in sqlrunner.run_models(inc, incremental=True)}
+    assert built["core.questionnaire_scores"].mode == "incremental"
+    assert inc.execute(scored, [missing]).fetchone()[0] == 0
+    assert _differences(inc, _full_copy(inc, tmp_path / "full.duckdb")) == []
+
+
+def test_a_model_built_while_its_upstream_lags_catches_up_later(small_landing, tmp_path):
+    """A mart built alone (a subset run from the UI or `--select`) while an upstream table is
+    behind the log records the upstream's watermark, not the log's, so the files in between
+    reach it once the upstream has them."""
+    inc = duckdb.connect(str(tmp_path / "inc.duckdb"))
+    _ingest_any(inc, small_landing[:50], tmp_path)
+    _seed(inc)
+    sqlrunner.run_models(inc, incremental=True)
+    _ingest_any(inc, small_landing[50:60], tmp_path)  # the models are not rebuilt
+    [alone] = sqlrunner.run_models(inc, ["marts.fct_outcome_sessions"], incremental=True)
+    assert alone.mode == "incremental"
+    state = "select built_through_file_id from meta.model_state where model = ?"
+    assert inc.execute(state, ["marts.fct_outcome_sessions"]).fetchone()[0] \
+        == inc.execute(state, ["core.questionnaire_scores"]).fetchone()[0] < 60
+    _ingest_any(inc, small_landing[60:64], tmp_path)
+    sqlrunner.run_models(inc, incremental=True)
+    assert _differences(inc, _full_copy(inc, tmp_path / "full.duckdb"),
+                        ["core.questionnaire_scores", "marts.fct_outcome_sessions",
+                         "marts.fct_sudden_gains"]) == []
+
+
+def test_as_of_selection_rebuilds_the_staging_tables_it_reads(small_landing, tmp_path):
+    """`set_as_of` then `run_models(con, ["core", "marts"])` (the documented recipe) equals a
+    warehouse that only ever had the events recorded by the cutoff: the staging models that are
+    tables are rebuilt under the cutoff too."""
+    from datetime import UTC, datetime, timedelta
+
+    from alliance.ingest import ingest_files
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    work = duckdb.connect(str(tmp_path / "work.duckdb"))
+    ingest_files(work, small_landing[:55], KEY, recorded_at=t0)
+    ingest_files(work, small_landing[55:77], KEY, recorded_at=t0 + timedelta(days=1))
+    _seed(work)
+    sqlrunner.run_models(work, incremental=True)
+    sqlrunner.set_as_of(work, (t0 + timedelta(hours=1)).isoformat())
+    sqlrunner.run_models(work, ["core", "marts"])
+    ref = duckdb.connect(str(tmp_path / "ref.duckdb"))
+    ingest_files(ref, small_landing[:55], KEY, recorded_at=t0)
+    _seed(ref)
+    sqlrunner.run_models(ref)
+    compared = [f for f in sqlrunner.discover_models() if not f.startswith("staging.")]
+    assert _differences(work, ref, compared) == []
