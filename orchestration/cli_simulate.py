@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import date
 
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             outcome_interval=args.outcome_interval,
         )
     except ValueError as e:
-        print(f"alliance simulate: {e}")
+        print(f"alliance simulate: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))
     return 0

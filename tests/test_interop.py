@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -332,6 +333,89 @@ def test_redcap_export_with_dictionary_checkboxes_events_and_repeats(tmp_path) -
     assert reasons == {(6, "multiple_answers"), (8, "invalid_value")}  # 7 is not a choice
     assert acc.skipped == {"no complete mapped form on the row": 1}  # 103: form not complete
     assert by_type(res.events, "episode.opened")[0]["patient_id"] == "101"
+
+
+def test_redcap_repeating_events_difficulty_field_and_total_range(tmp_path) -> None:
+    """Instances of a repeating event are separate events (the first keeps its old id); a
+    'phq9_10' difficulty field is not an item; a total outside the instrument's range is
+    quarantined at import, naming the CSV line and field, not at ingest."""
+    export, dictionary = _redcap_fixture(tmp_path)
+    with open(dictionary, "a", newline="") as f:
+        csv.writer(f).writerow(["phq9_10", "phq9", "", "radio", "Difficulty",
+                                "0, Not difficult | 1, Somewhat | 2, Very | 3, Extremely"])
+    with open(export, newline="") as f:
+        rows = list(csv.reader(f))
+    header = rows[0] + ["phq9_10"]
+    body = [r + ["1"] for r in rows[1:2]]  # record 101 baseline, difficulty answered
+    weekly = dict(zip(rows[0], rows[2], strict=True))  # a PHQ-9 at week 4: repeat it twice
+    for inst, total in (("1", "0"), ("2", "99")):
+        r = {**weekly, "redcap_event_name": "weekly_arm_1", "redcap_repeat_instance": inst,
+             "phq9_total": total}
+        body.append([r[c] for c in rows[0]] + [""])
+    with open(export, "w", newline="") as f:
+        csv.writer(f).writerows([header, *body])
+    res = import_redcap(export, dictionary, "redcap.yaml", clinic_id="rc1")
+    assert res.balanced
+    phq = [e for e in by_type(res.events, "questionnaire.submitted")
+           if e["payload"]["instrument"] == "PHQ-9"]
+    assert [sorted(e["payload"]["answers"]) for e in phq] == [sorted(str(i) for i in range(1, 10))] * 2
+    assert [(q["line"], q["reason"], q["field"]) for q in res.quarantine] == [
+        (4, "answer_out_of_range", "phq9_total")]
+    # instance 1 of the repeating event keeps the id a non-repeating event had
+    from alliance.importers.common import event_id
+
+    weekly1 = next(e for e in phq if e["occurred_at"] and e["payload"]["total"] == 0)
+    assert weekly1["event_id"] == event_id("rc1", "redcap", "101", "weekly_arm_1", "phq9", "")
+    res2 = import_redcap(export, dictionary, "redcap.yaml", clinic_id="rc1")
+    assert [e["event_id"] for e in res2.events] == [e["event_id"] for e in res.events]
+    # instance 2 with a valid total: its own event
+    body[-1][header.index("phq9_total")] = "0"
+    with open(export, "w", newline="") as f:
+        csv.writer(f).writerows([header, *body])
+    res3 = import_redcap(export, dictionary, "redcap.yaml", clinic_id="rc1")
+    weekly = [e for e in by_type(res3.events, "questionnaire.submitted")
+              if e["payload"]["instrument"] == "PHQ-9" and e["payload"]["timing"] != "intake"]
+    assert len({e["event_id"] for e in weekly}) == 2 and not res3.quarantine
+
+
+def test_csv_rows_that_conflict_or_hold_text_are_quarantined_without_their_content(tmp_path) -> None:
+    """Two rows for the same patient and time point with other values conflict: the second is
+    quarantined at import naming the first line (at ingest it was a conflicting duplicate in the
+    landing file). A cell of free text is described, never copied into the report."""
+    f = tmp_path / "w.csv"
+    f.write_text("id,bdi_s1,bdi_s2\nA1,20,18\nA2,25,Called John Smith 555-1234\nA1,20,15\nA3,10,9\n")
+    m = {"kind": "wide_csv", "clinic_id": "c1", "id_column": "id",
+         "scores": [{"instrument": "BDI-II", "column_pattern": r"^bdi_s(\d+)$"}]}
+    res = import_wide_csv_to_landing(f, m, tmp_path / "landing")
+    assert res.balanced
+    reasons = {(q["line"], q["reason"]) for q in res.quarantine}
+    assert reasons == {(3, "wrong_type"), (4, "conflicting_duplicate")}
+    conflict = next(q for q in res.quarantine if q["reason"] == "conflicting_duplicate")
+    assert "w.csv line 2" in conflict["message"]
+    report = res.quarantine_path.read_text()
+    assert "John" not in report and "555" not in report
+    assert "text, 26 characters" in report
+
+
+def test_mapping_values_are_checked_when_the_mapping_loads(tmp_path) -> None:
+    """A bad time zone, date, number or pattern in a mapping is a MappingError naming the key
+    (a one-line error with exit 2 from the CLI), not a traceback later."""
+    from alliance.importers.common import MappingError
+    from alliance.importers.fhir import FhirImporter
+    from alliance.importers.wide_csv import CsvImporter
+
+    base = {"kind": "wide_csv", "clinic_id": "c1", "id_column": "id",
+            "scores": [{"instrument": "PHQ-9", "column_pattern": r"^phq_(\d+)$"}]}
+    for change, key in (({"timezone": "Europe/Berln"}, "timezone"),
+                        ({"anchor_date": "06/01/2020"}, "anchor_date"),
+                        ({"first_session": "one"}, "first_session"),
+                        ({"interval_days": 0}, "interval_days"),
+                        ({"scores": [{"instrument": "PHQ-9", "column_pattern": "phq_(\\d+"}]},
+                         "scores[0].column_pattern")):
+        with pytest.raises(MappingError, match=rf"key '{re.escape(key)}'"):
+            CsvImporter({**base, **change})
+    with pytest.raises(MappingError, match="key 'timezone'"):
+        FhirImporter({"kind": "fhir", "clinic_id": "c1", "timezone": "Mars/Base"})
 
 
 # --------------------------------------------------------------------------- CLI and landing

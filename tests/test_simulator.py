@@ -182,6 +182,14 @@ def test_daily_files_and_truth_location(small) -> None:
 def test_truth_inside_landing_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="inside the landing"):
         simulate(tmp_path / "landing", patients=5, truth_path=tmp_path / "landing" / "t.json")
+    with pytest.raises(ValueError, match="inside the landing"):  # a subfolder of it too
+        simulate(tmp_path / "landing", patients=5, truth_path=tmp_path / "landing" / "x" / "t.json")
+
+
+@pytest.mark.parametrize("option", ["outcome_interval", "wai_interval"])
+def test_session_intervals_below_one_are_refused(tmp_path: Path, option: str) -> None:
+    with pytest.raises(ValueError, match=f"{option} must be a whole number of sessions"):
+        simulate(tmp_path / "landing", patients=5, months=1, **{option: 0})
 
 
 # ------------------------------------------------------------------ contract conformance
@@ -497,6 +505,10 @@ def test_cli_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert doc["parameters"]["clinics"] == 2 and doc["parameters"]["alliance_outcome_r"] == 0.4
     assert {e.name.split("-")[0] for e in out.iterdir()} == {"export"}
     assert main(["simulate", "--out", str(out), "--bad-share", "0.9"]) == 2
+    capsys.readouterr()
+    assert main(["simulate", "--out", str(out), "--outcome-interval", "0"]) == 2
+    err = capsys.readouterr()
+    assert "outcome_interval must be a whole number" in err.err and not err.out
 
 
 def test_wrong_reported_totals_stay_inside_the_instrument_range(tmp_path):

@@ -71,6 +71,58 @@ def load_mapping(path: str | os.PathLike[str], kind: str | None = None) -> dict[
     return data
 
 
+def check_timezone(value: Any, where: str) -> str:
+    """A mapping's `timezone` as an IANA name, or a MappingError naming the file and key."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    name = str(value or "UTC")
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise MappingError(f"{where}: key 'timezone': {name!r} is not an IANA time zone "
+                           "(e.g. Europe/London, UTC)") from None
+    return name
+
+
+def compile_pattern(value: Any, where: str, key: str) -> re.Pattern[str]:
+    """A mapping's regular expression (with one group), or a MappingError naming file and key."""
+    try:
+        pat = re.compile(str(value))
+    except re.error as e:
+        raise MappingError(f"{where}: key {key!r}: not a valid regular expression ({e})") from None
+    if pat.groups < 1:
+        raise MappingError(f"{where}: key {key!r}: needs a group for the number, e.g. '_(\\d+)$'")
+    return pat
+
+
+def check_answers(ref: Any, answers: dict[str, Any], total: Any,
+                  item_field: Callable[[str], str], total_field: str) -> None:
+    """Item numbers and ranges, and the total's range, against the instrument definition.
+
+    The ingest checks the same again; checking here names the source file, line and field, and
+    keeps the import's report true ("clean" imports were rejected at ingest before).
+    """
+    for item, v in answers.items():
+        if ref.item_count and not (item.isdigit() and 1 <= int(item) <= ref.item_count):
+            raise Quarantined("unknown_item", item_field(item),
+                              f"{ref.code} has items 1..{ref.item_count}")
+        if v is not None and ((ref.item_min is not None and v < ref.item_min)
+                              or (ref.item_max is not None and v > ref.item_max)):
+            raise Quarantined("answer_out_of_range", item_field(item),
+                              f"{v} outside {ref.item_min}..{ref.item_max} for {ref.code}")
+    if total is not None and ((ref.total_min is not None and total < ref.total_min)
+                              or (ref.total_max is not None and total > ref.total_max)):
+        raise Quarantined("answer_out_of_range", total_field,
+                          f"{total} outside {ref.total_min}..{ref.total_max} for {ref.code}")
+
+
+def describe_value(raw: Any) -> str:
+    """What a rejected cell looked like, without its content (it may hold names or notes)."""
+    text = str(raw)
+    kind = "text" if any(c.isalpha() for c in text) else "symbols"
+    return f"a non-number ({kind}, {len(text)} characters)"
+
+
 def require(mapping: dict[str, Any], key: str) -> Any:
     """A required mapping key, or a MappingError naming the file and key."""
     if mapping.get(key) in (None, ""):
@@ -213,6 +265,8 @@ class ImportResult:
     files: dict[str, FileAccount] = field(default_factory=dict)
     # events not read from a record (episode.opened per patient; CSV gap sessions)
     synthesised: int = 0
+    # event id -> (its JSON, where it came from), for rows that repeat an id (account_csv_rows)
+    seen_events: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
     # Written by write_landing():
     events_path: Path | None = None
     quarantine_path: Path | None = None
@@ -389,6 +443,7 @@ def account_csv_rows(
             continue
         try:
             events = row_events(row)
+            _check_repeats(result, events, where, line)
         except Quarantined as q:
             result.reject(where, line, q, f"row {line}")
             continue
@@ -396,6 +451,22 @@ def account_csv_rows(
             result.produce(where, events)
         else:
             result.skip(where, nothing_reason)
+
+
+def _check_repeats(result: ImportResult, events: list[dict[str, Any]], where: str,
+                   line: int) -> None:
+    """A row whose event repeats an earlier row's id (same record and time point) with other
+    content conflicts with it: quarantined here, naming both lines, instead of at ingest as a
+    conflicting duplicate naming only the landing file. Exact repeats pass (dropped on write)."""
+    for ev in events:
+        blob = json.dumps(ev, sort_keys=True)
+        seen = result.seen_events.get(ev["event_id"])
+        if seen is not None and seen[0] != blob:
+            raise Quarantined("conflicting_duplicate", "",
+                              f"same record and time point as {seen[1]}, with other values")
+    for ev in events:
+        result.seen_events.setdefault(ev["event_id"], (json.dumps(ev, sort_keys=True),
+                                                       f"{Path(where).name} line {line}"))
 
 
 MISSING = {"", "na", "n/a", "nan", "null", "none", "."}

@@ -33,7 +33,10 @@ from alliance.importers.common import (
     MappingError,
     Quarantined,
     Skipped,
+    check_answers,
     check_clinic,
+    check_timezone,
+    compile_pattern,
     event_id,
     load_mapping,
     make_event,
@@ -301,7 +304,7 @@ class FhirImporter:
         where = mapping.get("_path", "mapping")
         self.clinic = check_clinic(clinic_id or mapping.get("clinic_id") or "", where)
         self.source = str(mapping.get("source") or "fhir-import")
-        self.tz = str(mapping.get("timezone") or "UTC")
+        self.tz = check_timezone(mapping.get("timezone"), where)
         self.age_group = str(mapping.get("default_age_group") or "adult")
         self.refs = load_refs()
         self.loinc = _loinc_refs(mapping)
@@ -316,6 +319,9 @@ class FhirImporter:
         for i, q in enumerate(self.qmaps):
             if not q.get("canonical") or not q.get("instrument"):
                 raise MappingError(f"{where}: questionnaires[{i}] needs 'canonical' and 'instrument'")
+            if q.get("item_link_pattern"):
+                compile_pattern(q["item_link_pattern"], where,
+                                f"questionnaires[{i}].item_link_pattern")
         self.idx = Index()
         # patient -> (first occurred_at, first record's file:line) for synthesised episodes
         self.first_seen: dict[str, str] = {}
@@ -652,18 +658,7 @@ class FhirImporter:
 
     def _check(self, ref: InstrumentRef, answers: dict[str, Any], total: Any, field_name: str) -> None:
         """Range checks up front, so errors name the FHIR file and line (the ingest checks again)."""
-        for item, v in answers.items():
-            if ref.item_count and not (item.isdigit() and 1 <= int(item) <= ref.item_count):
-                raise Quarantined("unknown_item", f"{field_name}[{item}]",
-                                  f"{ref.code} has items 1..{ref.item_count}")
-            if v is not None and ((ref.item_min is not None and v < ref.item_min)
-                                  or (ref.item_max is not None and v > ref.item_max)):
-                raise Quarantined("answer_out_of_range", f"{field_name}[{item}]",
-                                  f"{v} outside {ref.item_min}..{ref.item_max} for {ref.code}")
-        if total is not None and ((ref.total_min is not None and total < ref.total_min)
-                                  or (ref.total_max is not None and total > ref.total_max)):
-            raise Quarantined("answer_out_of_range", "total",
-                              f"{total} outside {ref.total_min}..{ref.total_max} for {ref.code}")
+        check_answers(ref, answers, total, lambda item: f"{field_name}[{item}]", "total")
 
     # ----- Observation
 

@@ -14,7 +14,6 @@ form), or is quarantined as a whole (any mapped form on it unmappable).
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,10 @@ from alliance.importers.common import (
     MappingError,
     Quarantined,
     account_csv_rows,
+    check_answers,
     check_clinic,
+    check_timezone,
+    compile_pattern,
     event_id,
     is_missing,
     load_mapping,
@@ -39,11 +41,12 @@ from alliance.importers.common import (
 from alliance.importers.instruments_ref import load_refs
 
 
-def _col(header: list[str], *starts: str) -> str:
+def _col(header: list[str], *starts: str, path: Path | None = None) -> str:
     for h in header:
         if h.strip().lower().startswith(starts):
             return h
-    raise MappingError(f"data dictionary: no column starting with {starts[0]!r}")
+    raise MappingError(f"{path or 'data dictionary'}: line 1: no column starting with "
+                       f"{starts[0]!r} (a REDCap data dictionary export is expected)")
 
 
 def read_dictionary(path: Path) -> dict[str, dict[str, Any]]:
@@ -51,10 +54,10 @@ def read_dictionary(path: Path) -> dict[str, dict[str, Any]]:
     header, rows = read_csv_rows(path)
     if not header:
         raise MappingError(f"{path}: empty data dictionary")
-    c_name = _col(header, "variable")
-    c_form = _col(header, "form name", "form")
-    c_type = _col(header, "field type")
-    c_choices = _col(header, "choices")
+    c_name = _col(header, "variable", path=path)
+    c_form = _col(header, "form name", "form", path=path)
+    c_type = _col(header, "field type", path=path)
+    c_choices = _col(header, "choices", path=path)
     out: dict[str, dict[str, Any]] = {}
     for line, row in rows:
         if not row:
@@ -81,7 +84,7 @@ class RedcapImporter:
         self.where = str(mapping.get("_path", "mapping"))
         self.clinic = check_clinic(clinic_id or mapping.get("clinic_id") or "", self.where)
         self.source = str(mapping.get("source") or "redcap")
-        self.tz = str(mapping.get("timezone") or "UTC")
+        self.tz = check_timezone(mapping.get("timezone"), self.where)
         self.record = str(mapping.get("record_id_field") or "record_id")
         self.event_f = str(mapping.get("event_field") or "redcap_event_name")
         self.rep_form_f = str(mapping.get("repeat_instrument_field") or "redcap_repeat_instrument")
@@ -101,7 +104,7 @@ class RedcapImporter:
                                    "in the data dictionary")
             items = {str(k): str(v) for k, v in (f.get("items") or {}).items()}
             if f.get("item_pattern"):
-                pat = re.compile(f["item_pattern"])
+                pat = compile_pattern(f["item_pattern"], self.where, f"instruments[{i}].item_pattern")
                 for n in fields:
                     if (mo := pat.search(n)) and n not in items:
                         items[n] = str(int(mo.group(1)))
@@ -165,11 +168,9 @@ class RedcapImporter:
         if all(v is None for v in answers.values()) and total is None:
             return None
         ref = self.refs[spec["instrument"]]
-        for item, v in answers.items():
-            if v is not None and ((ref.item_min is not None and v < ref.item_min)
-                                  or (ref.item_max is not None and v > ref.item_max)):
-                raise Quarantined("answer_out_of_range", f"item {item}",
-                                  f"{v} outside {ref.item_min}..{ref.item_max} for {ref.code}")
+        field_of = {item: f for f, item in spec["_items"].items()}
+        check_answers(ref, answers, total, lambda item: field_of.get(item, f"item {item}"),
+                      str(spec.get("total_field") or "total"))
         when = normalise_timestamp(row.get(spec["date_field"]), self.tz)
         if when is None:
             raise Quarantined("missing_field" if is_missing(row.get(spec["date_field"]))
@@ -203,7 +204,11 @@ class RedcapImporter:
             # A repeating-instrument row holds only that form; the base row only the others.
             if rep_form and rep_form != spec["form"]:
                 continue
-            ev = self.form_event(row, spec, rec, ev_name, instance if rep_form else "")
+            # The instance is part of the event id for repeating instruments, and for the second
+            # and later instances of a repeating event (the first keeps the id it had before
+            # repeating events were told apart, so re-imports still match what was ingested).
+            inst = instance if rep_form else ("" if instance in ("", "1") else instance)
+            ev = self.form_event(row, spec, rec, ev_name, inst)
             if ev is not None:
                 events.append(ev)
         for ev in events:

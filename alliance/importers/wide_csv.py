@@ -26,6 +26,9 @@ from alliance.importers.common import (
     Quarantined,
     account_csv_rows,
     check_clinic,
+    check_timezone,
+    compile_pattern,
+    describe_value,
     event_id,
     is_missing,
     load_mapping,
@@ -52,16 +55,20 @@ class CsvImporter:
         if self.format not in ("wide", "long"):
             raise MappingError(f"{self.where}: format must be 'wide' or 'long', not {self.format!r}")
         self.id_col = str(require(mapping, "id_column"))
-        self.tz = ZoneInfo(str(mapping.get("timezone") or "UTC"))
+        self.tz = ZoneInfo(check_timezone(mapping.get("timezone"), self.where))
         anchor = mapping.get("anchor_date") or "2000-01-03"
-        self.anchor = anchor if isinstance(anchor, date) else date.fromisoformat(str(anchor))
-        self.interval = float(mapping.get("interval_days") or 7)
+        try:
+            self.anchor = anchor if isinstance(anchor, date) else date.fromisoformat(str(anchor))
+        except ValueError:
+            raise MappingError(f"{self.where}: key 'anchor_date': {anchor!r} is not a date "
+                               "(YYYY-MM-DD)") from None
+        self.interval = self._number(mapping, "interval_days", 7, float)
         self.age_group = str(mapping.get("default_age_group") or "adult")
         self.missing = {str(x) for x in mapping.get("missing_values") or []}
         self.timing = {str(k): str(v) for k, v in (mapping.get("timing") or {}).items()}
         self.default_timing = mapping.get("default_timing")
         self.sessions = bool(mapping.get("sessions", False))
-        self.first_session = int(mapping.get("first_session", 1))
+        self.first_session = self._number(mapping, "first_session", 1, int)
         self.fill_gaps = bool(mapping.get("fill_session_gaps", False))
         if self.fill_gaps and not self.sessions:
             raise MappingError(f"{self.where}: fill_session_gaps needs sessions: true")
@@ -79,9 +86,21 @@ class CsvImporter:
             key = "column_pattern" if self.format == "wide" else "column"
             if not s.get(key):
                 raise MappingError(f"{self.where}: scores[{i}] needs '{key}' for {self.format} format")
+            if self.format == "wide":
+                compile_pattern(s[key], self.where, f"scores[{i}].column_pattern")
         self.refs = refs
         self.first_seen: dict[str, str] = {}
         self.attended_numbers: dict[str, set[int]] = {}
+
+    def _number(self, mapping: dict[str, Any], key: str, default: Any, kind: type) -> Any:
+        value = mapping.get(key, default)
+        try:
+            out = kind(value if value is not None else default)
+        except (TypeError, ValueError):
+            raise MappingError(f"{self.where}: key {key!r}: {value!r} is not a number") from None
+        if out < 0 or (key == "interval_days" and out <= 0):
+            raise MappingError(f"{self.where}: key {key!r}: {value!r} must be positive")
+        return out
 
     def when(self, n: float) -> str:
         dt = datetime.combine(self.anchor, time(9, 0), self.tz) + timedelta(days=n * self.interval)
@@ -103,7 +122,8 @@ class CsvImporter:
     def score(self, raw: str, spec: dict[str, Any], col: str) -> int | float:
         v = number(raw)
         if v is None:
-            raise Quarantined("wrong_type", col, f"score {raw!r} is not a number")
+            # (the cell itself is not repeated: it may hold a name or a note)
+            raise Quarantined("wrong_type", col, f"score is {describe_value(raw)}")
         ref = self.refs[spec["instrument"]]
         if (ref.total_min is not None and v < ref.total_min) or (
                 ref.total_max is not None and v > ref.total_max):
@@ -144,7 +164,8 @@ class CsvImporter:
             n = number(row.get(tcol))
             if n is None:
                 raise Quarantined("wrong_type" if row.get(tcol) else "missing_field", tcol,
-                                  f"time {row.get(tcol)!r} is not a number")
+                                  f"time is {describe_value(row.get(tcol))}" if row.get(tcol)
+                                  else "time is missing")
             items = [(spec["column"], spec, n) for spec in self.scores]
         for col, spec, n in items:
             raw = row.get(col)

@@ -70,9 +70,13 @@ def simulate(out_dir: str | os.PathLike[str], *, clinics: int = 3, patients: int
         params.patients = max(1, math.ceil(events_target / events_per_patient(params)))
     if params.patients < 1:
         raise ValueError("patients must be at least 1")
+    for name in ("outcome_interval", "wai_interval"):
+        if not isinstance(getattr(params, name), int) or getattr(params, name) < 1:
+            raise ValueError(f"{name} must be a whole number of sessions, at least 1, "
+                             f"got {getattr(params, name)!r}")
     out = Path(out_dir)
     truth_file = Path(truth_path) if truth_path is not None else default_truth_path(out)
-    if truth_file.resolve().parent == out.resolve():
+    if out.resolve() == truth_file.resolve().parent or out.resolve() in truth_file.resolve().parents:
         raise ValueError(f"{truth_file}: the ground truth must not be written inside the landing "
                          "folder the ingest reads; choose another --truth path")
     sim = Simulator(params)
