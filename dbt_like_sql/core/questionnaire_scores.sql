@@ -17,7 +17,8 @@ events as (select * from staging.stg_events),  -- as-of filtered there, once
 episode_age as (
     select
         episode_id,
-        arg_max(payload ->> 'age_group', recorded_at) as age_group
+        -- ties (one ingest transaction shares recorded_at) broken by event_id: deterministic
+        arg_max(payload ->> 'age_group', (recorded_at, event_id)) as age_group
     from events
     where event_type = 'episode.opened' and episode_id is not null
     group by episode_id
@@ -26,7 +27,7 @@ episode_age as (
 session_therapist as (
     select
         session_id,
-        arg_max(therapist_id, recorded_at) as therapist_id
+        arg_max(therapist_id, (recorded_at, event_id)) as therapist_id
     from events
     where event_type like 'session.%' and session_id is not null and therapist_id is not null
     group by session_id

@@ -48,7 +48,9 @@ episode_lists as (
         scores.episode_id,
         scores.instrument,
         any_value(scores.patient_id) as patient_id,
-        any_value(scores.therapist_id) as therapist_id,
+        -- the therapist of the episode's latest score (any_value picked one at random when
+        -- the therapist changed during the episode)
+        arg_max(scores.therapist_id, scores.measure_position) as therapist_id,
         any_value(scores.clinic_id) as clinic_id,
         greatest(max(scores.measure_position), any_value(episodes.sessions_attended))
             as last_position
