@@ -194,6 +194,7 @@ def models_asset(models: dict[str, sqlrunner.Model], name: str = "sql_models",
                 # test per run) but not the protection. An incremental build's tests check the
                 # rebuilt rows (docs/sql-models.md).
                 results = sqlrunner.run_tests(con, model, scope=built.test_scope)
+                results = _whole_model_failures(con, model, results, built.test_scope)
                 # Check history (quality.check_results), in one transaction on the connection
                 # the tests ran on, so `alliance status` and the report see column tests too.
                 record_check_results(con, context.run.run_id,
@@ -272,6 +273,24 @@ def _check_result(r: sqlrunner.TestResult, key: dg.AssetKey) -> dg.AssetCheckRes
                   else dg.AssetCheckSeverity.WARN),
         metadata=metadata,
     )
+
+
+def _whole_model_failures(con, model: sqlrunner.Model, results: list[sqlrunner.TestResult],
+                          scope: str | None) -> list[sqlrunner.TestResult]:
+    """A test that fails on an incremental build's rebuilt rows, counted over the whole model.
+
+    The scoped count says how many rebuilt rows fail, not how many rows do: recorded as it was,
+    a second orphan replaced the first in the history ("1 rows" with only the new key). Failures
+    are rare and the count is one query, so the check history and the Dagster result carry the
+    whole model's count and keys; passing tests keep their cheap scoped evaluation.
+    """
+    if scope is None:
+        return results
+    failing = [r.test.check_name for r in results if not r.passed and r.error is None]
+    if not failing:
+        return results
+    whole = {r.test.check_name: r for r in sqlrunner.run_tests(con, model, failing)}
+    return [whole.get(r.test.check_name, r) for r in results]
 
 
 def _recordable(con, model: sqlrunner.Model, results: list[sqlrunner.TestResult],

@@ -384,7 +384,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  {name:<45} {n:>12,}")
     print(f"failing checks: {len(st['failing_checks'])} (from {st['failing_checks_source']})")
     for f in st["failing_checks"]:
-        rows = f"{f['unexpected_count']} rows" if f.get("unexpected_count") is not None else "error"
+        # (GX checks count a row once per expectation it fails; SQL tests count rows)
+        rows = (f"{f['unexpected_count']} failing" if f.get("unexpected_count") is not None
+                else "error")
         print(f"  {f.get('severity', '')}: {f.get('asset', '')} {f.get('check_name', '')} "
               f"({rows}; failing since {f.get('failing_since') or '-'}, "
               f"last evaluated {f.get('evaluated_at', '')})")

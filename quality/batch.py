@@ -306,7 +306,10 @@ def load_batch(con: duckdb.DuckDBPyConnection, file_ids: Sequence[int]) -> Batch
                     file_id, line_number, instrument, instrument_version,
                     entry.key as item,
                     coalesce(json_type(entry.value) <> 'NULL', false) as answer_given,
-                    try_cast(entry.value as double) as answer
+                    -- a number only when JSON says so: true, false and "5" are not (the ingest
+                    -- quarantines them; a cast would read them as 1, 0 and 5)
+                    case when json_type(entry.value) in ('BIGINT', 'UBIGINT', 'DOUBLE')
+                        then try_cast(entry.value as double) end as answer
                 from (
                     select
                         file_id, line_number,
@@ -554,6 +557,37 @@ comment on column quality.validated_batches.events is 'Events of the file that w
 comment on column quality.validated_batches.passed is 'False when a blocking check failed.';
 comment on column quality.validated_batches.blocking_failures is 'Names of the blocking checks that failed.';
 """
+
+
+def implausible_timestamps(con: duckdb.DuckDBPyConnection, params: BatchParams,
+                           rejected: Iterable[int] = (), now: datetime | None = None
+                           ) -> tuple[int, list[str]]:
+    """Events of the whole log (rejected files aside) that fail `timestamps_plausible` now: the
+    count and the first keys (file_id, line_number).
+
+    The batch suite validates each file once (and again only while it has a blocking failure),
+    so a WARN finding on an earlier file would read "passed" on the next run's new files while
+    its events are still in the log; this cheap SQL form of the same rule keeps it visible.
+    """
+    if not _table_exists(con, "raw", "events"):
+        return 0, []
+    now = now or datetime.now(UTC)
+    excluded = sorted({int(x) for x in rejected}) or [-1]
+    n, keys = con.execute(
+        """
+        with bad as (
+            select file_id, line_number from raw.events
+            where file_id not in (select unnest(?::bigint[]))
+                and (occurred_at < ?::timestamptz or occurred_at > ?::timestamptz
+                     or occurred_at > recorded_at)
+        )
+        select (select count(*) from bad),
+            (select list(k) from (select 'file_id=' || file_id || ' line_number=' || line_number
+                                  as k from bad order by file_id, line_number limit ?))
+        """,
+        [excluded, params.occurred_at_floor, now + params.future_tolerance, MAX_FAILING_KEYS],
+    ).fetchone()
+    return int(n), list(keys or [])
 
 
 def pending_file_ids(con: duckdb.DuckDBPyConnection) -> list[int]:

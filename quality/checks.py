@@ -20,6 +20,7 @@ from quality.batch import (
     CHUNK_EVENTS,
     Batch,
     default_params,
+    implausible_timestamps,
     load_batch,
     mark_validated,
     pending_file_ids,
@@ -97,6 +98,9 @@ def _result(
         severity=_severity(severity),
         metadata=md,
     )
+
+
+TIMESTAMPS_CHECK = "timestamps_plausible"  # the batch suite's WARN rule (quality/suites/batch.yaml)
 
 
 def _record(con: Any, run_id: str, asset: dg.AssetKey, outcome: CheckOutcome, severity: str,
@@ -190,6 +194,18 @@ def batch_checks(asset: dg.AssetKey = RAW_EVENTS) -> dg.AssetChecksDefinition:
         validation = validate_chunks(load, chunks, params=params)
         if not validation.rows:
             validation.notes = ["no new events"]
+        # The one WARN rule, over the whole log: this run validated only new (or blocked) files,
+        # and a passing evaluation of them must not read as "passed" while an earlier file's
+        # implausible events are still in the log (they stay until the file is rejected).
+        plausible = validation.checks.get(TIMESTAMPS_CHECK)
+        if plausible is not None and plausible.passed:
+            with duckdb.get_connection() as con:
+                n, keys = implausible_timestamps(con, params, rejected_file_ids(con))
+            if n:
+                validation.checks[TIMESTAMPS_CHECK] = CheckOutcome(
+                    TIMESTAMPS_CHECK, False, n,
+                    ["events of earlier runs are still implausible (whole log, rejected files "
+                     "aside)"], keys, plausible.expectations_evaluated)
         extra = {"file_ids": ", ".join(map(str, ids)) or "none", "rows_validated": validation.rows,
                  "validation_seconds": round(validation.seconds, 3)}
         if validation.notes:
@@ -197,9 +213,18 @@ def batch_checks(asset: dg.AssetKey = RAW_EVENTS) -> dg.AssetChecksDefinition:
         if validation.blocking_failures:
             # The events are in the append-only log: the files stay blocked, run after run,
             # until a data engineer decides (docs/operations.md, "A blocking batch check failed").
-            extra["remedy"] = ("these files are re-checked and block every run until rejected: "
-                               "alliance reject-file <file_id> --reason <code>, then re-send a "
-                               "corrected export")
+            # Only the files named by failing rows are to be rejected: the verdict is the whole
+            # batch's, so its clean files stay pending too until those are gone.
+            named = sorted({int(k.split()[0].removeprefix("file_id="))
+                            for name in validation.blocking_failures
+                            for k in validation.checks[name].failing_keys
+                            if k.startswith("file_id=")})
+            extra["files_with_failing_rows"] = ", ".join(map(str, named)) or "see failing_keys"
+            extra["remedy"] = ("reject the files with failing rows (files_with_failing_rows; the "
+                               "failing keys list the first rows): alliance reject-file <file_id> "
+                               "--reason <code>, then re-send a corrected export. Until then every "
+                               "file of this batch is re-checked and blocks each run; the others "
+                               "pass once those are rejected")
         with duckdb.get_connection() as con:
             mark_validated(con, validation, run_id)
             for name, outcome in validation.checks.items():

@@ -204,11 +204,23 @@ def _build_expectation(spec: ExpectationSpec) -> Any:
     return cls(**kwargs, meta={"check": spec.check, "label": spec.describe()})
 
 
+def _is_null(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        import pandas as pd
+
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # lists and the like: not a scalar null
+        return False
+
+
 def _keys(entries: Sequence[dict[str, Any]] | None, key_columns: Sequence[str]) -> list[str]:
     """Row locations from GX's partial index list, keeping only the key columns (never values)."""
     keys: list[str] = []
     for entry in entries or []:
-        parts = [f"{c}={entry[c]}" for c in key_columns if c in entry and entry[c] is not None]
+        # (pandas gives NaN / NA / NaT for a NULL key, which is no location)
+        parts = [f"{c}={entry[c]}" for c in key_columns if c in entry and not _is_null(entry[c])]
         if parts:
             k = " ".join(parts)
             if k not in keys:

@@ -36,7 +36,7 @@ comment on column quality.check_results.asset is 'Asset checked, as schema/name.
 comment on column quality.check_results.check_name is 'Name of the check (docs/quality.md).';
 comment on column quality.check_results.passed is 'Whether the check passed.';
 comment on column quality.check_results.severity is 'ERROR (blocking) or WARN.';
-comment on column quality.check_results.unexpected_count is 'Rows that failed the check, where it counts rows.';
+comment on column quality.check_results.unexpected_count is 'Failures the check found: failing rows of a SQL test or check; for a GX check, failing rows per expectation, summed over its expectations (a row failing two expectations counts twice).';
 comment on column quality.check_results.evaluated_at is 'When the check ran.';
 comment on column quality.check_results.details is 'The expectation, failing keys (pseudonyms only) and notes, as JSON.';
 """

@@ -391,3 +391,22 @@ def test_as_of_selection_rebuilds_the_staging_tables_it_reads(small_landing, tmp
     sqlrunner.run_models(ref)
     compared = [f for f in sqlrunner.discover_models() if not f.startswith("staging.")]
     assert _differences(work, ref, compared) == []
+
+
+def test_prorating_beyond_the_published_allowance_fails_its_test(warehouses):
+    """core.questionnaire_scores' prorating test checks the instrument's allowance in the seed
+    (PHQ-9: 2 missing items), not columns derived from the same condition (it could not fail)."""
+    inc = warehouses["inc"]
+    model = sqlrunner.discover_models()["core.questionnaire_scores"]
+    name = next(t.check_name for t in model.tests if t.column == "prorated_items")
+    [clean] = sqlrunner.run_tests(inc, model, [name])
+    assert clean.passed
+    inc.execute("begin transaction")
+    try:
+        inc.execute("update core.questionnaire_scores set prorated_items = 3, prorated = true "
+                    "where response_id = (select min(response_id) from core.questionnaire_scores "
+                    "where instrument = 'PHQ-9' and total is not null)")
+        [broken] = sqlrunner.run_tests(inc, model, [name])
+        assert broken.failing == 1
+    finally:
+        inc.execute("rollback")

@@ -450,7 +450,7 @@ def test_status_shows_failing_check_only_the_warehouse_knows(world, capsys):
         assert locked["failing_checks_source"] == "snapshot (warehouse locked by a writer)"
         assert locked["row_counts"]["raw.events"] > 0
         assert main(["status"]) == 0
-        assert "line_conservation (1 rows; failing since" in capsys.readouterr().out
+        assert "line_conservation (1 failing; failing since" in capsys.readouterr().out
 
         # the failure blocks everything that reads raw.events: no model, no publish
         published = p.serving.stat().st_mtime_ns

@@ -85,6 +85,8 @@ def inject(con: duckdb.DuckDBPyConnection, file_id: int, kind: str) -> None:
         "unknown_code": f"update raw.events set payload = json_object('modality', 'telepathy') where event_id in ('a{k + 3}', 'a{k + 4}', 'a{k + 5}')",
         # 1 answer out of range and 1 unknown item
         "answer_range": f"update raw.events set payload = json_object('instrument', 'PHQ-9', 'instrument_version', '1', 'respondent', 'patient', 'administered_at', 'x', 'answers', json_object('1', 7, '2', null, '12', 1)) where event_id = 'q{k + 6}'",
+        # 2 answers JSON does not call numbers: a boolean and a numeric string
+        "answer_not_number": f"update raw.events set payload = json_object('instrument', 'PHQ-9', 'instrument_version', '1', 'respondent', 'patient', 'administered_at', 'x', 'answers', json_object('1', true, '2', '2', '3', 1)) where event_id = 'q{k + 6}'",
         # 1 event far in the future (also after its recorded_at: 2 findings), 1 before the floor
         "timestamps": f"update raw.events set occurred_at = case event_id when 'a{k + 7}' then '2099-01-01'::timestamptz else '1990-01-01'::timestamptz end where event_id in ('a{k + 7}', 'a{k + 8}')",
     }[kind]
@@ -97,6 +99,7 @@ VIOLATIONS = {
     "raw_identifier": ("pseudonyms_well_formed", 1, "ERROR"),
     "unknown_code": ("codes_known", 3, "ERROR"),
     "answer_range": ("answers_in_range", 2, "ERROR"),
+    "answer_not_number": ("answers_in_range", 2, "ERROR"),
     "timestamps": ("timestamps_plausible", 3, "WARN"),
 }
 
@@ -237,7 +240,8 @@ def test_blocking_failure_stops_downstream_warning_does_not(
 
     block = _run(assets, resources, instance, "raw_identifier")
     assert _evaluations(block)["pseudonyms_well_formed"] == (False, "ERROR")
-    assert _evaluations(block)["timestamps_plausible"] == (True, "WARN")  # only the new batch
+    # the new batch's timestamps are fine, but file 1's implausible events are still in the log
+    assert _evaluations(block)["timestamps_plausible"] == (False, "WARN")
     assert not block.success
     assert _materialized(block) == {"raw/events"}
 
@@ -251,8 +255,11 @@ def test_blocking_failure_stops_downstream_warning_does_not(
     assert validated == [(1, True), (2, False)]  # a WARN failure does not fail the batch
     failing = failing_checks(db)
     assert [(f["check_name"], f["severity"], f["unexpected_count"]) for f in failing] == [
-        ("pseudonyms_well_formed", "ERROR", 1)]
+        ("pseudonyms_well_formed", "ERROR", 1), ("timestamps_plausible", "WARN", 2)]
     assert failing[0]["run_id"] == block.run_id and failing[0]["failing_since"] is not None
+    # failing since the first run, the one that ingested the implausible events
+    first = {f["check_name"]: f for f in failing}["timestamps_plausible"]
+    assert first["run_id"] == block.run_id and first["failing_since"] < failing[0]["failing_since"]
     assert "Jane" not in json.dumps(failing, default=str)
 
     # Data Docs were rendered under <data dir>/quality-docs, without the leaked identifier
@@ -358,6 +365,15 @@ def test_marts_and_relational_checks(tmp_path: Path) -> None:
                                          checks=("rates_within_range", "one_row_per_key",
                                                  "totals_in_instrument_range")))
     assert fct["rates_within_range"].unexpected_count == 2  # 120 % and a rate of 1.5
+    # a NULL key column (the network row of clinic_monthly has no clinic) is no location
+    con.execute("create table marts.fct_network as select * from (values "
+                "('clinic', 'c1', date '2024-03-01', 0.5), ('network', null, date '2024-03-01', 1.5))"
+                " t(scope, clinic_id, month, dropout_rate)")
+    net = validate_model(con, ModelSuite("marts", "fct_network",
+                                         failing_keys=("scope", "clinic_id", "month"),
+                                         rate_ranges=(("_rate$", 0, 1),),
+                                         checks=("rates_within_range",)))["rates_within_range"]
+    assert not net.passed and net.failing_keys == ["scope=network month=2024-03-01 00:00:00"]
     assert fct["totals_in_instrument_range"].unexpected_count == 1
     assert fct["one_row_per_key"].unexpected_count == 2 and not fct["one_row_per_key"].passed
 
@@ -627,6 +643,32 @@ def test_blocking_failure_holds_until_the_file_is_rejected(
         assert pending_file_ids(con) == []
 
 
+def test_a_warning_on_an_earlier_file_stays_until_the_file_is_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch suite validates each file once; a later run with no new events, or with clean
+    ones, must not record "passed" for timestamps_plausible while the implausible events are
+    still in the log. Rejecting the file lets the next evaluation pass."""
+    from alliance.rejections import reject_files
+
+    monkeypatch.setenv("ALLIANCE_QUALITY_DOCS", "0")
+    db = str(tmp_path / "w.duckdb")
+    assets, resources = _graph(db)
+    instance = dg.DagsterInstance.ephemeral()
+    assert _evaluations(_run(assets, resources, instance, "timestamps", sessions=10))[
+        "timestamps_plausible"] == (False, "WARN")
+    later = _run(assets, resources, instance, "", sessions=10)  # a clean file
+    assert _evaluations(later)["timestamps_plausible"] == (False, "WARN")
+    failing = {f["check_name"]: f for f in failing_checks(db)}
+    assert failing["timestamps_plausible"]["unexpected_count"] == 2  # rows of the whole log
+    assert "file_id=1" in failing["timestamps_plausible"]["details"]["failing_keys"]
+    with duckdb.connect(db) as con:
+        reject_files(con, [1], "corrupt_export")
+    cleared = _run(assets, resources, instance, "", sessions=10)
+    assert _evaluations(cleared)["timestamps_plausible"] == (True, "WARN")
+    assert "timestamps_plausible" not in {f["check_name"] for f in failing_checks(db)}
+
+
 def test_scoped_pass_of_a_warning_test_does_not_clear_a_recorded_failure(tmp_path: Path) -> None:
     """An incremental build tests only its rebuilt rows: a warning-level test passing there does
     not overwrite the failure on record (failing_since kept); a whole-model pass does."""
@@ -647,3 +689,25 @@ def test_scoped_pass_of_a_warning_test_does_not_clear_a_recorded_failure(tmp_pat
         == [warn.check_name, err.check_name]
     failing_again = [sqlrunner.TestResult(warn, 2, ["se_1"])]
     assert _recordable(con, model, failing_again, "rebuilt_rows") == failing_again
+
+
+def test_a_scoped_failure_is_counted_over_the_whole_model(tmp_path: Path) -> None:
+    """A test failing on an incremental build's rebuilt rows is recorded with the whole model's
+    count and keys: an older failing row outside the rebuilt ones is not dropped."""
+    from alliance import sqlrunner
+    from assets.sql_models import _whole_model_failures
+
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    con.execute("create schema core")
+    con.execute("create table core.t as select * from (values (1, 'a'), (2, null), (3, null)) v(id, x)")
+    con.execute("create temp table rebuilt as select * from core.t where id = 3")
+    sidecar = tmp_path / "core" / "t.yml"
+    sidecar.parent.mkdir()
+    (tmp_path / "core" / "t.sql").write_text("select 1 as id, 'a' as x")
+    sidecar.write_text("key: id\ncolumns:\n  - name: x\n    tests: [{not_null: {severity: warn}}]\n")
+    model = sqlrunner.discover_models(tmp_path)["core.t"]
+    scoped = sqlrunner.run_tests(con, model, scope="rebuilt")
+    assert [(r.failing, r.sample_keys) for r in scoped] == [(1, ["3"])]
+    whole = _whole_model_failures(con, model, scoped, "rebuilt")
+    assert [(r.failing, r.sample_keys) for r in whole] == [(2, ["2", "3"])]
+    assert _whole_model_failures(con, model, scoped, None) == scoped  # a full build: as it is
