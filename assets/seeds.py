@@ -35,6 +35,7 @@ def _spec(table: str) -> dg.AssetSpec:
         description=inst.SEED_TABLES[table][0],
         group_name="seeds",
         kinds={"duckdb"},
+        owners=["team:data-engineering"],
         metadata={
             "dagster/table_name": f"seeds.{table}",
             "dagster/column_schema": _column_schema(table),
@@ -67,6 +68,7 @@ def instrument_seeds(
     key=dg.AssetKey(["seeds", "parameters"]),
     group_name="seeds",
     kinds={"duckdb"},
+    owners=["team:data-engineering"],
     description="Clinical rule parameters with citations, from dbt_like_sql/parameters.yml.",
     metadata={
         "dagster/table_name": "seeds.parameters",

@@ -78,6 +78,7 @@ def _spec(model: sqlrunner.Model) -> dg.AssetSpec:
         deps=[dg.AssetKey(list(d)) for d in model.deps],
         group_name=model.schema,
         kinds={"duckdb", "sql"},
+        owners=["team:data-engineering"],
         description=model.description or f"SQL model {model.fqn} ({_relpath(model.path)}).",
         metadata=metadata,
         code_version=model.code_version,

@@ -97,6 +97,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("alliance run --as-of: give both --clinic and --month, or neither",
                   file=sys.stderr)
             return 2
+        # Checked before the rebuild (minutes on a large warehouse), not after it.
+        problem = _asof_problem(args.clinic, args.month)
+        if problem:
+            print(f"alliance run --as-of: {problem}", file=sys.stderr)
+            return 2
+        if args.month:
+            from alliance.report.data import parse_month
+
+            args.month = f"{parse_month(args.month):%Y-%m}"
         config = {"ops": {"asof_rebuild": {"config": {
             "as_of": cutoff.isoformat(), "clinic": args.clinic, "month": args.month}}}}
         out = execute_job("asof_job", run_config=config, tags={"alliance/as_of": cutoff.isoformat()})
@@ -109,16 +118,67 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("alliance run: --clinic and --month go with --as-of (a past report); for the "
               "current one use `alliance report --clinic C --month YYYY-MM`", file=sys.stderr)
         return 2
-    if not args.select:
-        # The rebuild starts with the ingest, which needs the pseudonym key: a missing key is one
+    from orchestration.execution import resolve_selection
+    from orchestration.jobs import INGEST_KEYS
+
+    whole = resolve_selection(args.select)[1] if args.select else None
+    if whole is None or whole & set(INGEST_KEYS):
+        # The run starts with the ingest, which needs the pseudonym key: a missing key is one
         # line from `alliance` (MissingKeyError), not a failed step with a traceback in the log.
         from assets.ingest import pseudonym_key
         from orchestration.resources import default_resources
 
         pseudonym_key(default_resources()["settings"])
+    elif not _has_event_log():
+        print(f"alliance run --select {args.select}: the warehouse has no events yet; run "
+              "`alliance run` (or `alliance ingest FILE`) first", file=sys.stderr)
+        return 2
     out = execute_job(nightly_rebuild_job.name, select=args.select,
                       tags={"alliance/writer": "true"})
     return 0 if out["success"] else 1
+
+
+def _has_event_log() -> bool:
+    """Whether the working warehouse has raw.events (True when it cannot be read: a writer holds
+    it, and the run will wait for it and report what it finds)."""
+    import duckdb
+
+    wh = paths().warehouse
+    if not wh.exists():
+        return False
+    try:
+        with duckdb.connect(str(wh), read_only=True) as con:
+            return bool(con.execute("select count(*) from duckdb_tables() where schema_name = 'raw'"
+                                    " and table_name = 'events'").fetchone()[0])
+    except duckdb.Error:
+        return True
+
+
+def _asof_problem(clinic: str | None, month: str | None) -> str | None:
+    """What makes an as-of request impossible, found before any work: a malformed month, no
+    event log yet, or a clinic the log has never seen."""
+    import duckdb
+
+    if month:
+        from alliance.report.data import parse_month
+
+        try:
+            parse_month(month)
+        except ValueError as e:
+            return str(e)
+    wh = paths().warehouse
+    if not _has_event_log():
+        return "the warehouse has no events yet; ingest something first (`alliance run`)"
+    if clinic:
+        try:
+            with duckdb.connect(str(wh), read_only=True) as con:
+                known = con.execute("select count(*) from raw.events where clinic_id = ?",
+                                    [clinic]).fetchone()[0]
+        except duckdb.Error:
+            return None  # a writer holds the file: the run waits for it and checks again
+        if not known:
+            return f"clinic {clinic!r} has no events in the warehouse"
+    return None
 
 
 def copy_into_landing(src: Path, landing: Path) -> Path:

@@ -59,7 +59,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 2
     data = paths()
     if not data.serving.exists():
-        print(f"{data.serving}: no published snapshot yet; run `alliance run` first")
+        print(f"error: {data.serving}: no published snapshot yet; run `alliance run` first",
+              file=sys.stderr)
         return 1
     months = month_partitions.get_partition_keys()
     if month not in months:
@@ -70,7 +71,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     instance = get_instance()
     add_clinic_partitions(instance, data.serving)
     if args.clinic not in instance.get_dynamic_partitions(clinic_partitions.name):
-        print(f"clinic {args.clinic!r} is not in the snapshot {data.serving}")
+        print(f"error: clinic {args.clinic!r} is not in the snapshot {data.serving}",
+              file=sys.stderr)
         return 1
     [res] = render_reports([(args.clinic, month)], min_cell=args.min_cell, pdf=args.pdf)
     if not res["success"]:

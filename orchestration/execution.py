@@ -6,6 +6,7 @@ One path for every caller: the same jobs the sensors and schedules launch, on th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,6 +23,30 @@ def _defs():  # noqa: ANN202
     return definitions.build_definitions()
 
 
+def resolve_selection(select: str, defs: Any = None) -> tuple[set[Any], set[Any]]:
+    """(the asset keys `select` names, those plus the assets made in the same steps).
+
+    An asset made by a step with others (the ingest writes raw/events, ingested_files and
+    quarantine in one transaction) runs with all of them: Dagster cannot run part of such a step,
+    and refused the run with a traceback. A bad or empty selection is a SystemExit naming it.
+    """
+    import dagster as dg
+
+    graph = (defs or _defs()).resolve_asset_graph()
+    try:
+        with warnings.catch_warnings():
+            # `group:` parses through a beta parameter of AssetSelection.groups: noise here
+            warnings.simplefilter("ignore", dg.BetaWarning)
+            selection = dg.AssetSelection.from_string(select)
+            keys = selection.resolve(graph)
+            whole = selection.required_multi_asset_neighbors().resolve(graph)
+    except Exception as e:  # noqa: BLE001 - any selection error goes back to the user
+        raise SystemExit(f"alliance run --select {select!r}: {e}") from e
+    if not keys:
+        raise SystemExit(f"alliance run --select {select!r} matches no asset")
+    return set(keys), set(whole)
+
+
 def execute_job(
     job_name: str,
     *,
@@ -33,7 +58,6 @@ def execute_job(
     partition_key: str | None = None,
 ) -> dict[str, Any]:
     """Execute one job of the code location in-process on the persistent instance."""
-    import dagster as dg
 
     from orchestration.instance import get_instance
 
@@ -44,18 +68,7 @@ def execute_job(
            else defs.resolve_job_def(job_name))
     asset_selection = None
     if select:
-        graph = defs.resolve_asset_graph()
-        try:
-            selection = dg.AssetSelection.from_string(select)
-            keys = selection.resolve(graph)
-            # An asset made by a step with others (the ingest writes raw/events, ingested_files
-            # and quarantine in one transaction) runs with all of them: Dagster cannot run part
-            # of such a step, and refused the run with a traceback.
-            whole = selection.required_multi_asset_neighbors().resolve(graph)
-        except Exception as e:  # noqa: BLE001 - any selection error goes back to the user
-            raise SystemExit(f"alliance run --select {select!r}: {e}") from e
-        if not keys:
-            raise SystemExit(f"alliance run --select {select!r} matches no asset")
+        keys, whole = resolve_selection(select, defs)
         asset_selection = sorted(whole, key=lambda k: k.to_user_string())
         log(f"selected {len(asset_selection)} assets")
         if whole - keys:

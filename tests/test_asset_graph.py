@@ -27,6 +27,8 @@ def graph_summary() -> dict:
             "checks": sorted(c.name for c in node.check_keys),
             "partitioned": node.partitions_def is not None,
             "has_description": bool(node.description),
+            "owners": sorted(node.owners),
+            "kinds": sorted(node.kinds),
         }
     return {
         "assets": assets,
@@ -49,3 +51,9 @@ def test_every_asset_is_described_and_grouped():
     for key, node in graph_summary()["assets"].items():
         assert node["has_description"], f"{key} has no description"
         assert node["group"] and node["group"] != "default", f"{key} has no group"
+
+
+def test_every_asset_has_a_description_kinds_and_an_owner():
+    missing = {k: v for k, v in graph_summary()["assets"].items()
+               if not (v["has_description"] and v["owners"] and v["kinds"])}
+    assert not missing, missing

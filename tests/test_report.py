@@ -731,6 +731,21 @@ def test_cli_user_errors_are_one_line_not_tracebacks(monkeypatch, capsys, tmp_pa
     assert main(["run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("alliance run: ALLIANCE_PSEUDONYM_KEY is not set") and "Traceback" not in err
+    # ... nor a selection that includes it
+    assert main(["run", "--select", 'key:"raw/events"']) == 2
+    assert "ALLIANCE_PSEUDONYM_KEY is not set" in capsys.readouterr().err
+    # requests that cannot work on an empty warehouse are refused before any run starts
+    assert main(["run", "--select", "group:marts"]) == 2
+    out = capsys.readouterr()
+    assert "the warehouse has no events yet" in out.err and "Traceback" not in out.err + out.out
+    assert main(["run", "--as-of", "2026-01-01"]) == 2
+    assert "the warehouse has no events yet" in capsys.readouterr().err
+    assert main(["run", "--as-of", "2026-01-01", "--clinic", "C1", "--month", "2025-13"]) == 2
+    assert "month '2025-13': expected YYYY-MM" in capsys.readouterr().err
+    # report errors go to stderr: stdout carries only the report's path
+    assert main(["report", "--clinic", "C1", "--month", "2026-01"]) == 1
+    out = capsys.readouterr()
+    assert not out.out and "no published snapshot yet" in out.err
     monkeypatch.setenv("ALLIANCE_DEMO", "1")
     (tmp_path / "export.csv").write_text("id,score\n1,2\n")
     assert main(["ingest", str(tmp_path / "export.csv")]) == 2
