@@ -85,6 +85,21 @@ BAD = {  # line content -> expected (reason_code, field)
     json.dumps(ev("x13", "questionnaire.submitted", payload={
         "instrument": "BDI-II", "instrument_version": "1", "respondent": "patient",
         "administered_at": T, "total": 12.5})): ("answer_out_of_range", "payload.total"),
+    # sixth-session review: free text in an event reference, a blank identifier (it merged every
+    # blank-id event of a clinic into one patient), an impossible UTC offset (it shifted the
+    # time), answers that are all null, an answer a hair off the item's step
+    json.dumps(ev("x14", "questionnaire.retracted", payload={
+        "retracts_event_id": "wrong patient: meant John Smith 0612345678",
+        "reason": "wrong_patient"})): ("invalid_value", "payload.retracts_event_id"),
+    json.dumps(ev("x15", "session.attended", patient_id="   ", session_id="SES-2",
+                  payload={"modality": "video"})): ("missing_field", "patient_id"),
+    json.dumps(ev("x16", "episode.opened", episode_id="", payload={"age_group": "adult"})):
+        ("missing_field", "episode_id"),
+    json.dumps(ev("x17", "episode.opened", occurred_at="2025-03-03T09:00:00+25:00",
+                  payload={"age_group": "adult"})): ("invalid_value", "occurred_at"),
+    json.dumps(phq9("x18", {str(i): None for i in range(1, 10)})):
+        ("missing_answers", "payload.answers"),
+    json.dumps(phq9("x19", {"1": 2.9999999})): ("answer_out_of_range", "payload.answers.1"),
 }
 
 
@@ -124,6 +139,13 @@ def test_every_bad_kind_is_quarantined_with_reason_file_line_and_field(con, tmp_
     payload, dropped = con.execute(
         "select payload, dropped_fields from raw.events where event_id = 'e1'").fetchone()
     assert json.loads(payload) == {"age_group": "adult"} and dropped == 1
+
+
+def test_a_line_may_start_with_any_json_whitespace(con, tmp_path):
+    f = write(tmp_path / "landing" / "ws.ndjson",
+              ["\t" + json.dumps(GOOD[0]), "  " + json.dumps(GOOD[1])])
+    [res] = ingest_files(con, [f], KEY)
+    assert (res.accepted, res.quarantined) == (2, 0)
 
 
 @pytest.mark.parametrize(("line", "kept", "dropped"), [
