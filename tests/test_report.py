@@ -797,3 +797,76 @@ def test_trend_axis_reaches_down_to_a_shown_low_month_but_not_a_suppressed_one()
     assert trend_axis([{"month": month, "mean_srs": 17.4, "patients": 20}])[0] == "15"
     # 12.0 over 3 patients is suppressed: the axis must not hint at it
     assert trend_axis([{"month": month, "mean_srs": 12.0, "patients": 3}])[0] == "20"
+
+
+def test_hidden_concern_rate_cannot_be_recovered_from_the_srs_bars() -> None:
+    """The concern count is the sum of the bars below the cutoff and the shown total minus the
+    bars above it: when the rate is hidden, each side keeps a hidden bar (the reviewer's case:
+    75 - 30 - 40 gave back the 5 concern sessions)."""
+    from alliance.report.context import build
+
+    alliance = {"srs_sessions": 75, "srs_patients": 25, "concern_sessions": 5,
+                "concern_patients": 4, "no_concern_patients": 24, "mean_srs": 36.5}
+    counts = [(0, 20, 0, 0), (20, 26, 0, 0), (26, 30, 0, 0), (30, 33, 0, 0), (33, 36, 5, 4),
+              (36, 38, 30, 14), (38, 40, 40, 15)]
+    bins = [{"lo": lo, "hi": hi, "sessions": n, "patients": p, "below_cutoff": hi <= 36}
+            for lo, hi, n, p in counts]
+    ctx = build(_raw(alliance=alliance, srs_bins=bins), Options(min_cell=11))
+    assert ctx["alliance"]["pct_concern"].is_suppressed
+    shown = [(s, low) for _, s, low in ctx["srs_bins"]]
+    assert any(s.is_suppressed for s, low in shown if low)
+    assert any(s.is_suppressed for s, low in shown if not low)
+    # no ruptures: the repair rate is "no data", not a suppressed figure
+    ctx = build(_raw(alliance={**alliance, "ruptures": 0, "rupture_patients": 0, "repaired": 0},
+                     srs_bins=bins), Options(min_cell=11))
+    assert ctx["alliance"]["pct_repaired"].value is None
+    assert not ctx["alliance"]["pct_repaired"].is_suppressed
+
+
+def test_outcome_counts_agree_across_the_report(pipeline_snapshot: Path, tmp_path: Path) -> None:
+    """Patients are counted once (their latest episode closed in the window) in the
+    Jacobson-Truax table and the pre-post means, which take paired episodes only; sudden gains
+    count the patients the criteria could judge; the association lists overall, within,
+    between; with the operator `<=` a score at the cutoff is in a concern bar."""
+    import shutil
+
+    from alliance.report.data import Period, extract
+
+    with duckdb.connect(str(pipeline_snapshot), read_only=True) as con:
+        clinic, last = con.execute("select clinic_id, max(closed_at) from marts.fct_episode_outcomes "
+                                   "where is_closed group by 1 order by count(*) desc limit 1").fetchone()
+        period = Period(dt.date(last.year, last.month, 1))
+        raw = extract(con, clinic, period)
+        latest = """from (select * from marts.fct_episode_outcomes where clinic_id = ? and is_closed
+                        and closed_at >= ? and closed_at < ? qualify row_number() over (
+                        partition by patient_id, instrument order by closed_at desc, episode_id desc) = 1)"""
+        args = [clinic, period.window_start, period.month_end]
+        jt_total = con.execute(f"select count(*) {latest} where instrument = 'PHQ-9' "
+                               "and jt_category is not null", args).fetchone()[0]
+        paired = con.execute(f"select count(*) {latest} where instrument = 'PHQ-9' and is_paired "
+                             "and first_total is not null and last_total is not null",
+                             args).fetchone()[0]
+        judged = con.execute("select count(distinct patient_id) from marts.fct_episode_outcomes "
+                             "where clinic_id = ? and is_closed and closed_at >= ? and closed_at < ? "
+                             "and instrument = 'PHQ-9' and n_scores >= 4", args).fetchone()[0]
+    phq = next(r for r in raw.jt if r["instrument"] == "PHQ-9")
+    assert sum(phq["counts"].values()) == jt_total
+    assert next(r for r in raw.pre_post if r["instrument"] == "PHQ-9")["patients"] == paired
+    assert raw.sudden["patients"] == judged
+    clinic_rows = [r["part"] for r in raw.association if r["scope"].startswith("clinic")]
+    assert clinic_rows == ["overall", "within_therapist", "between_therapist"][:len(clinic_rows)]
+
+    le = tmp_path / "le.duckdb"
+    shutil.copy(pipeline_snapshot, le)
+    with duckdb.connect(str(le)) as con:
+        con.execute("update seeds.instruments set alliance_concern_operator = '<=' "
+                    "where instrument = 'SRS'")
+        con.execute("update marts.fct_alliance_sessions set srs_concern = srs_total <= 36")
+        month = con.execute("select session_month from marts.fct_alliance_sessions where "
+                            "clinic_id = ? and srs_total = 36 group by 1 order by count(*) desc "
+                            "limit 1", [clinic]).fetchone()[0]
+        raw = extract(con, clinic, Period(month))
+        concern = con.execute("select count(*) from marts.fct_alliance_sessions where clinic_id = ? "
+                              "and session_month = ? and srs_concern", [clinic, month]).fetchone()[0]
+    assert raw.srs_operator == "<="
+    assert sum(b["sessions"] for b in raw.srs_bins if b["below_cutoff"]) == concern

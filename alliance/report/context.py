@@ -16,6 +16,7 @@ from alliance.report import charts
 from alliance.report.data import JT_CATEGORIES, RawReport, add_months
 from alliance.report.suppress import (
     PRIMARY,
+    SECONDARY,
     Shown,
     is_small,
     suppress_categories,
@@ -151,7 +152,6 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
         no_srs = not al["srs_patients"]  # no SRS this month: zeros, nothing to protect
         if not base_ok and not no_srs:
             reasons = [PRIMARY] * len(bins)
-        shown_bins = [Shown(b["sessions"], b["patients"], r) for b, r in zip(bins, reasons, strict=True)]
         concern_hidden = not base_ok or hide[0] or hide[1] or hide[2]
         if opts.protect_numerators:
             # rate x n gives the count back (e.g. 33.3% of 15 sessions = 5 concern sessions): a
@@ -159,6 +159,16 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
             k, n = al["concern_sessions"], al["srs_sessions"]
             concern_hidden = concern_hidden or any(is_small(v, mc) for v in (
                 k, n - k, al.get("concern_patients"), al.get("no_concern_patients")))
+        if concern_hidden and not no_srs:
+            # The hidden concern count is the sum of the bars below the cutoff and the shown
+            # total minus the bars above it: each side needs a hidden bar, or one subtraction
+            # gives it back (the smallest non-zero bar of a side with none hidden).
+            reasons = list(reasons)
+            for side in (below, above):
+                if side and all(reasons[i] is None for i in side):
+                    j = min(side, key=lambda i: (bins[i]["sessions"] == 0, bins[i]["sessions"]))
+                    reasons[j] = SECONDARY
+        shown_bins = [Shown(b["sessions"], b["patients"], r) for b, r in zip(bins, reasons, strict=True)]
         ctx["srs_bins"] = [(_bin_label(b["lo"], b["hi"]), s, b["below_cutoff"])
                            for b, s in zip(bins, shown_bins, strict=True)]
         cut_idx = max(below) if below else None
@@ -179,8 +189,8 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
                 PRIMARY if concern_hidden else None),
             "ruptures": None if ruptures is None else Shown(
                 ruptures, al["rupture_patients"], PRIMARY if 0 < al["rupture_patients"] < mc else None),
-            "pct_repaired": None if ruptures is None else suppress_rate(
-                al["repaired"], ruptures, mc, opts.protect_numerators)
+            "pct_repaired": None if ruptures is None else Shown(None, 0) if not ruptures
+            else suppress_rate(al["repaired"], ruptures, mc, opts.protect_numerators)
             if al["rupture_patients"] >= mc else Shown(None, al["rupture_patients"], PRIMARY),
             "operator": raw.srs_operator,
             "cutoff": raw.srs_cutoff,

@@ -262,15 +262,27 @@ def extract(
             from marts.fct_alliance_sessions
             where clinic_id = ? and srs_total is not null and session_month = ?
         """, [clinic, m0])
-        bins = []
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-            inside = [r for r in month_rows if lo <= r["srs_total"] < hi]
-            bins.append({
-                "lo": lo, "hi": min(hi, 40.0), "sessions": len(inside),
-                "patients": len({r["patient_id"] for r in inside}),
-                "below_cutoff": hi <= rep.srs_cutoff,
-            })
-        rep.srs_bins = bins
+        spans = list(zip(edges[:-1], edges[1:], strict=True))
+        below = [hi <= rep.srs_cutoff for _, hi in spans]
+
+        def bin_of(row: dict[str, Any]) -> int:
+            # By score, then on the side of the cutoff the mart's own flag says: with the
+            # operator `<=` a score equal to the cutoff is a concern, so it belongs to the last
+            # band below the cutoff (the concern bars must add up to the concern count).
+            i = next(j for j, (lo, hi) in enumerate(spans) if lo <= row["srs_total"] < hi)
+            if row["concern"] and not below[i] and any(below):
+                i = max(j for j, b in enumerate(below) if b)
+            elif not row["concern"] and below[i] and not all(below):
+                i = min(j for j, b in enumerate(below) if not b)
+            return i
+
+        members: list[list[dict[str, Any]]] = [[] for _ in spans]
+        for r in month_rows:
+            members[bin_of(r)].append(r)
+        rep.srs_bins = [{
+            "lo": lo, "hi": min(hi, 40.0), "sessions": len(inside),
+            "patients": len({r["patient_id"] for r in inside}), "below_cutoff": low,
+        } for (lo, hi), inside, low in zip(spans, members, below, strict=True)]
         rup = _rows(con, f"""
             select
                 count(*) as srs_sessions,
@@ -294,8 +306,15 @@ def extract(
 
     feo = columns(con, "marts", "fct_episode_outcomes")
     if feo:
-        closed = """from marts.fct_episode_outcomes
+        every = """from marts.fct_episode_outcomes
             where clinic_id = ? and is_closed and closed_at >= ? and closed_at < ?"""
+        # Patient counts (JT categories, pre-post, early-alliance bands) take each patient's
+        # latest episode closed in the window once: counting distinct patients per category
+        # counted a patient with two episodes in two categories twice, so the "total" was
+        # neither patients nor episodes. NHS Talking Therapies counts episodes (referrals).
+        closed = f"""from (select * {every} qualify row_number() over (
+                partition by patient_id, instrument order by closed_at desc, episode_id desc) = 1)
+            where true"""
         args = [clinic, w0, m1]
         jt = _rows(con, f"""
             select instrument, jt_category as category, count(distinct patient_id) as patients
@@ -308,7 +327,7 @@ def extract(
         rep.pre_post = _rows(con, f"""
             select instrument, avg(first_total) as pre, avg(last_total) as post,
                    count(distinct patient_id) as patients
-            {closed} and first_total is not null and last_total is not null
+            {closed} and first_total is not null and last_total is not null and is_paired
             group by 1 order by 1
         """, args)
         if {"nhstt_eligible", "nhstt_case_at_start", "nhstt_recovered",
@@ -320,7 +339,7 @@ def extract(
                     count(distinct episode_id) filter (where nhstt_eligible and nhstt_case_at_start and nhstt_recovered) as recovered,
                     count(distinct episode_id) filter (where nhstt_eligible and nhstt_reliable_improvement) as improved,
                     count(distinct episode_id) filter (where nhstt_eligible and nhstt_reliable_deterioration) as deteriorated
-                {closed} and instrument = 'PHQ-9'
+                {every} and instrument = 'PHQ-9'
             """, args)[0]
         if {"early_alliance", "reliably_improved"} <= feo:
             edges = early_alliance_edges(rep.srs_cutoff)
@@ -341,10 +360,16 @@ def extract(
 
     fsg = columns(con, "marts", "fct_sudden_gains")
     if fsg and feo:
-        rep.sudden = _rows(con, """
+        # Episodes the criteria can judge: the sudden-gain instrument (parameter sg_instrument)
+        # with at least 4 scores (two each side of a gain, the fewest the third criterion
+        # takes); every closed episode of any instrument was counted before.
+        judged = ("and instrument = ? and n_scores >= 4" if {"instrument", "n_scores"} <= feo
+                  else "")
+        judged_args = [str(parameter(con, "sg_instrument", "PHQ-9"))] if judged else []
+        rep.sudden = _rows(con, f"""
             with ep as (
                 select distinct episode_id, patient_id from marts.fct_episode_outcomes
-                where clinic_id = ? and is_closed and closed_at >= ? and closed_at < ?
+                where clinic_id = ? and is_closed and closed_at >= ? and closed_at < ? {judged}
             ),
             sg as (select * from marts.fct_sudden_gains where clinic_id = ?)
             select
@@ -352,7 +377,7 @@ def extract(
                 count(distinct sg.patient_id) filter (where sg.sg_type = 'gain') as with_gain,
                 count(distinct sg.patient_id) filter (where sg.sg_type = 'loss') as with_loss
             from ep left join sg using (episode_id)
-        """, [clinic, w0, m1, clinic])[0]
+        """, [clinic, w0, m1, *judged_args, clinic])[0]
 
     aoa = columns(con, "marts", "alliance_outcome_association")
     if aoa:
@@ -366,7 +391,9 @@ def extract(
                        n as n_patients, {n_eff} as n_effective, {n_th} as n_therapists
                 from marts.alliance_outcome_association
                 where (scope = 'clinic' and clinic_id = ?) or (scope = 'network' and part = 'overall')
-                order by scope, case part when 'overall' then 0 when 'within_therapist' then 1 else 2 end
+                order by alliance_outcome_association.scope,
+                    case alliance_outcome_association.part when 'overall' then 0
+                        when 'within_therapist' then 1 else 2 end
             """, [clinic])
         else:
             rep.association = _rows(con, "select * from marts.alliance_outcome_association "
