@@ -669,6 +669,10 @@ def _read_file(path: Path, raw: bytes, sha: str) -> _ReadFile:
         data = gzip.decompress(raw) if path.name.endswith(".gz") else raw
     except (OSError, EOFError) as e:
         return _ReadFile(path, sha, len(raw), None, 0, error=f"{path}: cannot decompress ({e})")
+    if data.startswith(b"\xef\xbb\xbf"):
+        # A UTF-8 byte order mark (Windows exports write one) is no part of the first line: kept,
+        # it made that line malformed JSON. The file's sha256 is of its bytes as received.
+        data = data[3:]
     bad: list[int] = []
     raw_lines: list[bytes] | None = None
     try:

@@ -141,6 +141,14 @@ def test_every_bad_kind_is_quarantined_with_reason_file_line_and_field(con, tmp_
     assert json.loads(payload) == {"age_group": "adult"} and dropped == 1
 
 
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_line(con, tmp_path):
+    f = tmp_path / "landing" / "bom.ndjson"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD[0]) + "\n" + json.dumps(GOOD[1]) + "\n").encode())
+    [res] = ingest_files(con, [f], KEY)
+    assert (res.accepted, res.quarantined) == (2, 0)
+
+
 def test_a_line_may_start_with_any_json_whitespace(con, tmp_path):
     f = write(tmp_path / "landing" / "ws.ndjson",
               ["\t" + json.dumps(GOOD[0]), "  " + json.dumps(GOOD[1])])
