@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_ROUNDS = 3  # alliance.bench.DEFAULT_ROUNDS (not imported: keeps the CLI import light)
+DEFAULT_ROUNDS = 5  # alliance.bench.DEFAULT_ROUNDS (not imported: keeps the CLI import light)
 
 # Stage of each step, from the group of the asset it materialises (checks: their target's group).
 GROUP_STAGE = {

@@ -121,6 +121,13 @@ def test_followup_file_is_cached_and_its_ids_never_collide(bench) -> None:
         assert f'{prefix}C' not in text  # every patient/episode/session id carries the F prefix
 
 
+def test_the_cli_default_rounds_are_the_harness_default() -> None:
+    from alliance.bench import DEFAULT_ROUNDS
+    from orchestration import cli_bench
+
+    assert cli_bench.DEFAULT_ROUNDS == DEFAULT_ROUNDS
+
+
 def test_ratios_judge_targets_and_size_labels() -> None:
     run = {"events": 1_000_000,
            "full": {"seconds": 100.0, "stages": {"ingest": 30.0}, "rss_mb": {"peak": 900.0}},

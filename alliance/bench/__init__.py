@@ -30,7 +30,7 @@ PROFILE_MODULE = "alliance.bench.profile"
 PIPELINE_MODULE = "orchestration.cli_bench"  # the Dagster side lives outside alliance/
 # Interleaved (floor, Dagster ingest step) rounds the ingest target is judged on: one pair of
 # runs on this shared host moved by 15% between neighbouring minutes (docs/benchmark.md).
-DEFAULT_ROUNDS = 3
+DEFAULT_ROUNDS = 5
 
 
 def size_label(n: int) -> str:
