@@ -148,7 +148,13 @@ def validate_model(con: duckdb.DuckDBPyConnection, suite: ModelSuite) -> dict[st
                      " on r.instrument = m.instrument")
         for t in totals:
             code = fixed.get(t)
-            if code is not None:
+            if code is not None and code.startswith("@"):
+                # the instrument is named per row by another column (e.g. alliance_total's
+                # alliance_instrument: SRS or WAI-SR)
+                ref = f"m.{_q(code[1:])}"
+                lo = f"(select min(total_min) from seeds.instruments as i where i.instrument = {ref})"
+                hi = f"(select max(total_max) from seeds.instruments as i where i.instrument = {ref})"
+            elif code is not None:
                 lit = "'" + code.replace("'", "''") + "'"
                 lo = f"(select min(total_min) from seeds.instruments where instrument = {lit})"
                 hi = f"(select max(total_max) from seeds.instruments where instrument = {lit})"

@@ -365,6 +365,19 @@ def test_marts_and_relational_checks(tmp_path: Path) -> None:
                                          checks=("rates_within_range", "one_row_per_key",
                                                  "totals_in_instrument_range")))
     assert fct["rates_within_range"].unexpected_count == 2  # 120 % and a rate of 1.5
+    # "@column": each row's instrument is named by another column (SRS 0..40, WAI-SR 12..60)
+    con.execute("create or replace table seeds.instruments as select instrument, "
+                "instrument_version, total_min::double as total_min, total_max::double as total_max "
+                "from seeds.instruments union all values ('SRS', '1', 0.0, 40.0), "
+                "('WAI-SR', '1', 12.0, 60.0)")
+    con.execute("create table marts.fct_alliance_like as select * from (values "
+                "('se_1', 'SRS', 38.0), ('se_2', 'WAI-SR', 50.0), ('se_3', 'SRS', 50.0)) "
+                "t(session_id, alliance_instrument, alliance_total)")
+    per_row = validate_model(con, ModelSuite(
+        "marts", "fct_alliance_like", totals=("alliance_total",),
+        total_instruments=(("alliance_total", "@alliance_instrument"),),
+        failing_keys=("session_id",), checks=("totals_in_instrument_range",)))
+    assert per_row["totals_in_instrument_range"].failing_keys == ["session_id=se_3"]
     # a NULL key column (the network row of clinic_monthly has no clinic) is no location
     con.execute("create table marts.fct_network as select * from (values "
                 "('clinic', 'c1', date '2024-03-01', 0.5), ('network', null, date '2024-03-01', 1.5))"
