@@ -223,6 +223,13 @@ def test_questionnaire_retraction_and_amendment(tmp_path) -> None:
     res = import_fhir(f, {"kind": "fhir", "clinic_id": "c1", "answer_weights": {"LA6569-3": 1}})
     sub = by_type(res.events, "questionnaire.submitted")[0]
     assert by_type(res.events, "questionnaire.amended")[0]["payload"]["amends_event_id"] == sub["event_id"]
+    # two amendments without meta: told apart by their content, not only by `authored`
+    a1 = {**qr, "status": "amended"}
+    a2 = {**_phq9_qr("q1", "p1", [1] * 8 + [0], None), "status": "amended"}
+    both = import_fhir(_write_ndjson(tmp_path / "b.ndjson", [a1, a2]),
+                       {"kind": "fhir", "clinic_id": "c1", "answer_weights": {"LA6568-5": 0, "LA6569-3": 1}})
+    ids = [e["event_id"] for e in by_type(both.events, "questionnaire.amended")]
+    assert len(ids) == 2 and len(set(ids)) == 2
     assert by_type(res.events, "questionnaire.retracted")[0]["payload"]["retracts_event_id"] == sub["event_id"]
 
 

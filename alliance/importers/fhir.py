@@ -20,6 +20,7 @@ Everything else is skipped with a reason (out of scope) or quarantined (in scope
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -504,8 +505,7 @@ class FhirImporter:
             "total": total,
         }
         if status == "amended":
-            version = (res.get("meta") or {}).get("versionId") or (res.get("meta") or {}).get(
-                "lastUpdated") or when
+            version = _version(res, when)
             payload["amends_event_id"] = submitted_id
             return [self.ev(rid, "questionnaire.amended", str(version), occurred_at=when,
                             patient_id=pid, episode_id=episode, session_id=session,
@@ -737,8 +737,7 @@ class FhirImporter:
             # A correction of a score already sent: a new event that amends it, as for an
             # amended QuestionnaireResponse (the same event id with other content would be
             # quarantined as a conflicting duplicate and the correction lost).
-            meta = res.get("meta") or {}
-            version = meta.get("versionId") or meta.get("lastUpdated") or res.get("issued") or when
+            version = _version(res, res.get("issued") or when)
             payload["amends_event_id"] = submitted_id
             return [self.ev(rid, "questionnaire.amended", str(version), occurred_at=when,
                             patient_id=pid, episode_id=episode, session_id=session,
@@ -758,6 +757,17 @@ class FhirImporter:
                 clinic_id=self.clinic, patient_id=pid, episode_id=f"{SYNTH_EPISODE}{pid}",
                 payload={"age_group": self.age_group}))
         return out
+
+
+def _version(res: dict[str, Any], when: str) -> str:
+    """What tells one amendment of a resource from another, for its event id: meta.versionId,
+    else meta.lastUpdated, else the time with a hash of the content (the time alone gave two
+    amendments without meta the same id, and the second was quarantined as a conflict)."""
+    meta = res.get("meta") or {}
+    if meta.get("versionId") or meta.get("lastUpdated"):
+        return str(meta.get("versionId") or meta.get("lastUpdated"))
+    digest = hashlib.sha256(json.dumps(res, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{when}|{digest}"
 
 
 def _same_code(coding: dict[str, Any], system: str, code: str) -> bool:
