@@ -6,6 +6,7 @@ blocking: when one fails, assets downstream of the checked asset do not run in t
 """
 
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -192,6 +193,7 @@ def batch_checks(asset: dg.AssetKey = RAW_EVENTS) -> dg.AssetChecksDefinition:
                 return load_batch(con, chunk)
 
         validation = validate_chunks(load, chunks, params=params)
+        to_mark = [validation]  # which verdict each file gets in quality.validated_batches
         if not validation.rows:
             validation.notes = ["no new events"]
         # The one WARN rule, over the whole log: this run validated only new (or blocked) files,
@@ -213,20 +215,30 @@ def batch_checks(asset: dg.AssetKey = RAW_EVENTS) -> dg.AssetChecksDefinition:
         if validation.blocking_failures:
             # The events are in the append-only log: the files stay blocked, run after run,
             # until a data engineer decides (docs/operations.md, "A blocking batch check failed").
-            # Only the files named by failing rows are to be rejected: the verdict is the whole
-            # batch's, so its clean files stay pending too until those are gone.
+            # Only the files named by failing rows are to be rejected.
             named = sorted({int(k.split()[0].removeprefix("file_id="))
                             for name in validation.blocking_failures
                             for k in validation.checks[name].failing_keys
                             if k.startswith("file_id=")})
             extra["files_with_failing_rows"] = ", ".join(map(str, named)) or "see failing_keys"
+            # The verdict is the batch's; the other files get their own, from one more
+            # validation without the named files (only when something blocking failed): clean,
+            # they stop being pending instead of waiting for the named files' rejection.
+            rest = [i for i in ids if i not in named]
+            if named and rest:
+                with duckdb.get_connection() as con:
+                    rest_chunks = plan_chunks(con, rest, CHUNK_EVENTS)
+                cleared = validate_chunks(load, rest_chunks, params=params)
+                if not cleared.blocking_failures:
+                    to_mark = [cleared, dataclasses.replace(validation, file_ids=named)]
             extra["remedy"] = ("reject the files with failing rows (files_with_failing_rows; the "
                                "failing keys list the first rows): alliance reject-file <file_id> "
-                               "--reason <code>, then re-send a corrected export. Until then every "
-                               "file of this batch is re-checked and blocks each run; the others "
-                               "pass once those are rejected")
+                               "--reason <code>, then re-send a corrected export. Until then they "
+                               "are re-checked and block every run (the batch's other files were "
+                               "validated apart and stay pending only if they failed too)")
         with duckdb.get_connection() as con:
-            mark_validated(con, validation, run_id)
+            for v in to_mark:
+                mark_validated(con, v, run_id)
             for name, outcome in validation.checks.items():
                 _record(con, run_id, asset, outcome, params.severities[name], extra)
         render_data_docs(context.log, validation.suite_results)
