@@ -13,6 +13,8 @@ No Dagster imports: the CLI, the publish asset and the tests all use these funct
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -82,9 +84,6 @@ def data_version(con: duckdb.DuckDBPyConnection) -> str:
     history (quality.*) and build times differ. It is cheap (counts and maxima, no table scan
     of the marts).
     """
-    import hashlib
-    import json
-
     cols: dict[tuple[str, str], set[str]] = {}
     for schema, name, col in con.execute(
             "select schema_name, table_name, column_name from duckdb_columns() "

@@ -129,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from orchestration.resources import default_resources
 
         pseudonym_key(default_resources()["settings"])
-    elif not _has_event_log():
+    elif not _event_log_state()[0]:
         print(f"alliance run --select {args.select}: the warehouse has no events yet; run "
               "`alliance run` (or `alliance ingest FILE`) first", file=sys.stderr)
         return 2
@@ -138,27 +138,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if out["success"] else 1
 
 
-def _has_event_log() -> bool:
-    """Whether the working warehouse has raw.events (True when it cannot be read: a writer holds
-    it, and the run will wait for it and report what it finds)."""
+def _event_log_state(clinic: str | None = None) -> tuple[bool, bool | None]:
+    """(the working warehouse has raw.events, `clinic` has events there) from one read-only look.
+
+    Both are (True, None) when the file cannot be read: a writer holds it, and the run will wait
+    for it and report what it finds. The clinic part is None when no clinic is asked for.
+    """
     import duckdb
 
     wh = paths().warehouse
     if not wh.exists():
-        return False
+        return False, False if clinic else None
     try:
         with duckdb.connect(str(wh), read_only=True) as con:
-            return bool(con.execute("select count(*) from duckdb_tables() where schema_name = 'raw'"
-                                    " and table_name = 'events'").fetchone()[0])
+            if not con.execute("select count(*) from duckdb_tables() where schema_name = 'raw'"
+                               " and table_name = 'events'").fetchone()[0]:
+                return False, False if clinic else None
+            if not clinic:
+                return True, None
+            return True, bool(con.execute("select count(*) from raw.events where clinic_id = ?",
+                                          [clinic]).fetchone()[0])
     except duckdb.Error:
-        return True
+        return True, None
 
 
 def _asof_problem(clinic: str | None, month: str | None) -> str | None:
     """What makes an as-of request impossible, found before any work: a malformed month, no
     event log yet, or a clinic the log has never seen."""
-    import duckdb
-
     if month:
         from alliance.report.data import parse_month
 
@@ -166,18 +172,11 @@ def _asof_problem(clinic: str | None, month: str | None) -> str | None:
             parse_month(month)
         except ValueError as e:
             return str(e)
-    wh = paths().warehouse
-    if not _has_event_log():
+    has_log, clinic_known = _event_log_state(clinic)
+    if not has_log:
         return "the warehouse has no events yet; ingest something first (`alliance run`)"
-    if clinic:
-        try:
-            with duckdb.connect(str(wh), read_only=True) as con:
-                known = con.execute("select count(*) from raw.events where clinic_id = ?",
-                                    [clinic]).fetchone()[0]
-        except duckdb.Error:
-            return None  # a writer holds the file: the run waits for it and checks again
-        if not known:
-            return f"clinic {clinic!r} has no events in the warehouse"
+    if clinic_known is False:
+        return f"clinic {clinic!r} has no events in the warehouse"
     return None
 
 

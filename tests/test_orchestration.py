@@ -568,26 +568,22 @@ release_run_lock(fd)
 """
 
 
-def test_writer_runs_wait_for_each_other_however_launched(world, tmp_path):
-    """A writer run launched from the CLI (outside the run queue) waits while another writer run
-    holds the run lock, and proceeds when it is released; an absent holder times out clearly."""
-    from orchestration.cli_ops import execute_job
+def _run_while_another_writer_holds_the_lock(world, run, while_held=None) -> dict:
+    """Hold the writer-run lock in another process for 3 s, call `while_held(lock)` and then
+    `run()` (a job execution) meanwhile, and check that the run succeeded after waiting for the
+    lock and said so in its log. Returns the run's result."""
     from orchestration.instance import get_instance
-    from orchestration.resources import acquire_run_lock, release_run_lock, run_lock_path
+    from orchestration.resources import run_lock_path
 
     lock = run_lock_path(world["paths"].warehouse)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN_LOCK, str(lock), "3"],
                               stdout=subprocess.PIPE, text=True, cwd=str(Path.cwd()))
     try:
         assert holder.stdout.readline().strip() == "holding"
-        with pytest.raises(RuntimeError, match=r"another writer run \(pid \d+\)"):
-            acquire_run_lock(lock, timeout_seconds=0.3)
-        # reject-file writes the warehouse too: it refuses while a writer run holds the lock
-        from orchestration.cli import main
-
-        assert main(["reject-file", "1", "--reason", "test_data"]) == 2
+        if while_held is not None:
+            while_held(lock)
         t0 = time.monotonic()
-        out = execute_job("publish_job", log=lambda _m: None)
+        out = run()
         waited = time.monotonic() - t0
     finally:
         holder.wait(timeout=30)
@@ -595,6 +591,25 @@ def test_writer_runs_wait_for_each_other_however_launched(world, tmp_path):
     assert waited >= 1.5
     logs = [e.user_message for e in get_instance().all_logs(out["run_id"])]
     assert any("waiting for another writer run" in m for m in logs)
+    return out
+
+
+def test_writer_runs_wait_for_each_other_however_launched(world, tmp_path):
+    """A writer run launched from the CLI (outside the run queue) waits while another writer run
+    holds the run lock, and proceeds when it is released; an absent holder times out clearly."""
+    from orchestration.cli import main
+    from orchestration.cli_ops import execute_job
+    from orchestration.resources import acquire_run_lock, release_run_lock, run_lock_path
+
+    def while_held(lock: Path) -> None:
+        with pytest.raises(RuntimeError, match=r"another writer run \(pid \d+\)"):
+            acquire_run_lock(lock, timeout_seconds=0.3)
+        # reject-file writes the warehouse too: it refuses while a writer run holds the lock
+        assert main(["reject-file", "1", "--reason", "test_data"]) == 2
+
+    _run_while_another_writer_holds_the_lock(
+        world, lambda: execute_job("publish_job", log=lambda _m: None), while_held)
+    lock = run_lock_path(world["paths"].warehouse)
     release_run_lock(acquire_run_lock(lock, timeout_seconds=1))  # released by the run
 
 
@@ -606,8 +621,7 @@ def test_untagged_runs_that_write_the_warehouse_take_the_writer_lock(world, tmp_
 
     from orchestration.cli import main
     from orchestration.execution import execute_job
-    from orchestration.instance import get_instance
-    from orchestration.resources import is_writer_run, run_lock_path
+    from orchestration.resources import is_writer_run
 
     def run(job: str, assets=None, checks=None, tags=None) -> dg.DagsterRun:
         return dg.DagsterRun(job_name=job, asset_selection=assets, asset_check_selection=checks,
@@ -623,20 +637,8 @@ def test_untagged_runs_that_write_the_warehouse_take_the_writer_lock(world, tmp_
     assert not is_writer_run(run("reports_job"))
     assert is_writer_run(run("publish_job", tags={"alliance/writer": "true"}))
 
-    lock = run_lock_path(world["paths"].warehouse)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN_LOCK, str(lock), "3"],
-                              stdout=subprocess.PIPE, text=True, cwd=str(Path.cwd()))
-    try:
-        assert holder.stdout.readline().strip() == "holding"
-        t0 = time.monotonic()
-        out = execute_job("materialize", select="serving/snapshot", log=lambda _m: None)
-        waited = time.monotonic() - t0
-    finally:
-        holder.wait(timeout=30)
-    assert out["success"], out
-    assert waited >= 1.5
-    logs = [e.user_message for e in get_instance().all_logs(out["run_id"])]
-    assert any("waiting for another writer run" in m for m in logs)
+    _run_while_another_writer_holds_the_lock(
+        world, lambda: execute_job("materialize", select="serving/snapshot", log=lambda _m: None))
 
     capsys.readouterr()
     assert main(["run", "--select", "raw/events"]) == 0

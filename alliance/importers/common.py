@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -73,8 +73,6 @@ def load_mapping(path: str | os.PathLike[str], kind: str | None = None) -> dict[
 
 def check_timezone(value: Any, where: str) -> str:
     """A mapping's `timezone` as an IANA name, or a MappingError naming the file and key."""
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
     name = str(value or "UTC")
     try:
         ZoneInfo(name)
@@ -458,15 +456,14 @@ def _check_repeats(result: ImportResult, events: list[dict[str, Any]], where: st
     """A row whose event repeats an earlier row's id (same record and time point) with other
     content conflicts with it: quarantined here, naming both lines, instead of at ingest as a
     conflicting duplicate naming only the landing file. Exact repeats pass (dropped on write)."""
-    for ev in events:
-        blob = json.dumps(ev, sort_keys=True)
-        seen = result.seen_events.get(ev["event_id"])
+    blobs = [(ev["event_id"], json.dumps(ev, sort_keys=True)) for ev in events]
+    for eid, blob in blobs:
+        seen = result.seen_events.get(eid)
         if seen is not None and seen[0] != blob:
             raise Quarantined("conflicting_duplicate", "",
                               f"same record and time point as {seen[1]}, with other values")
-    for ev in events:
-        result.seen_events.setdefault(ev["event_id"], (json.dumps(ev, sort_keys=True),
-                                                       f"{Path(where).name} line {line}"))
+    for eid, blob in blobs:
+        result.seen_events.setdefault(eid, (blob, f"{Path(where).name} line {line}"))
 
 
 MISSING = {"", "na", "n/a", "nan", "null", "none", "."}

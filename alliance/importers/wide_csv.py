@@ -62,7 +62,7 @@ class CsvImporter:
         except ValueError:
             raise MappingError(f"{self.where}: key 'anchor_date': {anchor!r} is not a date "
                                "(YYYY-MM-DD)") from None
-        self.interval = self._number(mapping, "interval_days", 7, float)
+        self.interval = self._number(mapping, "interval_days", 7, float, zero_ok=False)
         self.age_group = str(mapping.get("default_age_group") or "adult")
         self.missing = {str(x) for x in mapping.get("missing_values") or []}
         self.timing = {str(k): str(v) for k, v in (mapping.get("timing") or {}).items()}
@@ -92,13 +92,15 @@ class CsvImporter:
         self.first_seen: dict[str, str] = {}
         self.attended_numbers: dict[str, set[int]] = {}
 
-    def _number(self, mapping: dict[str, Any], key: str, default: Any, kind: type) -> Any:
+    def _number(self, mapping: dict[str, Any], key: str, default: Any, kind: type,
+                zero_ok: bool = True) -> Any:
+        """A numeric mapping key (not negative; not zero either unless `zero_ok`)."""
         value = mapping.get(key, default)
         try:
             out = kind(value if value is not None else default)
         except (TypeError, ValueError):
             raise MappingError(f"{self.where}: key {key!r}: {value!r} is not a number") from None
-        if out < 0 or (key == "interval_days" and out <= 0):
+        if out < 0 or (out == 0 and not zero_ok):
             raise MappingError(f"{self.where}: key {key!r}: {value!r} must be positive")
         return out
 
