@@ -122,6 +122,12 @@ def contract_markdown(contract: Contract | None = None) -> str:
         "One JSON object per line (NDJSON, UTF-8; `.gz` allowed). Lines that break the contract go "
         "to `raw.quarantine` with a reason code, the file, the line and the field.",
         "",
+        "Types: a `timestamp` is an ISO-8601 date and time with its UTC offset, "
+        "`YYYY-MM-DDThh:mm[:ss[.fraction]]` followed by `Z` or `+hh:mm` / `-hh:mm` (a space may "
+        "replace the `T`; the offset's colon and minutes may be left out), with years 0001-9999, "
+        "hours 00-23 and offsets within -23:59..+23:59; a `date` is `YYYY-MM-DD`. Both must be "
+        "real calendar dates. An `integer` is a JSON number without fraction or exponent.",
+        "",
         "## Envelope",
         "",
         "| field | type | required | rules | meaning |",

@@ -39,9 +39,13 @@ LANDING_SUFFIXES = (".ndjson", ".jsonl", ".ndjson.gz", ".jsonl.gz")
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".writing")
 QUESTIONNAIRE_TYPES = ("questionnaire.submitted", "questionnaire.amended")
 # The offset is -23:59..+23:59 (an hour of 25 or minutes of 99 parsed and shifted the time).
-TIMESTAMP_RE = (r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?"
+# Years 0001-9999 and times 00:00:00-23:59:59, as FHIR's dateTime allows: DuckDB reads year 0000
+# as 1 BC and 24:00:00 as the next day's midnight, so both were accepted and stored as another
+# time than the one sent. (Calendar validity, e.g. 30 February, is the cast's.)
+YEAR_RE = r"(\d{3}[1-9]|\d{2}[1-9]0|\d[1-9]00|[1-9]000)"
+TIMESTAMP_RE = (rf"^{YEAR_RE}-\d{{2}}-\d{{2}}[T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{{1,9}})?)?"
                 r"(Z|[+-]([01]\d|2[0-3])(:?[0-5]\d)?)$")
-DATE_RE = r"^\d{4}-\d{2}-\d{2}$"
+DATE_RE = rf"^{YEAR_RE}-\d{{2}}-\d{{2}}$"
 # Lines validated together (a group of whole files): bounds peak memory (about 1.3 GB at 250k
 # lines, measured at 10^6 events) while keeping per-group overhead small; larger groups were
 # slower as well as bigger.

@@ -100,6 +100,13 @@ BAD = {  # line content -> expected (reason_code, field)
     json.dumps(phq9("x18", {str(i): None for i in range(1, 10)})):
         ("missing_answers", "payload.answers"),
     json.dumps(phq9("x19", {"1": 2.9999999})): ("answer_out_of_range", "payload.answers.1"),
+    # seventh session: DuckDB reads 24:00:00 as the next day and year 0000 as 1 BC (accepted,
+    # and stored as another time than the one sent)
+    json.dumps(ev("x20", "episode.opened", occurred_at="2025-03-03T24:00:00+01:00",
+                  payload={"age_group": "adult"})): ("invalid_value", "occurred_at"),
+    json.dumps(ev("x21", "session.scheduled", session_id="SES-3",
+                  payload={"scheduled_for": "0000-03-03T09:00:00Z"})):
+        ("invalid_value", "payload.scheduled_for"),
 }
 
 
