@@ -386,6 +386,7 @@ def _combine(
             failing_keys=[k for o in outs for k in o.failing_keys][:MAX_FAILING_KEYS],
             expectations_evaluated=sum(o.expectations_evaluated for o in outs),
             errors=[e for o in outs for e in o.errors],
+            failing_files=set().union(*(o.failing_files for o in outs)),
         )
     return BatchValidation(
         file_ids=list(file_ids),
@@ -424,10 +425,10 @@ def _validate_frames(
     if len(events):
         results.append(validate_frame(
             events, SUITE_NAME, batch_specs(params=params, known_instruments=known_instruments,
-                                            now=now), KEY_COLUMNS))
+                                            now=now), KEY_COLUMNS, file_column="file_id"))
     if answers is not None and known_items is not None and len(answers):
         results.append(validate_frame(answers, ANSWERS_SUITE_NAME, answer_specs(known_items),
-                                      KEY_COLUMNS))
+                                      KEY_COLUMNS, file_column="file_id"))
     return results
 
 
@@ -466,7 +467,8 @@ def merge_suite_results(parts: Sequence[SuiteResult]) -> SuiteResult:
             m = merged.get(label)
             if m is None:
                 merged[label] = ExpectationOutcome(o.spec, o.success, o.unexpected_count,
-                                                   o.element_count, list(o.failing_keys), o.error)
+                                                   o.element_count, list(o.failing_keys), o.error,
+                                                   set(o.failing_files))
                 continue
             m.success = m.success and o.success
             m.unexpected_count += o.unexpected_count
@@ -474,6 +476,7 @@ def merge_suite_results(parts: Sequence[SuiteResult]) -> SuiteResult:
             m.error = m.error or o.error
             m.failing_keys += [k for k in o.failing_keys if k not in m.failing_keys]
             del m.failing_keys[MAX_FAILING_KEYS:]
+            m.failing_files |= o.failing_files
     return SuiteResult(parts[-1].suite, sum(p.rows for p in parts), list(merged.values()),
                        gx_result=parts[-1].gx_result)
 

@@ -215,11 +215,14 @@ def batch_checks(asset: dg.AssetKey = RAW_EVENTS) -> dg.AssetChecksDefinition:
         if validation.blocking_failures:
             # The events are in the append-only log: the files stay blocked, run after run,
             # until a data engineer decides (docs/operations.md, "A blocking batch check failed").
-            # Only the files named by failing rows are to be rejected.
-            named = sorted({int(k.split()[0].removeprefix("file_id="))
-                            for name in validation.blocking_failures
-                            for k in validation.checks[name].failing_keys
-                            if k.startswith("file_id=")})
+            # Only the files with failing rows are to be rejected: all of them (GX's complete
+            # index list), or, for an expectation without row locations, the failing keys' files.
+            named = sorted({f for name in validation.blocking_failures
+                            for f in validation.checks[name].failing_files}
+                           | {int(k.split()[0].removeprefix("file_id="))
+                              for name in validation.blocking_failures
+                              for k in validation.checks[name].failing_keys
+                              if k.startswith("file_id=")})
             extra["files_with_failing_rows"] = ", ".join(map(str, named)) or "see failing_keys"
             # The verdict is the batch's; the other files get their own, from one more
             # validation without the named files (only when something blocking failed): clean,
@@ -231,8 +234,8 @@ def batch_checks(asset: dg.AssetKey = RAW_EVENTS) -> dg.AssetChecksDefinition:
                 cleared = validate_chunks(load, rest_chunks, params=params)
                 if not cleared.blocking_failures:
                     to_mark = [cleared, dataclasses.replace(validation, file_ids=named)]
-            extra["remedy"] = ("reject the files with failing rows (files_with_failing_rows; the "
-                               "failing keys list the first rows): alliance reject-file <file_id> "
+            extra["remedy"] = ("reject the files with failing rows (files_with_failing_rows, every "
+                               "file with a failing row; the failing keys list the first rows): alliance reject-file <file_id> "
                                "--reason <code>, then re-send a corrected export. Until then they "
                                "are re-checked and block every run (the batch's other files were "
                                "validated apart and stay pending only if they failed too)")

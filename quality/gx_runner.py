@@ -55,6 +55,8 @@ class ExpectationOutcome:
     element_count: int
     failing_keys: list[str] = field(default_factory=list)
     error: str | None = None
+    # Every file with a failing row (validate_frame's `file_column`), not only the few keys'
+    failing_files: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -70,6 +72,9 @@ class CheckOutcome:
     errors: list[str] = field(default_factory=list)
     # The suite validation it came from (GX checks), for Data Docs; never in metadata or history.
     suite_result: Any = field(default=None, repr=False, compare=False)
+    # Every file with a failing row, where the suite was validated with a file column (the
+    # batch suites): a blocking failure names them all for rejection, not only the keys' files.
+    failing_files: set[int] = field(default_factory=set)
 
     def metadata(self) -> dict[str, Any]:
         """Plain metadata for Dagster and the history table (counts and pseudonyms only)."""
@@ -118,6 +123,7 @@ class SuiteResult:
                 failing_keys=keys,
                 expectations_evaluated=len(mine),
                 errors=[f"{o.spec.describe()}: {o.error}" for o in mine if o.error],
+                failing_files=set().union(*(o.failing_files for o in failed)),
             )
         return out
 
@@ -257,9 +263,11 @@ def _suite(name: str, specs: Sequence[ExpectationSpec]) -> Any:
         name=name, expectations=[_build_expectation(s) for s in unique.values()])
 
 
-def _detail_format(index_cols: Sequence[str]) -> dict[str, Any]:
-    """The result format that yields failing row keys (unexpected index lists)."""
-    fmt: dict[str, Any] = {"result_format": "SUMMARY", "partial_unexpected_count": RESULT_FORMAT_LIMIT}
+def _detail_format(index_cols: Sequence[str], complete: bool = False) -> dict[str, Any]:
+    """The result format that yields failing row keys (unexpected index lists); `complete` lists
+    every failing row's index columns, not only the first RESULT_FORMAT_LIMIT."""
+    fmt: dict[str, Any] = {"result_format": "COMPLETE" if complete else "SUMMARY",
+                           "partial_unexpected_count": RESULT_FORMAT_LIMIT}
     if index_cols:
         fmt["unexpected_index_column_names"] = list(index_cols)
     return fmt
@@ -270,11 +278,14 @@ def validate_frame(
     suite_name: str,
     specs: Sequence[ExpectationSpec],
     key_columns: Sequence[str],
+    file_column: str | None = None,
 ) -> SuiteResult:
     """Validate `df` (pandas DataFrame) against `specs` with GX; return condensed outcomes.
 
     `key_columns` are the columns reported as failing keys (row locations or pseudonyms); they must
-    be columns of `df`. Cell values never leave this function: they are scrubbed from the GX result
+    be columns of `df`. With `file_column` (one of the key columns), a failed expectation also
+    lists every file with a failing row (`failing_files`): its detail pass asks GX for the
+    COMPLETE unexpected index list, only for the expectations that failed. Cell values never leave this function: they are scrubbed from the GX result
     before it is returned (so Data Docs never show a malformed, possibly raw, identifier).
 
     Two passes, same verdicts: every expectation is first evaluated with GX's BASIC result format
@@ -292,8 +303,10 @@ def validate_frame(
     res = batch.validate(_suite(suite_name, specs), result_format={"result_format": "BASIC"})
     by_label = {s.describe(): s for s in specs}
     failed = [by_label[r.expectation_config.meta["label"]] for r in res.results if not r.success]
+    by_file = file_column is not None and file_column in index_cols
     if failed:
-        detail = batch.validate(_suite(suite_name, failed), result_format=_detail_format(index_cols))
+        detail = batch.validate(_suite(suite_name, failed),
+                                result_format=_detail_format(index_cols, complete=by_file))
         detailed = {r.expectation_config.meta["label"]: r for r in detail.results}
         # The GX result keeps BASIC results for passing expectations, SUMMARY for failing ones.
         res.results = [detailed.get(r.expectation_config.meta["label"], r) for r in res.results]
@@ -312,6 +325,8 @@ def validate_frame(
                 element_count=int(result.get("element_count") or len(df)),
                 failing_keys=_keys(result.get("partial_unexpected_index_list"), index_cols),
                 error=error,
+                failing_files={int(row[file_column]) for row in result.get("unexpected_index_list") or ()
+                               if by_file and isinstance(row, dict) and row.get(file_column) is not None},
             )
         )
         if "observed_value" in result and not isinstance(result["observed_value"], int | float):

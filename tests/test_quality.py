@@ -187,6 +187,8 @@ def test_empty_batch_passes_without_reading(tmp_path: Path) -> None:
 class Drop(dg.Config):
     violation: str = ""
     sessions: int = 10  # the file holds 2 x sessions events
+    # more files in the same run, one per entry: the violation injected into it ("" for none)
+    more_files: list[str] = []
 
 
 def _graph(db: str) -> tuple[list[object], dict[str, object]]:
@@ -196,10 +198,12 @@ def _graph(db: str) -> tuple[list[object], dict[str, object]]:
             con.execute(RAW_DDL)
             file_id = int(con.execute("select coalesce(max(file_id), 0) + 1 from raw.ingested_files")
                           .fetchone()[0])
-            add_file(con, file_id, n=config.sessions)
-            if config.violation:
-                inject(con, file_id, config.violation)
-        return dg.MaterializeResult(metadata={"file_ids": dg.MetadataValue.json([file_id])})
+            ids = list(range(file_id, file_id + 1 + len(config.more_files)))
+            for fid, violation in zip(ids, [config.violation, *config.more_files], strict=True):
+                add_file(con, fid, n=config.sessions)
+                if violation:
+                    inject(con, fid, violation)
+        return dg.MaterializeResult(metadata={"file_ids": dg.MetadataValue.json(ids)})
 
     @dg.asset(key=["serving", "snapshot_test"], deps=[raw_events])
     def snapshot() -> None:
@@ -210,8 +214,9 @@ def _graph(db: str) -> tuple[list[object], dict[str, object]]:
 
 
 def _run(assets: list[object], resources: dict[str, object], instance: dg.DagsterInstance,
-         violation: str, sessions: int = 10) -> dg.ExecuteInProcessResult:
-    config = {"violation": violation, "sessions": sessions}
+         violation: str, sessions: int = 10, more_files: tuple[str, ...] = ()
+         ) -> dg.ExecuteInProcessResult:
+    config = {"violation": violation, "sessions": sessions, "more_files": list(more_files)}
     return dg.materialize(assets, resources=resources, instance=instance, raise_on_error=False,
                           run_config={"ops": {"raw__events": {"config": config}}})
 
@@ -657,6 +662,27 @@ def test_blocking_failure_holds_until_the_file_is_rejected(
     assert released.success and "serving/snapshot_test" in _materialized(released)
     with duckdb.connect(db) as con:
         assert pending_file_ids(con) == []
+
+
+def test_a_blocking_failure_names_every_file_with_failing_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More files fail than the failing keys can show (5): every one is named for rejection, and
+    the batch's clean files, validated once more without them, are no longer pending."""
+    monkeypatch.setenv("ALLIANCE_QUALITY_DOCS", "0")
+    db = str(tmp_path / "w.duckdb")
+    assets, resources = _graph(db)
+    instance = dg.DagsterInstance.ephemeral()
+    # files 1-9 in one run: 1 and 9 clean, 2-8 (seven) each with a raw identifier
+    blocked = _run(assets, resources, instance, "", sessions=4,
+                   more_files=("raw_identifier",) * 7 + ("",))
+    assert not blocked.success
+    assert _evaluations(blocked)["pseudonyms_well_formed"] == (False, "ERROR")
+    failing = {f["check_name"]: f for f in failing_checks(db)}["pseudonyms_well_formed"]
+    assert failing["details"]["files_with_failing_rows"] == "2, 3, 4, 5, 6, 7, 8"
+    assert len(failing["details"]["failing_keys"].split(", ")) == 5  # the keys stay a sample
+    with duckdb.connect(db, read_only=True) as con:
+        assert pending_file_ids(con) == [2, 3, 4, 5, 6, 7, 8]
 
 
 def test_a_warning_on_an_earlier_file_stays_until_the_file_is_rejected(
