@@ -9,7 +9,9 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+import pyarrow
 import pytest
+from conftest import require_present
 
 from alliance.importers.common import Quarantined
 from alliance.importers.fhir import import_fhir, import_fhir_to_landing
@@ -17,9 +19,12 @@ from alliance.importers.redcap import import_redcap
 from alliance.importers.wide_csv import import_wide_csv, import_wide_csv_to_landing
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
-needs_ref = pytest.mark.skipif(
-    not REF.exists(), reason=f"reference data folder {REF} is absent (only in the team workspace)"
-)
+needs_ref = pytest.mark.usefixtures("reference_present")
+
+
+@pytest.fixture()
+def reference_present() -> None:
+    require_present(REF, "the reference data folder (../shared/reference, beside the clone)")
 PHQ9_LOINC = ["44250-9", "44255-8", "44259-0", "44254-1", "44251-7", "44258-2", "44252-5",
               "44253-3", "44260-8"]
 LA = {0: "LA6568-5", 1: "LA6569-3", 2: "LA6570-1", 3: "LA6571-9"}
@@ -524,7 +529,8 @@ def test_mapping_errors_name_file_and_key(tmp_path) -> None:
 
 @needs_ref
 def test_imported_files_ingest_without_quarantine_and_phq9_scores(tmp_path) -> None:
-    ingest = pytest.importorskip("alliance.ingest", reason="the ingest engine is not there yet")
+    from alliance import ingest
+
     landing = tmp_path / "landing"
     results = [
         import_fhir_to_landing(REF / "fhir" / "hl7_sdc_phq9", "fhir.yaml", landing),
@@ -541,15 +547,32 @@ def test_imported_files_ingest_without_quarantine_and_phq9_scores(tmp_path) -> N
         assert fr.quarantined == 0, (fr.path, fr.quarantine_reasons)
     expected = sum(len(r.events) for r in results)
     assert con.execute("select count(*) from raw.events").fetchone()[0] == expected
-    # No raw identifier reaches the warehouse.
-    assert con.execute("select count(*) from raw.events where patient_id = 'proband' "
-                       "or patient_id not like 'pt_%'").fetchone()[0] == 0
+    # No raw identifier reaches the warehouse: every identifier the importers produced (e.g.
+    # Synthea's patient UUIDs, the CSVs' row ids) is looked for in every text column of raw.*: as
+    # a whole value, and the long ones (8+ characters; a short one like "12" is inside any UUID)
+    # also inside a value (JSON payloads, messages).
+    raw_ids = {e[k] for r in results for e in r.events
+               for k in ("patient_id", "therapist_id", "episode_id", "session_id") if e.get(k)}
+    long_ids = sorted(i for i in raw_ids if len(i) >= 8)
+    assert len(raw_ids) > 20 and len(long_ids) >= 10
+    con.register("_raw_ids", pyarrow.table({"raw": sorted(raw_ids)}))
+    con.register("_long_ids", pyarrow.table({"raw": long_ids}))
+    cols = con.execute("select table_name, column_name from duckdb_columns() where schema_name = 'raw' "
+                       "and (data_type like '%VARCHAR%' or data_type = 'JSON')").fetchall()
+    assert len(cols) > 10
+    for t, c in cols:
+        v = f'x."{c}"::varchar'
+        hits = con.execute(
+            f'select count(*) from raw."{t}" x where {v} in (select raw from _raw_ids) '
+            f"or exists (select 1 from _long_ids l where contains({v}, l.raw))").fetchone()[0]
+        assert hits == 0, f"raw identifier in raw.{t}.{c}"
+    assert con.execute("select count(*) from raw.events where patient_id not like 'pt_%'"
+                       ).fetchone()[0] == 0
 
     from alliance import instruments as ins
     from alliance.sqlrunner import discover_models, run_models
 
-    if "core.questionnaire_scores" not in discover_models():
-        pytest.skip("core.questionnaire_scores model not there yet")
+    assert "core.questionnaire_scores" in discover_models()
     ins.write_seed_tables(con, ins.load_instruments())
     from alliance.config import SQL_DIR
     if (SQL_DIR / "parameters.yml").exists():
@@ -575,7 +598,7 @@ def _hl7_phq9_export(folder: Path, status: str) -> Path:
 def test_amended_first_fhir_response_is_scored_and_a_late_original_joins_it(tmp_path) -> None:
     # A bulk export holds only the current version of a QuestionnaireResponse: one corrected
     # before the clinic's first export arrives as an amendment whose submission never comes.
-    ingest = pytest.importorskip("alliance.ingest", reason="the ingest engine is not there yet")
+    from alliance import ingest
     from alliance import instruments as ins
     from alliance.config import SQL_DIR
     from alliance.sqlrunner import run_models

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 
 from alliance.config import SCHEMAS_DIR, SQL_DIR
@@ -148,17 +149,46 @@ def test_aggregates_are_consistent(warehouse):
         where n.scope = 'network' and (n.sessions_attended <> c.s or n.episodes_closed <> c.e)
     """).fetchall()
     assert bad == []
-    sessions = con.execute("select count(*) from core.sessions where status = 'attended'").fetchone()[0]
+    # every attended session with a therapist is in exactly one therapist's row
+    sessions = con.execute("select count(*) from core.sessions where status = 'attended' "
+                           "and therapist_id is not null").fetchone()[0]
+    assert sessions > 100
     assert con.execute("select sum(sessions_attended) from marts.therapist_summary").fetchone()[0] \
-        <= sessions
-    # rates are fractions; the severity-adjusted effect size averages ~0 over the network
+        == sessions
+    # rates are fractions
     lo, hi = con.execute("""select min(least(rupture_rate, reliable_improvement_rate, dropout_rate)),
         max(greatest(rupture_rate, reliable_improvement_rate, dropout_rate))
         from marts.clinic_monthly""").fetchone()
     assert 0 <= lo and hi <= 1
-    es = con.execute("""select sum(improvement_vs_expected) / count(*) from marts.fct_episode_outcomes
-        where instrument = 'PHQ-9' and is_paired and is_closed""").fetchone()[0]
-    assert abs(es) < 1e-6
+    # Severity-adjusted change, recomputed apart: the least-squares line of improvement on intake
+    # score over the network's closed, paired PHQ-9 episodes (numpy), and the intake SD.
+    fit = con.execute("""select first_total, improvement from marts.fct_episode_outcomes
+        where instrument = 'PHQ-9' and is_paired and is_closed""").fetchnumpy()
+    assert len(fit["first_total"]) > 30
+    slope, intercept = np.polyfit(fit["first_total"], fit["improvement"], 1)
+    sd = float(np.std(fit["first_total"], ddof=1))
+    rows = con.execute("""select first_total, improvement, is_paired, expected_improvement,
+        improvement_vs_expected, network_intake_sd from marts.fct_episode_outcomes
+        where instrument = 'PHQ-9' and first_total is not null""").fetchall()
+    assert len(rows) > len(fit["first_total"])  # open and unpaired episodes get it too
+    for first, improvement, paired, expected, vs_expected, network_sd in rows:
+        assert expected == pytest.approx(intercept + slope * first, rel=1e-9, abs=1e-9)
+        assert network_sd == pytest.approx(sd, rel=1e-9)
+        if paired:
+            assert vs_expected == pytest.approx(improvement - expected, abs=1e-9)
+        else:
+            assert vs_expected is None
+    # ... and the clinic-month effect size is the mean of improvement_vs_expected over that SD
+    # (the episodes closed in the clinic and month, clinic_monthly's outcome rows)
+    months = con.execute("""select clinic_id, month, severity_adjusted_effect_size
+            from marts.clinic_monthly where scope = 'clinic' and severity_adjusted_effect_size
+            is not null order by clinic_id, month limit 3""").fetchall()
+    assert len(months) == 3
+    for clinic, month, es in months:
+        mean = con.execute("""select avg(improvement_vs_expected) from marts.fct_episode_outcomes
+            where instrument = 'PHQ-9' and is_closed and clinic_id = ? and outcome_month = ?""",
+            [clinic, month]).fetchone()[0]
+        assert es == pytest.approx(mean / sd, rel=1e-9)
 
 
 def test_reliable_change_of_exactly_the_instrument_value_counts(warehouse):

@@ -136,5 +136,20 @@ def test_rerun_adds_nothing(pipeline):
 
     before = counts()
     # a second real Dagster run of the ingest over the same landing folder
-    assert execute_job("ingest_job", select="group:ingest", log=lambda m: None)["success"]
+    out = execute_job("ingest_job", select="group:ingest", log=lambda m: None)
+    assert out["success"]
     assert counts() == before
+    # ... which did read the folder: every landing file was seen and found already ingested
+    import dagster as dg
+
+    from alliance.ingest import landing_files
+    from orchestration.instance import get_instance
+
+    records = get_instance().get_records_for_run(
+        out["run_id"], of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+    [meta] = [r.event_log_entry.asset_materialization.metadata for r in records
+              if r.event_log_entry.asset_materialization.asset_key == dg.AssetKey(["raw", "events"])]
+    n_files = len(landing_files(p.landing))
+    assert n_files > 10 and before[2] == n_files
+    assert meta["files_seen"].value == meta["files_already_ingested"].value == n_files
+    assert meta["files_ingested"].value == meta["lines_read"].value == 0

@@ -16,16 +16,18 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from conftest import require_present
 
 from alliance.config import REPO_ROOT, SQL_DIR
 
 REFERENCE = (REPO_ROOT / ".." / "shared" / "reference").resolve()
 KEY = b"reference-acceptance-test-key-0123456789"
 
-pytestmark = pytest.mark.skipif(
-    not REFERENCE.is_dir(),
-    reason=f"reference data folder {REFERENCE} is absent (it is not part of the repository)",
-)
+
+
+@pytest.fixture(autouse=True)
+def _reference_present() -> None:
+    require_present(REFERENCE, "the reference data folder (../shared/reference, beside the clone)")
 
 
 # ---------------------------------------------------------------- shared pipeline helpers

@@ -1,0 +1,25 @@
+"""Shared test helpers.
+
+What the suite needs from its environment (../shared/reference beside the clone, Debian's
+chromium) is installed by `make test` and present in CI: a missing piece fails the tests that need
+it instead of skipping them, so an incomplete set-up cannot pass green. Set
+ALLIANCE_TESTS_ALLOW_MISSING=1 to skip them instead (a developer machine without the reference
+folder).
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+ALLOW_MISSING = "ALLIANCE_TESTS_ALLOW_MISSING"
+
+
+def require_present(path: Path, what: str) -> None:
+    """Fail (or, with ALLIANCE_TESTS_ALLOW_MISSING=1, skip) when `path` does not exist."""
+    if path.exists():
+        return
+    message = f"{what} is missing at {path}"
+    if os.environ.get(ALLOW_MISSING) == "1":
+        pytest.skip(f"{message} ({ALLOW_MISSING}=1)")
+    pytest.fail(f"{message}: `make test` installs it (set {ALLOW_MISSING}=1 to skip instead)")
