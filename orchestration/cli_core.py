@@ -118,10 +118,13 @@ def _summary(p, outcome: dict, seconds: float) -> None:
             "select reason_code, count(*) from raw.quarantine group by 1 order by 2 desc").fetchall()
         dups = con.execute("select coalesce(sum(duplicates), 0) from raw.ingested_files").fetchone()[0]
         tables = con.execute(
-            "select schema_name, table_name, estimated_size from duckdb_tables() "
-            "where schema_name in ('raw', 'seeds', 'core', 'marts', 'quality') order by 1, 2").fetchall()
+            "select schema_name, table_name from duckdb_tables() where database_name = "
+            "current_database() and not internal and not temporary order by 1, 2").fetchall()
         counts = [(s, t, con.execute(f'select count(*) from "{s}"."{t}"').fetchone()[0])
-                  for s, t, _ in tables]
+                  for s, t in tables]
+        views = con.execute(
+            "select count(*) from duckdb_views() where database_name = current_database() "
+            "and not internal and not temporary").fetchone()[0]
     print()
     print("=" * 72)
     print(f"Demo finished in {seconds:.0f}s " + ("(all runs succeeded)" if outcome.get("success")
@@ -129,7 +132,7 @@ def _summary(p, outcome: dict, seconds: float) -> None:
     print(f"Events accepted: {accepted:,} from {files} files; exact duplicates skipped: {dups:,}")
     print(f"Quarantined: {sum(n for _, n in reasons):,} "
           + ("(" + ", ".join(f"{r} {n}" for r, n in reasons) + ")" if reasons else ""))
-    print("Tables:")
+    print(f"Tables ({len(counts)}; plus {views} staging views over raw.events):")
     for s, t, n in counts:
         print(f"  {s}.{t:<40} {n:>10,} rows")
     reports = sorted(p.reports.rglob("*.html"))

@@ -52,6 +52,12 @@ def test_alliance_outcome_r_recovers_configured_value(warehouse):
     assert n > 300
     assert lo < r < hi
     assert abs(r - truth["parameters"]["alliance_outcome_r"]) <= 0.05, (r, n)
+    # patient-level: each patient once, with a closed episode (an open one has no end score)
+    patients, episodes = con.execute("""
+        select count(distinct patient_id), count(*) from marts.fct_episode_outcomes
+        where instrument = 'PHQ-9' and is_closed and n_scores >= 2 and alliance_scores_n >= 3
+            and early_alliance is not null and therapist_id is not null""").fetchone()
+    assert n == patients and episodes > patients
     parts = dict(con.execute("""select part, r from marts.alliance_outcome_association
                                 where scope = 'network'""").fetchall())
     assert set(parts) == {"overall", "within_therapist", "between_therapist"}
@@ -331,5 +337,28 @@ def test_small_cell_threshold_is_the_reports(warehouse):
     assert con.execute("""select count(*) from marts.therapist_summary
                           where is_small_cell <> (patients < 11)""").fetchone()[0] == 0
     assert con.execute("""select count(*) from marts.clinic_monthly
-        where is_small_cell_patients <> (patients < 11)
-           or is_small_cell_outcomes <> (episodes_closed < 11)""").fetchone()[0] == 0
+        where is_small_cell_patients <> (patients < 11)""").fetchone()[0] == 0
+    # The outcome flag covers every outcome rate's own denominator (recomputed here from the
+    # episodes): 11+ closed episodes can still give a recovery rate over 1-10 of them.
+    bases = """count(*) filter (where is_paired) as paired,
+            count(*) filter (where is_paired and clinical_before) as clinical"""
+    small = "closed < 11 or (paired between 1 and 10) or (clinical between 1 and 10)"
+    rows = con.execute(f"""
+        with b as (select clinic_id, outcome_month as month, count(*) as closed, {bases},
+                          count(*) filter (where nhstt_case_at_start) as cases,
+                          count(*) filter (where nhstt_eligible) as eligible
+                   from marts.fct_episode_outcomes where instrument = 'PHQ-9' and is_closed
+                   group by all)
+        select m.is_small_cell_outcomes, coalesce({small} or (cases between 1 and 10)
+                   or (eligible between 1 and 10), true), m.episodes_closed
+        from marts.clinic_monthly m left join b using (clinic_id, month)
+        where m.scope = 'clinic'""").fetchall()
+    assert rows and all(flag == expected for flag, expected, _ in rows)
+    assert any(flag and closed >= 11 for flag, _, closed in rows)  # the case the base decides
+    rows = con.execute(f"""
+        with b as (select therapist_id, clinic_id, count(*) as closed, {bases}
+                   from marts.fct_episode_outcomes where instrument = 'PHQ-9' and is_closed
+                       and therapist_id is not null group by all)
+        select t.is_small_cell_outcomes, coalesce({small}, true)
+        from marts.therapist_summary t left join b using (therapist_id, clinic_id)""").fetchall()
+    assert rows and all(flag == expected for flag, expected in rows)

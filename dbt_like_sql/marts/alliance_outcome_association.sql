@@ -2,7 +2,9 @@
 -- into between-therapist and within-therapist parts (Baldwin, Wampold & Imel 2007), for the whole
 -- network (scope 'network') and for each clinic (scope 'clinic'), with n and a 95% CI (Fisher z).
 -- Improvement = first minus last total (symptom scales) residualised on the first total by OLS over
--- the eligible episodes of the whole network.
+-- the eligible episodes of the whole network. One row per patient: the latest closed eligible
+-- episode (an open episode's last score is no end-of-treatment outcome; a patient with two
+-- episodes counted twice).
 with
 
 params as (
@@ -24,6 +26,10 @@ eligible as (
         and episode_outcomes.alliance_scores_n >= params.min_alliance_scores
         and episode_outcomes.early_alliance is not null
         and episode_outcomes.therapist_id is not null
+        and episode_outcomes.is_closed
+    qualify row_number() over (partition by episode_outcomes.patient_id
+                               order by episode_outcomes.closed_at desc,
+                                        episode_outcomes.episode_id desc) = 1
 ),
 
 fit as (

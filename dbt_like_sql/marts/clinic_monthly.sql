@@ -113,7 +113,13 @@ outcome_measures as (
             as nhstt_reliable_improvement_rate,
         avg(improvement) filter (where is_paired) as mean_improvement,
         avg(expected_improvement) filter (where is_paired) as mean_expected_improvement,
-        avg(improvement_vs_expected) / any_value(network_intake_sd) as severity_adjusted_effect_size
+        avg(improvement_vs_expected) / any_value(network_intake_sd) as severity_adjusted_effect_size,
+        -- the smallest non-zero denominator of the outcome rates (each rate has its own: paired,
+        -- paired and in the clinical range at intake, NHS TT cases, NHS TT eligible)
+        list_min(list_filter([count(*), count(*) filter (where is_paired),
+            count(*) filter (where is_paired and clinical_before),
+            count(*) filter (where nhstt_case_at_start), count(*) filter (where nhstt_eligible)],
+            lambda n: n > 0)) as smallest_outcome_base
     from outcome_scopes
     group by scope, clinic_id, month
 ),
@@ -145,7 +151,8 @@ joined as (
         ending_measures.dropout_rate,
         outcome_measures.mean_improvement,
         outcome_measures.mean_expected_improvement,
-        outcome_measures.severity_adjusted_effect_size
+        outcome_measures.severity_adjusted_effect_size,
+        outcome_measures.smallest_outcome_base
     from session_measures
     full outer join outcome_measures
         on session_measures.scope = outcome_measures.scope
@@ -160,10 +167,14 @@ joined as (
 
 final as (
     select
-        joined.*,
+        joined.* exclude (smallest_outcome_base),
         params.outcome_instrument,
         joined.patients < params.min_cell_size as is_small_cell_patients,
-        joined.episodes_closed < params.min_cell_size as is_small_cell_outcomes
+        -- small when any outcome rate rests on 1 to min_cell_size - 1 episodes (its denominator),
+        -- not only when the closed episodes are few
+        joined.episodes_closed < params.min_cell_size
+            or coalesce(joined.smallest_outcome_base < params.min_cell_size, false)
+            as is_small_cell_outcomes
     from joined
     cross join params
 )

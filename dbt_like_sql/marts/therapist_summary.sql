@@ -77,7 +77,12 @@ outcome_measures as (
         avg(case when reliably_deteriorated then 1.0 else 0.0 end) filter (where is_paired)
             as deterioration_rate,
         avg(improvement) filter (where is_paired) as mean_improvement,
-        avg(improvement_vs_expected) / any_value(network_intake_sd) as severity_adjusted_effect_size
+        avg(improvement_vs_expected) / any_value(network_intake_sd) as severity_adjusted_effect_size,
+        -- the smallest non-zero denominator of the outcome rates (paired; paired and in the
+        -- clinical range at intake)
+        list_min(list_filter([count(*), count(*) filter (where is_paired),
+            count(*) filter (where is_paired and clinical_before)], lambda n: n > 0))
+            as smallest_outcome_base
     from episode_outcomes
     group by therapist_id, clinic_id
 ),
@@ -107,7 +112,8 @@ joined as (
         outcome_measures.deterioration_rate,
         ending_measures.dropout_rate,
         outcome_measures.mean_improvement,
-        outcome_measures.severity_adjusted_effect_size
+        outcome_measures.severity_adjusted_effect_size,
+        outcome_measures.smallest_outcome_base
     from session_measures
     full outer join outcome_measures
         on session_measures.therapist_id = outcome_measures.therapist_id
@@ -119,9 +125,15 @@ joined as (
 
 final as (
     select
-        joined.*,
+        joined.* exclude (smallest_outcome_base),
         params.outcome_instrument,
-        joined.patients < params.min_cell_size as is_small_cell
+        joined.patients < params.min_cell_size as is_small_cell,
+        -- the outcome columns rest on closed episodes, not patients: as clinic_monthly's flag,
+        -- small when the closed episodes are fewer than min_cell_size or any outcome rate's own
+        -- denominator holds 1 to min_cell_size - 1 episodes
+        joined.episodes_closed < params.min_cell_size
+            or coalesce(joined.smallest_outcome_base < params.min_cell_size, false)
+            as is_small_cell_outcomes
     from joined
     cross join params
 )
