@@ -46,6 +46,9 @@ YEAR_RE = r"(\d{3}[1-9]|\d{2}[1-9]0|\d[1-9]00|[1-9]000)"
 TIMESTAMP_RE = (rf"^{YEAR_RE}-\d{{2}}-\d{{2}}[T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{{1,9}})?)?"
                 r"(Z|[+-]([01]\d|2[0-3])(:?[0-5]\d)?)$")
 DATE_RE = rf"^{YEAR_RE}-\d{{2}}-\d{{2}}$"
+# A comma before '}' or ']' outside strings (from the start: any run of non-quote characters and
+# whole strings, then the comma).
+TRAILING_COMMA_RE = r'^(?:[^"]|"(?:[^"\\]|\\.)*")*,[ \t\r\n]*[}\]]'
 # Lines validated together (a group of whole files): bounds peak memory (about 1.3 GB at 250k
 # lines, measured at 10^6 events) while keeping per-group overhead small; larger groups were
 # slower as well as bigger.
@@ -420,6 +423,8 @@ def _validation_sql(contract: Contract) -> list[str]:
     typed_rules: dict[str, list[tuple[str, str, str, str]]] = {t: [] for t in contract.event_types}
     rules: list[tuple[str, str, str, str]] = [
         ("not is_json", "malformed_json", "", _lit("is not valid JSON")),
+        ("trailing_comma", "malformed_json", "",
+         _lit("is not valid JSON (a comma before a closing brace or bracket)")),
         ("not is_object", "not_an_object", "", _lit("is JSON but not an object")),
     ]
 
@@ -560,6 +565,17 @@ def _validation_sql(contract: Contract) -> list[str]:
         + "".join(f" + coalesce({len(k) + 4} + strlen(p.{_ident(k)}::varchar), 0)" for k in et.payload)
         for n, et in contract.event_types.items()
     )
+    # DuckDB's JSON reader accepts a comma before a closing brace or bracket, which JSON does not:
+    # such a line is malformed. A line whose envelope accounts for every byte of it ('{' + each
+    # '"key":value' + ',' between + '}', values as the parse minified them) has no such comma;
+    # only the others (whitespace, unknown keys, another number spelling, or the comma itself)
+    # are searched, outside strings, with a regular expression.
+    canonical = ("2 + " + " + ".join(f"coalesce({len(n) + 3} + strlen(e.{_ident(n)}::varchar), 0)"
+                                     for n in env_names)
+                 + " + greatest(" + " + ".join(f"(e.{_ident(n)} is not null)::int" for n in env_names)
+                 + " - 1, 0) = strlen(line)")
+    trailing_sql = (f"case when is_object and not ({canonical}) then regexp_matches(line, "
+                    f"{_lit(TRAILING_COMMA_RE)}) else false end")
     plain_sql = (f"coalesce((case e.event_type::varchar {plain_cases} end) "
                  "= strlen(e.payload::varchar) or e.payload::varchar = '{}', false)")
 
@@ -567,17 +583,18 @@ def _validation_sql(contract: Contract) -> list[str]:
         """Select of the typed columns of every line of `source` (file_id, line_number, line),
         keeping its column `extra` as well."""
         return f"""
-        select file_id, line_number, content_hash, is_json, is_object, {extra},
+        select file_id, line_number, content_hash, is_json, is_object, {extra}, trailing_comma,
             case when jt_e_payload = {JT_OBJECT} then j_payload end as e_payload,
             case when jt_p_answers = {JT_OBJECT} then j_answers end as p_answers,
             sv_p_total as p_total, *
-            exclude (file_id, line_number, content_hash, is_json, is_object, {extra}, j_payload,
-                     j_answers)
+            exclude (file_id, line_number, content_hash, is_json, is_object, {extra}, trailing_comma,
+                     j_payload, j_answers)
         from (
             -- (j_*: the JSON values themselves; a text cast back to JSON would parse it again)
             select file_id, line_number, content_hash, is_json, is_object, {extra},
                 e.payload as j_payload, p.answers as j_answers,
                 {plain_sql} as payload_plain,
+                {trailing_sql} as trailing_comma,
                 {typed}
             from (
                 select *, case when ascii(e.payload::varchar) = {JT_OBJECT}

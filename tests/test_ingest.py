@@ -107,6 +107,14 @@ BAD = {  # line content -> expected (reason_code, field)
     json.dumps(ev("x21", "session.scheduled", session_id="SES-3",
                   payload={"scheduled_for": "0000-03-03T09:00:00Z"})):
         ("invalid_value", "payload.scheduled_for"),
+    # a comma before a closing brace or bracket (DuckDB's reader accepts it; JSON does not), in
+    # the envelope, in the payload, and spaced
+    json.dumps(ev("x22", "episode.opened", payload={"age_group": "adult"}))[:-1] + ",}":
+        ("malformed_json", None),
+    json.dumps(ev("x23", "episode.closed", payload={"reason": "planned"}),
+               separators=(",", ":")).replace('"planned"}', '"planned",}'): ("malformed_json", None),
+    json.dumps(ev("x24", "episode.opened", payload={"age_group": "adult"}), indent=1)
+        .replace("\n", "").replace('"adult"', '"adult" ,'): ("malformed_json", None),
 }
 
 
@@ -154,6 +162,16 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_line(con, tmp_path):
     f.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD[0]) + "\n" + json.dumps(GOOD[1]) + "\n").encode())
     [res] = ingest_files(con, [f], KEY)
     assert (res.accepted, res.quarantined) == (2, 0)
+
+
+def test_a_comma_and_bracket_inside_a_string_is_no_trailing_comma(con, tmp_path):
+    note = ev("n1", "episode.opened", payload={"age_group": "adult", "note": 'a ,} b ,] c \\",}'})
+    spaced = json.dumps(ev("n2", "episode.opened", payload={"age_group": "adult"}), indent=1)
+    f = write(tmp_path / "landing" / "commas.ndjson",
+              [json.dumps(note), json.dumps(note, separators=(",", ":")).replace("n1", "n3"),
+               spaced.replace("\n", " ")])
+    [res] = ingest_files(con, [f], KEY)
+    assert (res.accepted, res.quarantined, res.dropped_fields) == (3, 0, 2)
 
 
 def test_a_line_may_start_with_any_json_whitespace(con, tmp_path):
