@@ -22,6 +22,7 @@ import json
 import queue
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -688,7 +689,8 @@ def _read_file(path: Path, raw: bytes, sha: str) -> _ReadFile:
     """Split a file into numbered lines without a Python loop per line (blank lines dropped)."""
     try:
         data = gzip.decompress(raw) if path.name.endswith(".gz") else raw
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
+        # (a damaged deflate stream raises zlib.error, not OSError: it stopped the whole ingest)
         return _ReadFile(path, sha, len(raw), None, 0, error=f"{path}: cannot decompress ({e})")
     if data.startswith(b"\xef\xbb\xbf"):
         # A UTF-8 byte order mark (Windows exports write one) is no part of the first line: kept,

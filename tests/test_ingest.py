@@ -292,9 +292,16 @@ def test_landing_skips_files_still_being_written(tmp_path):
 def test_unreadable_file_is_recorded_not_lost(con, tmp_path):
     bad = tmp_path / "broken.ndjson.gz"
     bad.write_bytes(b"not gzip at all")
-    [r] = ingest_files(con, [bad], KEY, instruments=None)
-    assert r.status == "unreadable" and "cannot decompress" in r.error
-    assert con.execute("select status from raw.ingested_files").fetchone()[0] == "unreadable"
+    # a gzip header with a damaged deflate stream (zlib.error, not OSError: it stopped the ingest)
+    good = gzip.compress(("\n".join(json.dumps(e) for e in GOOD) + "\n").encode() * 20)
+    damaged = tmp_path / "damaged.ndjson.gz"
+    damaged.write_bytes(good[:20] + bytes(b ^ 0x55 for b in good[20:40]) + good[40:])
+    fine = write(tmp_path / "fine.ndjson", GOOD)
+    results = ingest_files(con, [bad, damaged, fine], KEY, instruments=None)
+    assert [r.status for r in results] == ["unreadable", "unreadable", "ingested"]
+    assert all("cannot decompress" in r.error for r in results[:2])
+    assert con.execute("select list(status order by file_id) from raw.ingested_files"
+                       ).fetchone()[0] == ["unreadable", "unreadable", "ingested"]
 
 
 def crash_script(statement: str, nth: int, pattern: str, max_lines: int) -> str:
