@@ -394,7 +394,8 @@ def _echo_sql(contract: Contract) -> dict[str, str]:
         elif spec.type == "timestamp":
             cond = f"regexp_full_match({v}, {_lit(TIMESTAMP_RE)})"
         elif spec.type == "integer":
-            cond = f"regexp_full_match({v}, '-?[0-9]{{1,18}}')"
+            # (a short number: a long one could be an identifier sent in the wrong field)
+            cond = f"regexp_full_match({v}, '-?[0-9]{{1,4}}')"
         elif spec.pattern:
             cond = f"regexp_full_match({v}, {_lit(spec.pattern)})"
         else:
@@ -456,10 +457,12 @@ def _validation_sql(contract: Contract) -> list[str]:
         f"try_cast(sv_e_schema_version as bigint))"
         for n, et in contract.event_types.items()
     )
+    # (the version is repeated only when short: a long number could be an identifier)
     rules.append((f"not (case sv_e_event_type {version_cases} else false end)",
                   "unsupported_schema_version", "schema_version",
+                  f"case when regexp_full_match(sv_e_schema_version, '-?[0-9]{{1,4}}') then "
                   f"{_lit('version ')} || sv_e_schema_version || {_lit(' is not supported for ')} "
-                  "|| sv_e_event_type"))
+                  f"else {_lit('this version is not supported for ')} end || sv_e_event_type"))
     for name, spec in env.items():
         n = _col(name, "e_")
         vv = _value_violation(n, spec)
@@ -818,11 +821,19 @@ first_answer_violation as (
 ),
 instrument_violations as (
     select file_id, line_number, 'unknown_instrument' as reason_code, 'payload.instrument' as field,
-        case when regexp_full_match(instrument, '[A-Za-z0-9][A-Za-z0-9._-]{0,31}')
-                and regexp_full_match(instrument_version, '[A-Za-z0-9._-]{1,16}')
-            then 'instrument ''' || instrument || ''' version ''' || instrument_version
-                || ''' is not defined in schemas/instruments'
-            else 'the instrument and version are not defined in schemas/instruments' end
+        -- Values are repeated only when they cannot be free text or an identifier: a code that
+        -- schemas/instruments defines, a version that is a short number. (An instrument code
+        -- that merely looks like one could be anything; the verbatim line is in the quarantine
+        -- file, outside the warehouse.)
+        case when instrument in (select instrument from _instrument_versions)
+            then 'instrument ''' || instrument || ''' has no version '
+                || case when regexp_full_match(instrument_version, '[0-9]{1,3}([.][0-9]{1,3}){0,2}')
+                        then '''' || instrument_version || ''' ' else 'as sent ' end
+                || 'in schemas/instruments (defined: ' || (select string_agg(v.instrument_version,
+                    ', ' order by v.instrument_version) from _instrument_versions v
+                    where v.instrument = known.instrument) || ')'
+            else 'the instrument is not defined in schemas/instruments (which one is in the '
+                || 'quarantined line, kept outside the warehouse)' end
             as message
     from known where not known_instrument
     union all

@@ -255,6 +255,13 @@ LEAKY = [
     ev("e-leak-9", "questionnaire.submitted", session_id="SES-SECRET-1", payload={
         "instrument": "SECRET-I Jane", "instrument_version": "1", "respondent": "patient",
         "administered_at": T, "answers": {"1": 1}}),
+    # identifier-shaped values that pass a code pattern (seventh-session privacy review): an
+    # instrument code, a version, a long schema version (a record number sent in the wrong field)
+    ev("e-leak-10", "questionnaire.submitted", session_id="SES-SECRET-1", payload={
+        "instrument": "PAT-SECRET-10", "instrument_version": "1", "respondent": "patient",
+        "administered_at": T, "answers": {"1": 1}}),
+    phq9("e-leak-11", {"1": 1}, instrument_version="SECRET-11"),
+    ev("e-leak-12", "episode.opened", schema_version=48392011, payload={"age_group": "adult"}),
 ]
 
 
@@ -270,6 +277,11 @@ def test_free_text_in_rejected_lines_stays_out_of_the_warehouse(con, tmp_path):
                            f"where \"{col}\"::varchar like '%SECRET%' or \"{col}\"::varchar like '%Jane%'"
                            ).fetchall()
         assert hits == [], f"free text in {schema}.{table}.{col}: {hits[:2]}"
+    assert con.execute("select count(*) from raw.quarantine where message like '%48392011%' "
+                       "or line_redacted like '%48392011%'").fetchone()[0] == 0
+    # a defined instrument with an unknown version still says which instrument, and what is defined
+    msg = con.execute("select message from raw.quarantine where event_id = 'e-leak-11'").fetchone()[0]
+    assert "instrument 'PHQ-9' has no version as sent in schemas/instruments (defined: 1)" in msg
     # what can be repeated still is: the valid event id, type and clinic of a line
     row = con.execute("select event_id, event_type, clinic_id, line_redacted from raw.quarantine "
                       "where line_number = ?", [len(GOOD) + 7]).fetchone()
