@@ -76,6 +76,15 @@ def load_key(demo_key_file: Path | None = None) -> bytes:
     return demo_key_file.read_text().strip().encode()
 
 
+def platform_key() -> bytes:
+    """The platform's key as the pipeline uses it: $ALLIANCE_PSEUDONYM_KEY, or in demo mode
+    (ALLIANCE_DEMO=1) the local demo key under the data directory's secrets/."""
+    from alliance.config import paths
+
+    demo = os.environ.get("ALLIANCE_DEMO", "") == "1"
+    return load_key(paths().secrets / "demo_pseudonym_key" if demo else None)
+
+
 def is_pseudonym(value: str, kind: str) -> bool:
     p = PREFIX[kind]
     return (

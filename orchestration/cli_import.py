@@ -74,10 +74,11 @@ def _report(result, strict: bool) -> int:  # type: ignore[no-untyped-def]
 
 def _run(fn, *a, **kw) -> object:  # type: ignore[no-untyped-def]
     from alliance.importers.common import MappingError
+    from alliance.pseudonyms import MissingKeyError
 
     try:
         return fn(*a, **kw)
-    except (MappingError, FileNotFoundError) as e:
+    except (MappingError, FileNotFoundError, MissingKeyError) as e:
         print(f"[alliance] import failed: {e}", file=sys.stderr)
         return None
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 ALLOW_MISSING = "ALLIANCE_TESTS_ALLOW_MISSING"
+# The key the importer tests make their event ids with (alliance.importers.common.event_id).
+IMPORT_KEY = b"importer-tests-key-0123456789abcdef012345"
 
 
 def require_present(path: Path, what: str) -> None:

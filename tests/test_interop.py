@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import re
 from pathlib import Path
@@ -11,12 +12,19 @@ import dagster as dg
 import duckdb
 import pyarrow
 import pytest
-from conftest import require_present
+from conftest import IMPORT_KEY, require_present
 
 from alliance.importers.common import Quarantined
 from alliance.importers.fhir import import_fhir, import_fhir_to_landing
 from alliance.importers.redcap import import_redcap
 from alliance.importers.wide_csv import import_wide_csv, import_wide_csv_to_landing
+
+# every import in this module makes its event ids with the test key
+import_fhir = functools.partial(import_fhir, key=IMPORT_KEY)
+import_fhir_to_landing = functools.partial(import_fhir_to_landing, key=IMPORT_KEY)
+import_redcap = functools.partial(import_redcap, key=IMPORT_KEY)
+import_wide_csv = functools.partial(import_wide_csv, key=IMPORT_KEY)
+import_wide_csv_to_landing = functools.partial(import_wide_csv_to_landing, key=IMPORT_KEY)
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
 needs_ref = pytest.mark.usefixtures("reference_present")
@@ -377,7 +385,7 @@ def test_redcap_repeating_events_difficulty_field_and_total_range(tmp_path) -> N
     from alliance.importers.common import event_id
 
     weekly1 = next(e for e in phq if e["occurred_at"] and e["payload"]["total"] == 0)
-    assert weekly1["event_id"] == event_id("rc1", "redcap", "101", "weekly_arm_1", "phq9", "")
+    assert weekly1["event_id"] == event_id(IMPORT_KEY, "rc1", "redcap", "101", "weekly_arm_1", "phq9", "")
     res2 = import_redcap(export, dictionary, "redcap.yaml", clinic_id="rc1")
     assert [e["event_id"] for e in res2.events] == [e["event_id"] for e in res.events]
     # instance 2 with a valid total: its own event
@@ -437,7 +445,14 @@ def test_cli_writes_canonical_ndjson_into_landing_reproducibly(tmp_path, monkeyp
     from orchestration.cli import main
 
     monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("ALLIANCE_PSEUDONYM_KEY", raising=False)
+    monkeypatch.delenv("ALLIANCE_DEMO", raising=False)
     src = _write_ndjson(tmp_path / "in.ndjson", [_phq9_qr("q1", "p1", [1] * 9, 9)])
+    # event ids are keyed like the pseudonyms: no key, no import (and nothing written)
+    assert main(["import", "fhir", str(src), "--mapping", "fhir.yaml", "--clinic", "c-1"]) == 2
+    assert "ALLIANCE_PSEUDONYM_KEY is not set" in capsys.readouterr().err
+    assert not list((tmp_path / "data" / "landing").glob("*.ndjson"))
+    monkeypatch.setenv("ALLIANCE_PSEUDONYM_KEY", IMPORT_KEY.decode())
     assert main(["import", "fhir", str(src), "--mapping", "fhir.yaml", "--clinic", "c-1"]) == 0
     landing = tmp_path / "data" / "landing"
     [out] = list(landing.glob("*.ndjson"))
@@ -460,6 +475,29 @@ def test_cli_writes_canonical_ndjson_into_landing_reproducibly(tmp_path, monkeyp
                  "--out", str(tmp_path / "o")]) == 1
     assert "malformed_json" in next((tmp_path / "o").glob("*.quarantine.tsv")).read_text()
     assert main(["import", "wide-csv", str(src), "--mapping", "nope.yaml"]) == 2
+
+
+@needs_ref
+def test_event_ids_are_keyed_and_stable(tmp_path) -> None:
+    """An imported event id is an HMAC of the record's key under the platform key: stable for a
+    key (a re-sent export is a duplicate), different under another, and not the unkeyed uuid5 an
+    earlier version used (reversible: its namespace was public and patient numbers are guessable)."""
+    import uuid
+
+    from alliance.importers import wide_csv
+
+    src = REF / "suddengains" / "sgdata.csv"
+    a = wide_csv.import_wide_csv(src, "sgdata.yaml", key=IMPORT_KEY)
+    again = wide_csv.import_wide_csv(src, "sgdata.yaml", key=IMPORT_KEY)
+    other = wide_csv.import_wide_csv(src, "sgdata.yaml", key=b"another-key-0123456789abcdef0123456789")
+    ids = [e["event_id"] for e in a.events]
+    assert len(ids) > 100 and ids == [e["event_id"] for e in again.events]
+    assert not set(ids) & {e["event_id"] for e in other.events}
+    assert all(uuid.UUID(i).version == 8 for i in ids)
+    episode = next(e for e in a.events if e["event_type"] == "episode.opened")
+    old_scheme = uuid.uuid5(uuid.UUID("6f1c2a7e-4b7d-5c1e-9a63-0d2f8e1b7c55"),
+                            f"{episode['clinic_id']}|csv-episode|{episode['patient_id']}")
+    assert episode["event_id"] != str(old_scheme)
 
 
 def test_import_reports_go_to_quarantine_not_landing(tmp_path, monkeypatch) -> None:

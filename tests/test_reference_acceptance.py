@@ -38,7 +38,8 @@ def import_reference(tmp: Path, csv_path: Path, mapping: str) -> tuple[Path, str
     from alliance.importers.common import load_mapping
     from alliance.importers.wide_csv import import_wide_csv_to_landing
 
-    res = import_wide_csv_to_landing(csv_path, mapping, tmp / "landing")
+    res = import_wide_csv_to_landing(csv_path, mapping, tmp / "landing",
+                                     key=b"reference-tests-key-0123456789abcdef01")
     assert res.balanced and not res.quarantine, res.quarantine[:5]
     assert res.events_path is not None
     return res.events_path, str(load_mapping(mapping, "wide_csv")["clinic_id"])

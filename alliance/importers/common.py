@@ -14,7 +14,9 @@ not to landing/ (see :func:`report_dir`).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -33,9 +35,6 @@ from alliance import yamlio
 from alliance.config import REPO_ROOT, paths
 
 MAPPINGS_DIR = REPO_ROOT / "schemas" / "mappings"
-# A fixed namespace so event ids are stable across runs and machines (uuid5 = SHA-1 based):
-# the same source record always yields the same event_id, and the id reveals no identifier.
-EVENT_NAMESPACE = uuid.UUID("6f1c2a7e-4b7d-5c1e-9a63-0d2f8e1b7c55")
 CLINIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SCHEMA_VERSION = 1
 
@@ -44,9 +43,36 @@ class MappingError(ValueError):
     """A mapping file is malformed; the message names the file and the key."""
 
 
-def event_id(clinic_id: str, *parts: object) -> str:
-    """A deterministic event id from the source record's own key (no identifiers leak)."""
-    return str(uuid.uuid5(EVENT_NAMESPACE, "|".join([clinic_id, *map(str, parts)])))
+class KeyedEventIds:
+    """Mixin of the importers: the platform key their event ids are made with (`event_id`).
+
+    Given to the importer, or `alliance.pseudonyms.platform_key()` read when the first id is made
+    (so a malformed mapping is reported first).
+    """
+
+    _key: bytes | None = None
+
+    @functools.cached_property
+    def key(self) -> bytes:
+        from alliance.pseudonyms import platform_key
+
+        return self._key if self._key is not None else platform_key()
+
+
+def event_id(key: bytes, clinic_id: str, *parts: object) -> str:
+    """A deterministic event id from the source record's own key, keyed like the pseudonyms.
+
+    HMAC-SHA256 with the platform key (`alliance.pseudonyms.platform_key`) of the record's key
+    parts, in UUID form (version 8, RFC 9562): the same record gives the same id on every import
+    with the same key, so a re-sent export is a duplicate, and the id cannot be traced back to the
+    patient or record number in it without the key. (An unkeyed uuid5 of `clinic|csv-episode|
+    <patient number>` could: its namespace is public, and a patient number is quickly guessed.)
+    """
+    message = "event|" + "|".join([clinic_id, *map(str, parts)])
+    n = int.from_bytes(hmac.new(key, message.encode(), hashlib.sha256).digest()[:16], "big")
+    n = (n & ~(0xF << 76)) | (0x8 << 76)  # version 8 (custom)
+    n = (n & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
+    return str(uuid.UUID(int=n))
 
 
 def load_mapping(path: str | os.PathLike[str], kind: str | None = None) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from typing import Any
 
 from alliance.importers.common import (
     ImportResult,
+    KeyedEventIds,
     MappingError,
     Quarantined,
     Skipped,
@@ -297,11 +298,13 @@ def _loinc_refs(mapping: dict[str, Any]) -> dict[str, InstrumentRef]:
 # --------------------------------------------------------------------------- the importer
 
 
-class FhirImporter:
+class FhirImporter(KeyedEventIds):
     """Turns FHIR resources into canonical events under one mapping (see module docstring)."""
 
-    def __init__(self, mapping: dict[str, Any], clinic_id: str | None = None) -> None:
+    def __init__(self, mapping: dict[str, Any], clinic_id: str | None = None,
+                 key: bytes | None = None) -> None:
         self.m = mapping
+        self._key = key
         where = mapping.get("_path", "mapping")
         self.clinic = check_clinic(clinic_id or mapping.get("clinic_id") or "", where)
         self.source = str(mapping.get("source") or "fhir-import")
@@ -358,7 +361,7 @@ class FhirImporter:
         return out
 
     def ev(self, rid: str, event_type: str, suffix: str = "", **kw: Any) -> dict[str, Any]:
-        return make_event(event_id=event_id(self.clinic, rid, event_type, suffix),
+        return make_event(event_id=event_id(self.key, self.clinic, rid, event_type, suffix),
                           event_type=event_type, source=self.source, clinic_id=self.clinic, **kw)
 
     # ----- dispatch
@@ -465,7 +468,7 @@ class FhirImporter:
             raise Quarantined("unmapped_status", "status", f"status {status!r} unknown")
         pid = self.patient(res.get("subject"), "subject")
         when = self.ts(res.get("authored"), "authored")
-        submitted_id = event_id(self.clinic, rid, "questionnaire.submitted", "")
+        submitted_id = event_id(self.key, self.clinic, rid, "questionnaire.submitted", "")
         enc = ref_id(res.get("encounter"), "Encounter")
         session = f"fhir:Encounter/{enc}" if enc else None
         episode = self.episode_for(pid, self.idx.encounter_episodes.get(enc or ""))
@@ -692,7 +695,7 @@ class FhirImporter:
                        or res.get("issued"), "effectiveDateTime")
         enc = ref_id(res.get("encounter"), "Encounter")
         episode = self.episode_for(pid, self.idx.encounter_episodes.get(enc or ""))
-        submitted_id = event_id(self.clinic, rid, "questionnaire.submitted", "")
+        submitted_id = event_id(self.key, self.clinic, rid, "questionnaire.submitted", "")
         if status == "entered-in-error":
             return [self.ev(rid, "questionnaire.retracted", occurred_at=when, patient_id=pid,
                             episode_id=episode, payload={"retracts_event_id": submitted_id,
@@ -752,7 +755,7 @@ class FhirImporter:
         for pid, first in sorted(self.first_seen.items()):
             # One episode per patient and import source; the event id hashes the patient id.
             out.append(make_event(
-                event_id=event_id(self.clinic, "episode-of", pid, "episode.opened"),
+                event_id=event_id(self.key, self.clinic, "episode-of", pid, "episode.opened"),
                 event_type="episode.opened", occurred_at=first, source=self.source,
                 clinic_id=self.clinic, patient_id=pid, episode_id=f"{SYNTH_EPISODE}{pid}",
                 payload={"age_group": self.age_group}))
@@ -831,11 +834,13 @@ def _label(rec: Record) -> str:
 
 
 def import_fhir(inputs: list[Path] | Path, mapping: dict[str, Any] | str | Path = DEFAULT_MAPPING,
-                *, clinic_id: str | None = None) -> ImportResult:
-    """Convert FHIR files (or folders of them) into canonical events, accounting for every record."""
+                *, clinic_id: str | None = None, key: bytes | None = None) -> ImportResult:
+    """Convert FHIR files (or folders of them) into canonical events, accounting for every record.
+
+    `key`: the platform key for event ids (default: `alliance.pseudonyms.platform_key()`)."""
     paths = fhir_files([Path(p) for p in (inputs if isinstance(inputs, list) else [inputs])])
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "fhir")
-    imp = FhirImporter(m, clinic_id)
+    imp = FhirImporter(m, clinic_id, key)
     imp.idx = build_index(paths, m)
     result = ImportResult("fhir")
     for path in paths:
@@ -864,11 +869,12 @@ def import_fhir(inputs: list[Path] | Path, mapping: dict[str, Any] | str | Path 
 
 
 def import_fhir_to_landing(inputs: list[Path] | Path, mapping: dict[str, Any] | str | Path,
-                           out_dir: Path, *, clinic_id: str | None = None) -> ImportResult:
+                           out_dir: Path, *, clinic_id: str | None = None,
+                           key: bytes | None = None) -> ImportResult:
     """Import and write `<stem>.ndjson` into a landing folder (quarantine, summary: report_dir)."""
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "fhir")
     if clinic_id:
         m = {**m, "clinic_id": clinic_id}
     paths = [Path(p) for p in (inputs if isinstance(inputs, list) else [inputs])]
-    result = import_fhir(paths, m)
+    result = import_fhir(paths, m, key=key)
     return write_landing(result, Path(out_dir), output_stem("fhir", paths, m))

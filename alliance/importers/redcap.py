@@ -20,6 +20,7 @@ from typing import Any
 
 from alliance.importers.common import (
     ImportResult,
+    KeyedEventIds,
     MappingError,
     Quarantined,
     account_csv_rows,
@@ -75,12 +76,13 @@ def read_dictionary(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-class RedcapImporter:
+class RedcapImporter(KeyedEventIds):
     """Maps rows of one REDCap export to events, guided by the data dictionary and a mapping."""
 
     def __init__(self, mapping: dict[str, Any], dictionary: dict[str, dict[str, Any]],
-                 clinic_id: str | None = None) -> None:
+                 clinic_id: str | None = None, key: bytes | None = None) -> None:
         self.m = mapping
+        self._key = key
         self.where = str(mapping.get("_path", "mapping"))
         self.clinic = check_clinic(clinic_id or mapping.get("clinic_id") or "", self.where)
         self.source = str(mapping.get("source") or "redcap")
@@ -181,7 +183,7 @@ class RedcapImporter:
                    }.get(session_by)
         timing = (spec.get("timing_by_event") or {}).get(ev_name, spec.get("default_timing"))
         return make_event(
-            event_id=event_id(self.clinic, "redcap", rec, ev_name, spec["form"], instance),
+            event_id=event_id(self.key, self.clinic, "redcap", rec, ev_name, spec["form"], instance),
             event_type="questionnaire.submitted", occurred_at=when, source=self.source,
             clinic_id=self.clinic, patient_id=rec, episode_id=f"redcap:{rec}", session_id=session,
             payload={"instrument": ref.code,
@@ -218,7 +220,7 @@ class RedcapImporter:
         return events
 
     def synthesised_episodes(self) -> list[dict[str, Any]]:
-        return [make_event(event_id=event_id(self.clinic, "redcap-episode", rec),
+        return [make_event(event_id=event_id(self.key, self.clinic, "redcap-episode", rec),
                            event_type="episode.opened", occurred_at=first, source=self.source,
                            clinic_id=self.clinic, patient_id=rec, episode_id=f"redcap:{rec}",
                            payload={"age_group": self.age_group})
@@ -226,11 +228,11 @@ class RedcapImporter:
 
 
 def import_redcap(path: Path | str, dictionary: Path | str, mapping: dict[str, Any] | str | Path,
-                  *, clinic_id: str | None = None) -> ImportResult:
+                  *, clinic_id: str | None = None, key: bytes | None = None) -> ImportResult:
     """Convert a REDCap flat CSV export into canonical events, accounting for every row."""
     path = Path(path)
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "redcap")
-    imp = RedcapImporter(m, read_dictionary(Path(dictionary)), clinic_id)
+    imp = RedcapImporter(m, read_dictionary(Path(dictionary)), clinic_id, key)
     header, rows = read_csv_rows(path)
     if imp.record not in header:
         raise MappingError(f"{path}: line 1: record id field {imp.record!r} not in the header")
@@ -244,11 +246,12 @@ def import_redcap(path: Path | str, dictionary: Path | str, mapping: dict[str, A
 
 def import_redcap_to_landing(path: Path | str, dictionary: Path | str,
                              mapping: dict[str, Any] | str | Path, out_dir: Path,
-                             *, clinic_id: str | None = None) -> ImportResult:
+                             *, clinic_id: str | None = None,
+                             key: bytes | None = None) -> ImportResult:
     """Import a REDCap export and write `<stem>.ndjson` into landing (reports: report_dir)."""
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "redcap")
     if clinic_id:
         m = {**m, "clinic_id": clinic_id}
-    result = import_redcap(path, dictionary, m)
+    result = import_redcap(path, dictionary, m, key=key)
     return write_landing(result, Path(out_dir),
                          output_stem("redcap", [Path(path), Path(dictionary)], m))

@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 from alliance.importers.common import (
     ImportResult,
+    KeyedEventIds,
     MappingError,
     Quarantined,
     account_csv_rows,
@@ -43,11 +44,13 @@ from alliance.importers.common import (
 from alliance.importers.instruments_ref import load_refs
 
 
-class CsvImporter:
+class CsvImporter(KeyedEventIds):
     """Maps the rows of one wide or long CSV file to events under one mapping."""
 
-    def __init__(self, mapping: dict[str, Any], clinic_id: str | None = None) -> None:
+    def __init__(self, mapping: dict[str, Any], clinic_id: str | None = None,
+                 key: bytes | None = None) -> None:
         self.m = mapping
+        self._key = key
         self.where = str(mapping.get("_path", "mapping"))
         self.clinic = check_clinic(clinic_id or mapping.get("clinic_id") or "", self.where)
         self.source = str(mapping.get("source") or "csv-import")
@@ -138,7 +141,7 @@ class CsvImporter:
         ref = self.refs[spec["instrument"]]
         timing = self.timing.get(str(n).removesuffix(".0"), self.default_timing)
         return make_event(
-            event_id=event_id(self.clinic, "csv", pid, key, spec["instrument"]),
+            event_id=event_id(self.key, self.clinic, "csv", pid, key, spec["instrument"]),
             event_type="questionnaire.submitted", occurred_at=when, source=self.source,
             clinic_id=self.clinic, patient_id=pid, episode_id=f"csv:{pid}", session_id=session,
             payload={"instrument": ref.code, "instrument_version": str(spec.get("version") or ref.version),
@@ -147,7 +150,7 @@ class CsvImporter:
 
     def attended(self, pid: str, key: str, when: str) -> dict[str, Any]:
         return make_event(
-            event_id=event_id(self.clinic, "csv", pid, key, "session.attended"),
+            event_id=event_id(self.key, self.clinic, "csv", pid, key, "session.attended"),
             event_type="session.attended", occurred_at=when, source=self.source,
             clinic_id=self.clinic, patient_id=pid, episode_id=f"csv:{pid}",
             session_id=f"csv:{pid}:{key}", payload={})
@@ -209,7 +212,7 @@ class CsvImporter:
         return out
 
     def synthesised_episodes(self) -> list[dict[str, Any]]:
-        return [make_event(event_id=event_id(self.clinic, "csv-episode", pid),
+        return [make_event(event_id=event_id(self.key, self.clinic, "csv-episode", pid),
                            event_type="episode.opened", occurred_at=first, source=self.source,
                            clinic_id=self.clinic, patient_id=pid, episode_id=f"csv:{pid}",
                            payload={"age_group": self.age_group})
@@ -217,11 +220,11 @@ class CsvImporter:
 
 
 def import_wide_csv(path: Path | str, mapping: dict[str, Any] | str | Path,
-                    *, clinic_id: str | None = None) -> ImportResult:
+                    *, clinic_id: str | None = None, key: bytes | None = None) -> ImportResult:
     """Convert a wide or long research CSV into canonical events, accounting for every row."""
     path = Path(path)
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "wide_csv")
-    imp = CsvImporter(m, clinic_id)
+    imp = CsvImporter(m, clinic_id, key)
     header, rows = read_csv_rows(path, str(m.get("delimiter") or ","))
     if imp.id_col not in header:
         raise MappingError(f"{path}: line 1: id column {imp.id_col!r} not in the header "
@@ -237,10 +240,11 @@ def import_wide_csv(path: Path | str, mapping: dict[str, Any] | str | Path,
 
 
 def import_wide_csv_to_landing(path: Path | str, mapping: dict[str, Any] | str | Path,
-                               out_dir: Path, *, clinic_id: str | None = None) -> ImportResult:
+                               out_dir: Path, *, clinic_id: str | None = None,
+                               key: bytes | None = None) -> ImportResult:
     """Import a research CSV and write `<stem>.ndjson` into landing (reports: report_dir)."""
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "wide_csv")
     if clinic_id:
         m = {**m, "clinic_id": clinic_id}
-    result = import_wide_csv(path, m)
+    result = import_wide_csv(path, m, key=key)
     return write_landing(result, Path(out_dir), output_stem("csv", [Path(path)], m))
