@@ -505,7 +505,8 @@ def test_import_reports_go_to_quarantine_not_landing(tmp_path, monkeypatch) -> N
     from alliance.config import paths
 
     monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path / "data"))
-    src = _write_ndjson(tmp_path / "in.ndjson", [
+    # (an export named after a patient: the landing name, stored with every event, leaves it out)
+    src = _write_ndjson(tmp_path / "patient-SECRET-77.ndjson", [
         _phq9_qr("q-secret-id", "p1", [1] * 9, 9), "{oops",
         {"resourceType": "Encounter", "id": "enc-secret-id", "status": "triaged",
          "subject": {"reference": "Patient/p1"}, "period": {"start": "2024-03-01T10:00:00Z"}}])
@@ -514,6 +515,7 @@ def test_import_reports_go_to_quarantine_not_landing(tmp_path, monkeypatch) -> N
     assert res.quarantine, "the bad lines must be quarantined for this test to mean anything"
     assert [f.name for f in landing.iterdir()] == [res.events_path.name]
     assert "secret-id" not in res.events_path.read_text()
+    assert "SECRET" not in res.events_path.name and res.events_path.name.startswith("fhir-")
     assert res.quarantine_path.parent == res.summary_path.parent == paths().quarantine
     assert "enc-secret-id" in res.quarantine_path.read_text()  # why it must not sit in landing
     # a landing sub-folder is still inside the data directory

@@ -352,14 +352,21 @@ def dedupe_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def output_stem(kind: str, inputs: list[Path], mapping: dict[str, Any]) -> str:
-    """A stable file name for one import: the same inputs and mapping give the same file."""
+    """A stable file name for one import: the same inputs and mapping give the same file.
+
+    `<kind>-<clinic>-<hash of the input paths and the mapping>`. The input's own name is left out:
+    the landing file's name is stored with every event (raw.events.source_file) and shown in logs,
+    and an export may be named after a patient (`mrn-483920.csv`); the import's summary (in the
+    quarantine folder, outside the warehouse) names the inputs.
+    """
     h = hashlib.sha256()
     for p in sorted(str(x.resolve()) for x in inputs):
         h.update(p.encode())
     h.update(json.dumps({k: v for k, v in mapping.items() if k != "_path"},
                         sort_keys=True, default=str).encode())
-    first = re.sub(r"[^A-Za-z0-9_-]+", "-", inputs[0].stem if inputs else "input").strip("-")
-    return f"{kind}-{first[:40]}-{h.hexdigest()[:10]}"
+    clinic = str(mapping.get("clinic_id") or "")
+    middle = f"{clinic}-" if CLINIC_RE.match(clinic) else ""
+    return f"{kind}-{middle}{h.hexdigest()[:16]}"
 
 
 def _atomic_write(path: Path, text: str) -> None:
