@@ -123,10 +123,11 @@ def contract_markdown(contract: Contract | None = None) -> str:
         "to `raw.quarantine` with a reason code, the file, the line and the field.",
         "",
         "Types: a `timestamp` is an ISO-8601 date and time with its UTC offset, "
-        "`YYYY-MM-DDThh:mm[:ss[.fraction]]` followed by `Z` or `+hh:mm` / `-hh:mm` (a space may "
-        "replace the `T`; the offset's colon and minutes may be left out), with years 0001-9999, "
-        "hours 00-23 and offsets within -23:59..+23:59; a `date` is `YYYY-MM-DD`. Both must be "
-        "real calendar dates. An `integer` is a JSON number without fraction or exponent.",
+        "`YYYY-MM-DDThh:mm:ss[.fraction]` followed by `Z` or `+hh:mm` / `-hh:mm` (a space may "
+        "replace the `T`; the offset's colon and minutes may be left out; the seconds may not), "
+        "with years 0001-9999, hours 00-23 and offsets within -23:59..+23:59; a `date` is "
+        "`YYYY-MM-DD`. Both must be real calendar dates. An `integer` is a JSON number without "
+        "fraction or exponent.",
         "",
         "## Envelope",
         "",

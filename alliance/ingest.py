@@ -44,7 +44,8 @@ QUESTIONNAIRE_TYPES = ("questionnaire.submitted", "questionnaire.amended")
 # as 1 BC and 24:00:00 as the next day's midnight, so both were accepted and stored as another
 # time than the one sent. (Calendar validity, e.g. 30 February, is the cast's.)
 YEAR_RE = r"(\d{3}[1-9]|\d{2}[1-9]0|\d[1-9]00|[1-9]000)"
-TIMESTAMP_RE = (rf"^{YEAR_RE}-\d{{2}}-\d{{2}}[T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{{1,9}})?)?"
+# Seconds are required: DuckDB's cast reads no time without them (the line failed the cast).
+TIMESTAMP_RE = (rf"^{YEAR_RE}-\d{{2}}-\d{{2}}[T ]([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{{1,9}})?"
                 r"(Z|[+-]([01]\d|2[0-3])(:?[0-5]\d)?)$")
 DATE_RE = rf"^{YEAR_RE}-\d{{2}}-\d{{2}}$"
 # A comma before '}' or ']' outside strings (from the start: any run of non-quote characters and
@@ -570,15 +571,14 @@ def _validation_sql(contract: Contract) -> list[str]:
         for n, et in contract.event_types.items()
     )
     # DuckDB's JSON reader accepts a comma before a closing brace or bracket, which JSON does not:
-    # such a line is malformed. A line whose envelope accounts for every byte of it ('{' + each
-    # '"key":value' + ',' between + '}', values as the parse minified them) has no such comma;
-    # only the others (whitespace, unknown keys, another number spelling, or the comma itself)
-    # are searched, outside strings, with a regular expression.
-    canonical = ("2 + " + " + ".join(f"coalesce({len(n) + 3} + strlen(e.{_ident(n)}::varchar), 0)"
-                                     for n in env_names)
-                 + " + greatest(" + " + ".join(f"(e.{_ident(n)} is not null)::int" for n in env_names)
-                 + " - 1, 0) = strlen(line)")
-    trailing_sql = (f"case when is_object and not ({canonical}) then regexp_matches(line, "
+    # such a line is malformed. A comma is followed by the bracket or by whitespace (a raw space,
+    # tab or CR: outside strings nothing else), so only lines holding ',}' ',]' ', ' ',<tab>' or
+    # ',<CR>' anywhere (a fast substring search) are searched, outside strings, with the regular
+    # expression. (A shortcut on the minified envelope's length missed commas that a number's
+    # longer re-spelling, 1e2 -> 100.0, made up for.)
+    candidates = " or ".join(f"contains(line, {c})" for c in
+                             ("',}'", "',]'", "', '", "',' || chr(9)", "',' || chr(13)"))
+    trailing_sql = (f"case when is_object and ({candidates}) then regexp_matches(line, "
                     f"{_lit(TRAILING_COMMA_RE)}) else false end")
     plain_sql = (f"coalesce((case e.event_type::varchar {plain_cases} end) "
                  "= strlen(e.payload::varchar) or e.payload::varchar = '{}', false)")
@@ -827,7 +827,7 @@ instrument_violations as (
         -- file, outside the warehouse.)
         case when instrument in (select instrument from _instrument_versions)
             then 'instrument ''' || instrument || ''' has no version '
-                || case when regexp_full_match(instrument_version, '[0-9]{1,3}([.][0-9]{1,3}){0,2}')
+                || case when regexp_full_match(instrument_version, '[0-9]{1,2}([.][0-9]{1,2})?')
                         then '''' || instrument_version || ''' ' else 'as sent ' end
                 || 'in schemas/instruments (defined: ' || (select string_agg(v.instrument_version,
                     ', ' order by v.instrument_version) from _instrument_versions v

@@ -115,6 +115,12 @@ BAD = {  # line content -> expected (reason_code, field)
                separators=(",", ":")).replace('"planned"}', '"planned",}'): ("malformed_json", None),
     json.dumps(ev("x24", "episode.opened", payload={"age_group": "adult"}), indent=1)
         .replace("\n", "").replace('"adult"', '"adult" ,'): ("malformed_json", None),
+    # ... where a number's longer re-spelling (1e2 -> 100.0) makes up for the comma and space
+    json.dumps(ev("x25", "episode.opened", payload={"age_group": "adult", "x": 7}),
+               separators=(",", ":")).replace('"x":7}', '"x":1e2}, '): ("malformed_json", None),
+    # seconds are required (DuckDB's cast reads no time without them)
+    json.dumps(ev("x26", "episode.opened", occurred_at="2025-03-03T09:00+01:00",
+                  payload={"age_group": "adult"})): ("invalid_value", "occurred_at"),
 }
 
 

@@ -11,7 +11,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 import yaml
-from conftest import require_present
+from conftest import REF_REMEDY, require_present
 
 from alliance import instruments as inst
 from alliance.sqlrunner import run_models
@@ -506,7 +506,7 @@ def test_seed_assets_materialise(tmp_path: Path) -> None:
 
 def test_bdi_totals_from_published_data_are_banded(tmp_path: Path) -> None:
     src = REFERENCE / "clinicalsignificance" / "claus_2020.csv"
-    require_present(src, "reference data (../shared/reference)")
+    require_present(src, "reference data (../shared/reference)", REF_REMEDY)
     with open(src) as f:
         rows = [r for r in csv.DictReader(f) if r["bdi"] not in ("", "NA")]
     e = Events()

@@ -12,7 +12,7 @@ import dagster as dg
 import duckdb
 import pyarrow
 import pytest
-from conftest import IMPORT_KEY, require_present
+from conftest import IMPORT_KEY, REF_REMEDY, require_present
 
 from alliance.importers.common import Quarantined
 from alliance.importers.fhir import import_fhir, import_fhir_to_landing
@@ -32,7 +32,7 @@ needs_ref = pytest.mark.usefixtures("reference_present")
 
 @pytest.fixture()
 def reference_present() -> None:
-    require_present(REF, "the reference data folder (../shared/reference, beside the clone)")
+    require_present(REF, "the reference data folder (../shared/reference)", REF_REMEDY)
 PHQ9_LOINC = ["44250-9", "44255-8", "44259-0", "44254-1", "44251-7", "44258-2", "44252-5",
               "44253-3", "44260-8"]
 LA = {0: "LA6568-5", 1: "LA6569-3", 2: "LA6570-1", 3: "LA6571-9"}

@@ -58,6 +58,25 @@ def test_alliance_outcome_r_recovers_configured_value(warehouse):
         where instrument = 'PHQ-9' and is_closed and n_scores >= 2 and alliance_scores_n >= 3
             and early_alliance is not null and therapist_id is not null""").fetchone()
     assert n == patients and episodes > patients
+    # ... the latest of them: r recomputed apart (numpy) from each patient's latest closed
+    # eligible episode equals the mart's; from the earliest it would not
+    rows = con.execute("""
+        select patient_id, closed_at, episode_id, first_total, improvement, early_alliance
+        from marts.fct_episode_outcomes
+        where instrument = 'PHQ-9' and is_closed and n_scores >= 2 and alliance_scores_n >= 3
+            and early_alliance is not null and therapist_id is not null""").fetchall()
+
+    def r_of(pick: str) -> float:
+        chosen: dict[str, tuple] = {}
+        for row in sorted(rows, key=lambda x: (x[1], x[2]), reverse=(pick == "latest")):
+            chosen.setdefault(row[0], row)
+        first, improvement, alliance = (np.array([c[i] for c in chosen.values()], float)
+                                        for i in (3, 4, 5))
+        slope, intercept = np.polyfit(first, improvement, 1)
+        return float(np.corrcoef(alliance, improvement - (intercept + slope * first))[0, 1])
+
+    assert r == pytest.approx(r_of("latest"), abs=1e-9)
+    assert abs(r_of("earliest") - r) > 1e-6
     parts = dict(con.execute("""select part, r from marts.alliance_outcome_association
                                 where scope = 'network'""").fetchall())
     assert set(parts) == {"overall", "within_therapist", "between_therapist"}
@@ -360,6 +379,6 @@ def test_small_cell_threshold_is_the_reports(warehouse):
         with b as (select therapist_id, clinic_id, count(*) as closed, {bases}
                    from marts.fct_episode_outcomes where instrument = 'PHQ-9' and is_closed
                        and therapist_id is not null group by all)
-        select t.is_small_cell_outcomes, coalesce({small}, true)
+        select t.is_small_cell_outcomes, coalesce({small}, true), t.episodes_closed
         from marts.therapist_summary t left join b using (therapist_id, clinic_id)""").fetchall()
-    assert rows and all(flag == expected for flag, expected in rows)
+    assert rows and all(flag == expected for flag, expected, _ in rows)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from conftest import require_present
+from conftest import REF_REMEDY, require_present
 
 from alliance.config import REPO_ROOT, SQL_DIR
 
@@ -27,7 +27,7 @@ KEY = b"reference-acceptance-test-key-0123456789"
 
 @pytest.fixture(autouse=True)
 def _reference_present() -> None:
-    require_present(REFERENCE, "the reference data folder (../shared/reference, beside the clone)")
+    require_present(REFERENCE, "the reference data folder (../shared/reference)", REF_REMEDY)
 
 
 # ---------------------------------------------------------------- shared pipeline helpers

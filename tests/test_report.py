@@ -509,7 +509,7 @@ BROWSER_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-backgr
 
 @pytest.mark.browser
 def test_report_in_headless_chromium(report: Path, tmp_path: Path) -> None:
-    require_present(CHROMIUM, "chromium (Debian package; `make browser`)")
+    require_present(CHROMIUM, "chromium (Debian package)", "`make browser` installs it")
     from playwright.sync_api import sync_playwright
 
     errors: list[str] = []

@@ -351,15 +351,22 @@ def dedupe_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def output_stem(kind: str, inputs: list[Path], mapping: dict[str, Any]) -> str:
+def output_stem(kind: str, inputs: list[Path], mapping: dict[str, Any],
+                key: bytes | None = None) -> str:
     """A stable file name for one import: the same inputs and mapping give the same file.
 
-    `<kind>-<clinic>-<hash of the input paths and the mapping>`. The input's own name is left out:
-    the landing file's name is stored with every event (raw.events.source_file) and shown in logs,
-    and an export may be named after a patient (`mrn-483920.csv`); the import's summary (in the
-    quarantine folder, outside the warehouse) names the inputs.
+    `<kind>-<clinic>-<keyed hash of the input paths and the mapping>`. The input's own name is left
+    out: the landing file's name is stored with every event (raw.events.source_file) and shown in
+    logs, and an export may be named after a patient (`mrn-483920.csv`); the import's summary (in
+    the quarantine folder, outside the warehouse) names the inputs. The hash is an HMAC under the
+    platform key (default `platform_key()`), as the event ids are: an unkeyed hash of a path gave
+    the patient number in it back to anyone who tried the numbers.
     """
-    h = hashlib.sha256()
+    if key is None:
+        from alliance.pseudonyms import platform_key
+
+        key = platform_key()
+    h = hmac.new(key, b"landing-file|", hashlib.sha256)
     for p in sorted(str(x.resolve()) for x in inputs):
         h.update(p.encode())
     h.update(json.dumps({k: v for k, v in mapping.items() if k != "_path"},

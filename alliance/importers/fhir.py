@@ -877,4 +877,4 @@ def import_fhir_to_landing(inputs: list[Path] | Path, mapping: dict[str, Any] | 
         m = {**m, "clinic_id": clinic_id}
     paths = [Path(p) for p in (inputs if isinstance(inputs, list) else [inputs])]
     result = import_fhir(paths, m, key=key)
-    return write_landing(result, Path(out_dir), output_stem("fhir", paths, m))
+    return write_landing(result, Path(out_dir), output_stem("fhir", paths, m, key))

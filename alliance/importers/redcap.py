@@ -254,4 +254,4 @@ def import_redcap_to_landing(path: Path | str, dictionary: Path | str,
         m = {**m, "clinic_id": clinic_id}
     result = import_redcap(path, dictionary, m, key=key)
     return write_landing(result, Path(out_dir),
-                         output_stem("redcap", [Path(path), Path(dictionary)], m))
+                         output_stem("redcap", [Path(path), Path(dictionary)], m, key))

@@ -247,4 +247,4 @@ def import_wide_csv_to_landing(path: Path | str, mapping: dict[str, Any] | str |
     if clinic_id:
         m = {**m, "clinic_id": clinic_id}
     result = import_wide_csv(path, m, key=key)
-    return write_landing(result, Path(out_dir), output_stem("csv", [Path(path)], m))
+    return write_landing(result, Path(out_dir), output_stem("csv", [Path(path)], m, key))
