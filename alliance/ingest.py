@@ -190,7 +190,7 @@ class FileResult:
 
     path: str
     sha256: str
-    status: str  # ingested | already_ingested | unreadable
+    status: str  # ingested | already_ingested | unreadable | vanished (gone before it was read)
     file_id: int | None = None
     lines_read: int = 0
     blank_lines: int = 0
@@ -453,9 +453,11 @@ def _validation_sql(contract: Contract) -> list[str]:
     # the quarantine file outside the warehouse)
     rules.append((f"not list_contains({_list_lit(types)}, sv_e_event_type)", "unknown_event_type",
                   "event_type", _lit("is not one of the contract's event types")))
+    # (coalesce: an integer beyond bigint casts to NULL, and a NULL here passed the rule; the
+    # log's integer cast then stopped the whole ingest)
     version_cases = " ".join(
-        f"when {_lit(n)} then list_contains([{', '.join(str(v) for v in et.schema_versions)}], "
-        f"try_cast(sv_e_schema_version as bigint))"
+        f"when {_lit(n)} then coalesce(list_contains([{', '.join(str(v) for v in et.schema_versions)}], "
+        f"try_cast(sv_e_schema_version as bigint)), false)"
         for n, et in contract.event_types.items()
     )
     # (the version is repeated only when short: a long number could be an identifier)
@@ -981,6 +983,14 @@ def _ingest_paths(
             results.extend(stage.commit(log))
 
     for p, sha, rf in _read_ahead(paths, done):
+        if sha is None:
+            # Gone between listing and reading (moved away, or a producer's re-send): nothing
+            # was read, so nothing is recorded; it is ingested when it is back in landing.
+            results.append(FileResult(str(p), "", "vanished",
+                                      error=f"{p}: vanished before it was read; not recorded"))
+            if log:
+                log(results[-1].error)
+            continue
         if rf is None or sha in seen_in_call:
             results.append(FileResult(str(p), sha, "already_ingested"))
             continue
@@ -1013,8 +1023,10 @@ def _ingest_paths(
 READ_AHEAD_BYTES = 256 * 2**20
 
 
-def _read_ahead(paths: list[Path], done: set[str]) -> Iterator[tuple[Path, str, _ReadFile | None]]:
-    """(path, sha256, read file or None when its content was ingested before), in path order.
+def _read_ahead(paths: list[Path], done: set[str]
+                ) -> Iterator[tuple[Path, str | None, _ReadFile | None]]:
+    """(path, sha256, read file or None when its content was ingested before), in path order;
+    sha256 None for a file that was gone when its turn came.
 
     A thread reads, hashes and splits the next files while the caller works in DuckDB (which
     releases the GIL, as do reading, hashing and Arrow's split), up to READ_AHEAD_BYTES ahead
@@ -1033,7 +1045,11 @@ def _read_ahead(paths: list[Path], done: set[str]) -> Iterator[tuple[Path, str, 
                     budget.wait_for(lambda: ahead[0] < READ_AHEAD_BYTES or stop.is_set())
                 if stop.is_set():
                     return
-                raw = p.read_bytes()
+                try:
+                    raw = p.read_bytes()
+                except FileNotFoundError:
+                    out.put((0, (p, None, None)))  # listed, then gone: the caller notes it
+                    continue
                 sha = hashlib.sha256(raw).hexdigest()
                 item = (p, sha, None if sha in done else _read_file(p, raw, sha))
                 with budget:

@@ -118,6 +118,10 @@ BAD = {  # line content -> expected (reason_code, field)
     # ... where a number's longer re-spelling (1e2 -> 100.0) makes up for the comma and space
     json.dumps(ev("x25", "episode.opened", payload={"age_group": "adult", "x": 7}),
                separators=(",", ":")).replace('"x":7}', '"x":1e2}, '): ("malformed_json", None),
+    # a schema version beyond bigint (cast to NULL, it passed the rule and stopped the ingest)
+    json.dumps(ev("x27", "episode.opened", payload={"age_group": "adult"})).replace(
+        '"schema_version": 1', '"schema_version": 10000000000000000000000'):
+        ("unsupported_schema_version", "schema_version"),
     # seconds are required (DuckDB's cast reads no time without them)
     json.dumps(ev("x26", "episode.opened", occurred_at="2025-03-03T09:00+01:00",
                   payload={"age_group": "adult"})): ("invalid_value", "occurred_at"),
@@ -305,6 +309,22 @@ def test_landing_skips_files_still_being_written(tmp_path):
     write(tmp_path / "c.ndjson.tmp", GOOD)
     write(tmp_path / "notes.txt", ["hello"])
     assert [p.name for p in landing_files(tmp_path)] == ["a.ndjson"]
+
+
+def test_a_file_gone_before_it_is_read_is_noted_and_the_others_ingested(con, tmp_path):
+    files = [write(tmp_path / f"f{i}.ndjson", [json.dumps({**ev(f"g{i}", "episode.opened",
+                                                              payload={"age_group": "adult"})})])
+             for i in range(3)]
+    files[1].unlink()  # listed by the sensor or the run, then moved away
+    results = ingest_files(con, files, KEY, instruments=None)
+    status = {Path(r.path).name: r for r in results}
+    assert {n: r.status for n, r in status.items()} == {
+        "f0.ndjson": "ingested", "f1.ndjson": "vanished", "f2.ndjson": "ingested"}
+    assert "vanished before it was read" in status["f1.ndjson"].error
+    assert con.execute("select count(*) from raw.ingested_files").fetchone()[0] == 2
+    write(files[1], [json.dumps(ev("g1", "episode.opened", payload={"age_group": "adult"}))])
+    [back] = ingest_files(con, [files[1]], KEY, instruments=None)
+    assert back.status == "ingested" and back.accepted == 1
 
 
 def test_unreadable_file_is_recorded_not_lost(con, tmp_path):
