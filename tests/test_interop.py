@@ -500,6 +500,23 @@ def test_event_ids_are_keyed_and_stable(tmp_path) -> None:
     assert episode["event_id"] != str(old_scheme)
 
 
+def test_a_resource_of_an_unexpected_shape_is_quarantined_not_the_import_lost(tmp_path) -> None:
+    """Strings where FHIR has objects or lists stopped the whole import with a traceback."""
+    good = _phq9_qr("q-good", "p1", [1] * 9, 9)
+    bad = [{**_phq9_qr("q-b1", "p1", [1] * 9, 9), "item": [{"linkId": "/44250-9", "answer": "x"}]},
+           {**_phq9_qr("q-b2", "p1", [1] * 9, 9), "item": "SECRET free text"},
+           {"resourceType": "Encounter", "id": "e-b3", "status": "finished",
+            "subject": {"reference": "Patient/p1"}, "period": "x"},
+           {"resourceType": "Bundle", "type": "collection", "entry": [5, "x"]},
+           {"resourceType": "Bundle", "type": "collection", "entry": {"a": 1}}]
+    res = import_fhir(_write_ndjson(tmp_path / "in.ndjson", [good, *bad]), "fhir.yaml",
+                      clinic_id="c1")
+    assert res.balanced and by_type(res.events, "questionnaire.submitted")
+    reasons = sorted(q["reason"] for q in res.quarantine)
+    assert reasons.count("malformed_resource") == 4 and len(reasons) == 6, res.quarantine
+    assert "SECRET" not in json.dumps(res.quarantine)
+
+
 def test_import_reports_go_to_quarantine_not_landing(tmp_path, monkeypatch) -> None:
     """Quarantine and summary files hold FHIR resource ids: never next to the events in landing."""
     from alliance.config import paths

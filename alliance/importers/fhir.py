@@ -120,10 +120,14 @@ def _expand(path: str, line: int, res: Any) -> Iterator[Record]:
     if res["resourceType"] == "Bundle":
         # Entries are numbered within the file: a Bundle file's "line" N is its Nth entry.
         entries = res.get("entry") or []
+        if not isinstance(entries, list):
+            yield Record(path, line, None, Quarantined("malformed_resource", "entry",
+                                                       "Bundle.entry is not a list"))
+            return
         if not entries:
             yield Record(path, line, None, Quarantined("empty_bundle", "entry", "Bundle has no entries"))
         for i, entry in enumerate(entries, start=1):
-            inner = (entry or {}).get("resource")
+            inner = entry.get("resource") if isinstance(entry, dict) else None
             if not isinstance(inner, dict) or "resourceType" not in inner:
                 yield Record(path, i, None, Quarantined("not_a_resource", f"entry[{i - 1}].resource",
                                                         "Bundle entry without a resource"))
@@ -132,7 +136,7 @@ def _expand(path: str, line: int, res: Any) -> Iterator[Record]:
                 yield Record(path, i, None, Quarantined("nested_bundle", f"entry[{i - 1}]",
                                                         "nested Bundles are not imported"))
                 continue
-            full_url = (entry or {}).get("fullUrl")
+            full_url = entry.get("fullUrl")
             if full_url and "id" not in inner:
                 inner = {**inner, "id": full_url.rsplit("/", 1)[-1].removeprefix("urn:uuid:")}
             yield Record(path, i, inner)
@@ -860,6 +864,13 @@ def import_fhir(inputs: list[Path] | Path, mapping: dict[str, Any] | str | Path 
                 result.skip(rec.path, s.reason)
             except Quarantined as q:
                 result.reject(rec.path, rec.line, q, _label(rec))
+            except (AttributeError, TypeError, KeyError, ValueError, IndexError) as e:
+                # A resource of a shape FHIR does not allow (a string where an object or list
+                # belongs, ...): that record is quarantined, not the import lost. Only the error's
+                # kind is kept: its text may quote the record's content.
+                result.reject(rec.path, rec.line, Quarantined(
+                    "malformed_resource", "", f"{rec.resource.get('resourceType', 'resource')} "
+                    f"has an element of an unexpected shape ({type(e).__name__})"), _label(rec))
             else:
                 result.produce(rec.path, events)
     synth = imp.synthesised_episodes()
