@@ -500,6 +500,23 @@ def test_event_ids_are_keyed_and_stable(tmp_path) -> None:
     assert episode["event_id"] != str(old_scheme)
 
 
+def test_a_csv_that_cannot_be_read_whole_is_refused_naming_file_and_line(tmp_path) -> None:
+    """A header naming a column twice silently let the second column's values replace the first's;
+    a Latin-1 file and a folder gave tracebacks."""
+    from alliance.importers.common import InputFileError
+
+    dup = tmp_path / "dup.csv"
+    dup.write_text("id,bdi_s1,bdi_s1\n1,20,30\n")
+    with pytest.raises(InputFileError, match=r"dup.csv: line 1: .*'bdi_s1'"):
+        import_wide_csv(dup, "sgdata.yaml")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("id,bdi_s1\n1,20\n2,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(InputFileError, match=r"latin.csv: .*not UTF-8"):
+        import_wide_csv(latin, "sgdata.yaml")
+    with pytest.raises(InputFileError, match="is a folder"):
+        import_wide_csv(tmp_path, "sgdata.yaml")
+
+
 def test_a_resource_of_an_unexpected_shape_is_quarantined_not_the_import_lost(tmp_path) -> None:
     """Strings where FHIR has objects or lists stopped the whole import with a traceback."""
     good = _phq9_qr("q-good", "p1", [1] * 9, 9)

@@ -43,6 +43,11 @@ class MappingError(ValueError):
     """A mapping file is malformed; the message names the file and the key."""
 
 
+class InputFileError(MappingError):
+    """An input file cannot be read as a whole (not UTF-8, a header naming a column twice, a
+    folder); the message names the file and, where it can, the line. Nothing is imported."""
+
+
 class KeyedEventIds:
     """Mixin of the importers: the platform key their event ids are made with (`event_id`).
 
@@ -437,23 +442,40 @@ def read_csv_rows(
 ) -> tuple[list[str], list[tuple[int, dict[str, str] | None]]]:
     """CSV rows with their line numbers (header = line 1); a row of the wrong width is None.
 
-    Blank lines come back as an empty dict so callers can account for them as skipped.
+    Blank lines come back as an empty dict so callers can account for them as skipped. A file that
+    cannot be read as a whole raises InputFileError naming the file (and line): a header that
+    names a column twice (its values would silently overwrite the first's), text that is not
+    UTF-8, a row the CSV reader refuses, a folder.
     """
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            return [], []
-        rows: list[tuple[int, dict[str, str] | None]] = []
-        for values in reader:
-            line = reader.line_num
-            if not values or all(not v.strip() for v in values):
-                rows.append((line, {}))
-            elif len(values) != len(header):
-                rows.append((line, None))
-            else:
-                rows.append((line, dict(zip(header, values, strict=True))))
+    if path.is_dir():
+        raise InputFileError(f"{path}: is a folder, not a CSV file")
+    line = 1
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            try:
+                header = [h.strip() for h in next(reader)]
+            except StopIteration:
+                return [], []
+            repeated = sorted({h for h in header if header.count(h) > 1})
+            if repeated:
+                raise InputFileError(
+                    f"{path}: line 1: the header names column(s) {', '.join(map(repr, repeated))} "
+                    "more than once; which column's values count would be arbitrary")
+            rows: list[tuple[int, dict[str, str] | None]] = []
+            for values in reader:
+                line = reader.line_num
+                if not values or all(not v.strip() for v in values):
+                    rows.append((line, {}))
+                elif len(values) != len(header):
+                    rows.append((line, None))
+                else:
+                    rows.append((line, dict(zip(header, values, strict=True))))
+    except UnicodeDecodeError as e:
+        raise InputFileError(f"{path}: near line {line + 1}: not UTF-8 text (byte 0x{e.object[e.start]:02x});"
+                             " export the file as UTF-8") from e
+    except csv.Error as e:
+        raise InputFileError(f"{path}: line {line + 1}: not readable as CSV ({e})") from e
     return header, rows
 
 
