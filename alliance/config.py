@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,9 +64,32 @@ class DataPaths:
         return self
 
 
+class ConfigError(ValueError):
+    """An environment setting holds a value the platform cannot use; the message names the
+    variable, the value and what is allowed (the CLI prints it without a traceback)."""
+
+
+def env_number(name: str, default: float, *, minimum: float | None = None,
+               integer: bool = False) -> float:
+    """$name as a number (default when unset or empty), checked against `minimum`."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not {'an integer' if integer else 'a number'}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
+    return value
+
+
 def data_dir() -> Path:
-    """The data directory: $ALLIANCE_DATA_DIR, or ./data."""
-    return Path(os.environ.get("ALLIANCE_DATA_DIR", "data")).resolve()
+    """The data directory: $ALLIANCE_DATA_DIR (unset or empty: ./data)."""
+    root = Path(os.environ.get("ALLIANCE_DATA_DIR", "").strip() or "data").resolve()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"ALLIANCE_DATA_DIR={str(root)!r} is a file, not a folder")
+    return root
 
 
 def paths(root: str | os.PathLike[str] | None = None) -> DataPaths:
@@ -84,4 +108,7 @@ def warehouse_config() -> dict[str, str]:
     11.7 GB. Above the limit DuckDB spills to `<warehouse>.tmp/` beside the file, inside the
     data directory. Measured in docs/benchmark.md.
     """
-    return {"memory_limit": os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT)}
+    limit = os.environ.get(MEMORY_LIMIT_ENV, "").strip() or DEFAULT_MEMORY_LIMIT
+    if not re.fullmatch(r"(?i)\d+(\.\d+)?\s*(b|bytes?|[kmgt]i?b|(kilo|mega|giga|tera)bytes?)", limit):
+        raise ConfigError(f"{MEMORY_LIMIT_ENV}={limit!r} is not a size such as 4GB or 512MB")
+    return {"memory_limit": limit}

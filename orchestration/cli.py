@@ -34,11 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from alliance.config import ConfigError
+    from alliance.contract import ContractError
+    from alliance.instruments import InstrumentError
     from alliance.pseudonyms import MissingKeyError
 
     try:
         return int(args.func(args) or 0)
-    except MissingKeyError as e:  # a configuration error, not a bug: no traceback
+    except (MissingKeyError, ConfigError, InstrumentError, ContractError) as e:
+        # a configuration error, not a bug: the message names the variable or file, no traceback
         print(f"alliance {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -77,6 +77,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import shutil
 
     t0 = time.perf_counter()
+    if args.clinics < 1 or args.patients < 1:
+        print(f"alliance demo: --clinics and --patients must be at least 1 (got {args.clinics} "
+              f"and {args.patients})", file=sys.stderr)
+        return 2
     p = paths()
     if args.fresh and p.root.exists():
         shutil.rmtree(p.root)

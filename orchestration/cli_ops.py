@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestration.jobs import nightly_rebuild_job
 
-    if args.as_of:
+    if args.as_of is not None:  # (an empty value is an error, not a full rebuild and publish)
         from alliance.asof import AsOfError, parse_as_of
 
         try:

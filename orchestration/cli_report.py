@@ -77,5 +77,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     [res] = render_reports([(args.clinic, month)], min_cell=args.min_cell, pdf=args.pdf)
     if not res["success"]:
         return 1
-    print(report_path(data.reports, args.clinic, month))
+    html = report_path(data.reports, args.clinic, month)
+    print(html)
+    if args.pdf:
+        pdf = html.with_suffix(".pdf")
+        if not pdf.exists():
+            print("alliance report --pdf: no PDF was printed: Chromium was not found (install the "
+                  "Debian package chromium, or set ALLIANCE_CHROMIUM to its path)", file=sys.stderr)
+            return 1
+        print(pdf)
     return 0

@@ -9,14 +9,19 @@ The month dimension is monthly (`month`, keys "YYYY-MM") from $ALLIANCE_REPORTS_
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import dagster as dg
 
+from alliance.config import ConfigError
+
 CLINIC_DIM = "clinic"
 MONTH_DIM = "month"
 MONTH_FMT = "%Y-%m"
-REPORTS_START = os.environ.get("ALLIANCE_REPORTS_START", "2024-01")
+REPORTS_START = os.environ.get("ALLIANCE_REPORTS_START", "").strip() or "2024-01"
+if not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", REPORTS_START):
+    raise ConfigError(f"ALLIANCE_REPORTS_START={REPORTS_START!r} is not a month YYYY-MM")
 
 clinic_partitions = dg.DynamicPartitionsDefinition(name="clinic")
 month_partitions = dg.MonthlyPartitionsDefinition(start_date=REPORTS_START, fmt=MONTH_FMT)

@@ -16,7 +16,7 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 from pydantic import PrivateAttr
 
-from alliance.config import DataPaths, paths, warehouse_config
+from alliance.config import DataPaths, env_number, paths, warehouse_config
 
 RUN_LOCK_TIMEOUT_ENV = "ALLIANCE_RUN_LOCK_TIMEOUT_SECONDS"
 
@@ -33,7 +33,7 @@ class WarehouseResource(DuckDBResource):
     lock_timeout_seconds: float = 120.0
     lock_first_delay_seconds: float = 0.2
     # How long a writer run waits for another writer run to finish (see setup_for_execution).
-    run_lock_timeout_seconds: float = float(os.environ.get(RUN_LOCK_TIMEOUT_ENV, "7200"))
+    run_lock_timeout_seconds: float = env_number(RUN_LOCK_TIMEOUT_ENV, 7200, minimum=0)
     _run_lock_fd: int | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -216,6 +216,6 @@ def default_resources() -> dict[str, object]:
         "duckdb": WarehouseResource(database=str(p.warehouse), connection_config=warehouse_config()),
         "settings": AllianceSettings(
             demo=os.environ.get("ALLIANCE_DEMO", "") == "1",
-            snapshot_keep=int(os.environ.get("ALLIANCE_SNAPSHOT_KEEP", "3")),
+            snapshot_keep=int(env_number("ALLIANCE_SNAPSHOT_KEEP", 3, minimum=0, integer=True)),
         ),
     }

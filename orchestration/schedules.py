@@ -7,9 +7,12 @@ $ALLIANCE_NIGHTLY_CRON and $ALLIANCE_REPORTS_CRON. See docs/operations.md.
 
 import datetime as dt
 import os
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dagster as dg
+from dagster._utils.schedules import is_valid_cron_string  # (the check Dagster itself applies)
 
+from alliance.config import ConfigError
 from orchestration.jobs import nightly_rebuild_job, reports_job
 from orchestration.partitions import (
     MONTH_FMT,
@@ -20,9 +23,17 @@ from orchestration.partitions import (
 )
 from orchestration.sensors import automation_enabled
 
-NIGHTLY_CRON = os.environ.get("ALLIANCE_NIGHTLY_CRON", "0 2 * * *")
-REPORTS_CRON = os.environ.get("ALLIANCE_REPORTS_CRON", "0 5 1 * *")
-TIMEZONE = os.environ.get("ALLIANCE_TIMEZONE", "UTC")
+NIGHTLY_CRON = os.environ.get("ALLIANCE_NIGHTLY_CRON", "").strip() or "0 2 * * *"
+REPORTS_CRON = os.environ.get("ALLIANCE_REPORTS_CRON", "").strip() or "0 5 1 * *"
+TIMEZONE = os.environ.get("ALLIANCE_TIMEZONE", "").strip() or "UTC"
+for _name, _cron in (("ALLIANCE_NIGHTLY_CRON", NIGHTLY_CRON), ("ALLIANCE_REPORTS_CRON", REPORTS_CRON)):
+    if not is_valid_cron_string(_cron):
+        raise ConfigError(f"{_name}={_cron!r} is not a cron schedule (five fields, e.g. '0 2 * * *')")
+try:
+    ZoneInfo(TIMEZONE)
+except (ZoneInfoNotFoundError, ValueError):
+    raise ConfigError(f"ALLIANCE_TIMEZONE={TIMEZONE!r} is not an IANA time zone "
+                      "(e.g. Europe/Amsterdam)") from None
 
 
 def _status() -> dg.DefaultScheduleStatus:

@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
-from alliance.config import paths
+from alliance.config import env_number, paths
 from alliance.ingest import file_sha256, landing_files
 from orchestration.jobs import LANDING_FILE_TAG, LANDING_SHA_TAG, ingest_job, ingest_run_config
 from orchestration.partitions import clinic_partitions, clinics_in_serving
@@ -171,7 +171,7 @@ def landing_run_request(f: ReadyFile) -> dg.RunRequest:
 def landing_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     """Hand every complete new landing file to its own ingest run."""
     landing = paths().landing
-    settle = float(os.environ.get(SETTLE_ENV, DEFAULT_SETTLE_SECONDS))
+    settle = env_number(SETTLE_ENV, DEFAULT_SETTLE_SECONDS, minimum=0)
     state = LandingState.from_cursor(context.cursor)
     ready, new_state, waiting = scan_landing(landing, state, settle_seconds=settle,
                                              ingested=lambda: ingested_shas(paths().serving))

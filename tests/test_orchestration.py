@@ -795,3 +795,50 @@ def test_history_keeps_data_versions_not_runs(tmp_path):
     versions = sorted(p.name for p in serving.parent.joinpath("history").glob("*.version"))
     assert versions == sorted(p.name + ".version" for p in history)
     con.close()
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"ALLIANCE_NIGHTLY_CRON": "99 * * *"}, "ALLIANCE_NIGHTLY_CRON='99 * * *' is not a cron schedule"),
+    ({"ALLIANCE_TIMEZONE": "Mars/Base"}, "ALLIANCE_TIMEZONE='Mars/Base' is not an IANA time zone"),
+    ({"ALLIANCE_REPORTS_START": "2025-13"}, "ALLIANCE_REPORTS_START='2025-13' is not a month"),
+    ({"ALLIANCE_RUN_LOCK_TIMEOUT_SECONDS": "abc"}, "ALLIANCE_RUN_LOCK_TIMEOUT_SECONDS='abc' is not a number"),
+])
+def test_a_bad_setting_read_at_start_is_named_without_a_traceback(tmp_path: Path, env, message):
+    """Read when the definitions load: a fresh process (they were tracebacks from Dagster)."""
+    run = subprocess.run([sys.executable, "-m", "orchestration.cli", "run"], cwd=REPO_ROOT,
+                         env={**os.environ, "ALLIANCE_DATA_DIR": str(tmp_path), "ALLIANCE_DEMO": "1",
+                              "ALLIANCE_AUTOMATION": "off", **env},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_bad_settings_and_arguments_are_named_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from orchestration.cli import main
+
+    monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ALLIANCE_DEMO", "1")
+    monkeypatch.setenv("ALLIANCE_AUTOMATION", "off")
+    cases = [
+        ({"ALLIANCE_SNAPSHOT_KEEP": "x"}, ["run"], "ALLIANCE_SNAPSHOT_KEEP='x' is not an integer"),
+        # (checked before the run: it failed after the rebuild and the swap of the snapshot)
+        ({"ALLIANCE_SNAPSHOT_KEEP": "-1"}, ["run"], "ALLIANCE_SNAPSHOT_KEEP='-1' must be at least 0"),
+        ({"ALLIANCE_DUCKDB_MEMORY_LIMIT": "lots"}, ["run"], "is not a size such as 4GB"),
+        # an empty cutoff (an unset shell variable) ran a full rebuild and publish
+        ({}, ["run", "--as-of", ""], "as_of '' is not an ISO-8601 time"),
+        ({}, ["demo", "--clinics", "0"], "--clinics and --patients must be at least 1"),
+    ]
+    for env, argv, message in cases:
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert main(argv) == 2, (env, argv)
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (env, argv, err)
+    assert not (tmp_path / "data" / "landing").exists() or not any(
+        (tmp_path / "data" / "landing").iterdir())  # nothing simulated or run
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path / "afile"))
+    assert main(["status"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
