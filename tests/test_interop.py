@@ -500,6 +500,29 @@ def test_event_ids_are_keyed_and_stable(tmp_path) -> None:
     assert episode["event_id"] != str(old_scheme)
 
 
+@needs_ref
+@pytest.mark.parametrize(("change", "field"), [
+    ({"source": "csv import with spaces"}, "source does not match"),
+    ({"respondent": "martian"}, "payload.respondent of questionnaire.submitted is not one of"),
+    ({"default_timing": "sometime"}, "payload.timing of questionnaire.submitted is not one of"),
+    ({"default_age_group": "elderly"}, "payload.age_group of episode.opened is not one of"),
+    ({"version": "2"}, "payload.instrument_version is not defined in schemas/instruments for BDI-II"),
+])
+def test_a_mapping_value_the_ingest_would_reject_stops_the_import(tmp_path, change, field) -> None:
+    """A typo in a mapping value gave a clean-looking import whose every event the ingest then
+    quarantined: the import refuses, names the field and writes nothing."""
+    from alliance.importers.common import MappingError, load_mapping
+
+    m = load_mapping("sgdata.yaml")
+    if "respondent" in change or "version" in change:
+        m = {**m, "scores": [{**sc, **change} for sc in m["scores"]]}
+    else:
+        m = {**m, **change}
+    with pytest.raises(MappingError, match=re.escape(field)):
+        import_wide_csv_to_landing(REF / "suddengains" / "sgdata.csv", m, tmp_path / "landing")
+    assert not (tmp_path / "landing").exists() or not any((tmp_path / "landing").iterdir())
+
+
 def test_a_csv_that_cannot_be_read_whole_is_refused_naming_file_and_line(tmp_path) -> None:
     """A header naming a column twice silently let the second column's values replace the first's;
     a Latin-1 file and a folder gave tracebacks."""

@@ -284,8 +284,12 @@ def versioned(tmp_path_factory: pytest.TempPathFactory) -> duckdb.DuckDBPyConnec
                    "sessions": True, "first_session": 1, "default_timing": "pre_session",
                    "scores": [{"instrument": "BDI-II", "version": version,
                                "column_pattern": r"^s(\d+)$"}]}
-        files.append(import_wide_csv_to_landing(tmp / "series.csv", mapping, tmp / "landing",
-                                                    key=b"marts-tests-key-0123456789abcdef0123").events_path)
+        # (as a clinic would: the importer checks the version against the same definitions)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("ALLIANCE_INSTRUMENTS_DIR", str(tmp / "instruments"))
+            files.append(import_wide_csv_to_landing(
+                tmp / "series.csv", mapping, tmp / "landing",
+                key=b"marts-tests-key-0123456789abcdef0123").events_path)
     con = duckdb.connect(str(tmp / "warehouse.duckdb"))
     for res in ingest_files(con, files, KEY, instruments=instruments, quarantine_dir=tmp / "q"):
         assert res.quarantined == 0

@@ -403,6 +403,44 @@ def report_dir(out_dir: Path) -> Path:
     return out
 
 
+def check_mapped_values(events: list[dict[str, Any]]) -> None:
+    """Refuse an import whose events the ingest would reject for a value the mapping set.
+
+    The values a mapping (or its defaults) puts into every event: the event type a status maps
+    to, `source`, and the payload's enum fields (respondent, timing, age group, modality, ...) and
+    instrument version. A wrong one (a typo in the mapping) would have every event quarantined at
+    ingest after a clean-looking import. Values read from the records are checked per record by
+    the importers; this names the field, the allowed values and how many events, never a value.
+    """
+    from alliance.contract import load_contract
+    from alliance.instruments import load_instruments
+
+    contract = load_contract()
+    source_re = contract.envelope["source"].pattern
+    versions = {(i.code, i.version) for i in load_instruments().values()}
+    problems: Counter[str] = Counter()
+    for e in events:
+        et = contract.event_types.get(str(e.get("event_type")))
+        if et is None:
+            problems[f"event_type is not one of the contract's event types ({', '.join(contract.event_types)})"] += 1
+            continue
+        if source_re and not re.fullmatch(source_re, str(e.get("source", ""))):
+            problems[f"source does not match {source_re}"] += 1
+        payload = e.get("payload") or {}
+        for name, spec in et.payload.items():
+            value = payload.get(name)
+            if spec.type == "enum" and value is not None and value not in spec.values:
+                problems[f"payload.{name} of {et.name} is not one of {', '.join(spec.values)}"] += 1
+        if "instrument" in payload and (payload.get("instrument"),
+                                        payload.get("instrument_version")) not in versions:
+            problems[f"payload.instrument_version is not defined in schemas/instruments for "
+                     f"{payload.get('instrument')}"] += 1
+    if problems:
+        raise MappingError("the ingest would reject events for values the mapping sets (nothing was "
+                           "written; check the mapping's keys for these fields): "
+                           + "; ".join(f"{p} ({n} events)" for p, n in problems.most_common()))
+
+
 def write_landing(result: ImportResult, out_dir: Path, stem: str,
                   reports_dir: Path | None = None) -> ImportResult:
     """Write events as `<out_dir>/<stem>.ndjson`; `<stem>.quarantine.tsv` and `<stem>.summary.json`
@@ -415,6 +453,7 @@ def write_landing(result: ImportResult, out_dir: Path, stem: str,
     if not result.balanced:
         bad = [a.as_dict() for a in result.files.values() if not a.balanced]
         raise AssertionError(f"import accounting does not balance: {bad}")
+    check_mapped_values(result.events)
     out_dir.mkdir(parents=True, exist_ok=True)
     events = sorted(dedupe_events(result.events), key=lambda e: (e["occurred_at"], e["event_id"]))
     lines = "".join(json.dumps(e, sort_keys=True, ensure_ascii=False) + "\n" for e in events)
