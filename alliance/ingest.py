@@ -834,7 +834,7 @@ instrument_violations as (
                 || 'in schemas/instruments (defined: ' || (select string_agg(v.instrument_version,
                     ', ' order by v.instrument_version) from _instrument_versions v
                     where v.instrument = known.instrument) || ')'
-            else 'the instrument is not defined in schemas/instruments (which one is in the '
+            else 'the instrument is not defined in the instrument definitions (schemas/instruments, $ALLIANCE_INSTRUMENTS_DIR; which one is in the '
                 || 'quarantined line, kept outside the warehouse)' end
             as message
     from known where not known_instrument

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    import duckdb
+
     from alliance.config import ConfigError
     from alliance.contract import ContractError
     from alliance.instruments import InstrumentError
@@ -44,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     except (MissingKeyError, ConfigError, InstrumentError, ContractError) as e:
         # a configuration error, not a bug: the message names the variable or file, no traceback
         print(f"alliance {args.command}: {e}", file=sys.stderr)
+        return 2
+    except duckdb.IOException as e:
+        # a DuckDB file that cannot be opened (damaged, not a DuckDB file, locked past the wait):
+        # DuckDB's message names the file; the traceback adds nothing for an operator
+        print(f"alliance {args.command}: cannot open a DuckDB file: {e}", file=sys.stderr)
         return 2
 
 

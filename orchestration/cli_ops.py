@@ -360,8 +360,13 @@ def cmd_reject_file(args: argparse.Namespace) -> int:
         with duckdb.connect(str(p.warehouse), config=warehouse_config()) as con:
             done = reject_files(con, args.files, args.reason)
     except duckdb.IOException as e:
-        print(f"error: {p.warehouse} is in use by a running job; retry when it is done ({e})",
-              file=sys.stderr)
+        from orchestration.resources import _is_lock_error
+
+        if _is_lock_error(e):
+            print(f"error: {p.warehouse} is in use by a running job; retry when it is done ({e})",
+                  file=sys.stderr)
+        else:
+            print(f"error: cannot open the warehouse {p.warehouse}: {e}", file=sys.stderr)
         return 2
     except RejectionError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -222,8 +222,16 @@ def failing_checks_with_fallback(
     if Path(working).exists():
         try:
             con = duckdb.connect(str(Path(working)), read_only=True)
-        except (duckdb.IOException, duckdb.ConnectionException):
-            pass  # locked by a writer: fall back to the snapshot below
+        except (duckdb.IOException, duckdb.ConnectionException) as e:
+            text = str(e).lower()
+            if isinstance(e, duckdb.IOException) and not ("lock" in text
+                                                          or "resource temporarily" in text):
+                # not a writer's lock: a damaged or foreign file, which the snapshot cannot hide
+                reason = str(e).splitlines()[0][:200]
+                if Path(snapshot).exists():
+                    return failing_checks(snapshot), f"snapshot (warehouse unreadable: {reason})"
+                return [], f"none (warehouse unreadable: {reason})"
+            # locked by a writer: fall back to the snapshot below
         else:
             try:
                 return failing_checks(con), "warehouse"

@@ -842,3 +842,35 @@ def test_bad_settings_and_arguments_are_named_without_a_traceback(
     monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path / "afile"))
     assert main(["status"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_damaged_duckdb_file_is_named_not_taken_for_a_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated warehouse read as 'locked by a writer' in status and reject-file; a truncated
+    snapshot crashed status and report with tracebacks."""
+    from orchestration.cli import main
+
+    data = tmp_path / "data"
+    (data / "warehouse").mkdir(parents=True)
+    (data / "serving").mkdir()
+    good = tmp_path / "good.duckdb"
+    with duckdb.connect(str(good)) as con:
+        con.execute("create table t as select range as i, repeat('x', 100) as s from range(200000)")
+    for target in (data / "warehouse" / "alliance.duckdb", data / "serving" / "alliance.duckdb"):
+        target.write_bytes(good.read_bytes()[:100_000])  # cut short
+    monkeypatch.setenv("ALLIANCE_DATA_DIR", str(data))
+    monkeypatch.setenv("ALLIANCE_DEMO", "1")
+    assert main(["reject-file", "1", "--reason", "other"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open the warehouse" in err and "in use by a running job" not in err
+    for argv in (["status"], ["report", "--clinic", "c1", "--month", "2025-01"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "cannot open a DuckDB file" in err and "serving" in err and "Traceback" not in err
+    # with a readable snapshot, status reads its checks there and says why
+    (data / "serving" / "alliance.duckdb").unlink()
+    duckdb.connect(str(data / "serving" / "alliance.duckdb")).close()
+    main(["status"])
+    out = capsys.readouterr().out
+    assert "snapshot (warehouse unreadable: IO Error" in out and "locked by a writer" not in out
