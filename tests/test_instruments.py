@@ -305,6 +305,16 @@ def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
         inst.load_instruments([tmp_path])
 
 
+def test_a_key_given_twice_is_an_error_naming_file_and_line(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys silently: a second cutoff replaced the first."""
+    text = (inst.INSTRUMENTS_DIR / "phq-9.yaml").read_text()
+    assert "\ncode: PHQ-9\n" in text
+    (tmp_path / "twice.yaml").write_text(text.replace("\ncode: PHQ-9\n", "\ncode: PHQ-9\ncode: X\n"))
+    with pytest.raises(inst.InstrumentError, match=r"twice\.yaml, line \d+: not valid YAML .*"
+                       r"'code' is given twice"):
+        inst.load_instrument_file(tmp_path / "twice.yaml")
+
+
 # --------------------------------------------------------------------------------- seed tables
 
 
