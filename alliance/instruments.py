@@ -226,7 +226,13 @@ class _Ctx:
         alternatives = tuple(v.get("alternatives") or ())
         value = self.overrides.get(name, v["default"])
         if alternatives and value not in alternatives:
-            raise self.fail(fld, f"parameter '{name}' = {value!r} is not one of {list(alternatives)}")
+            # (an overridden value was set elsewhere: say where, not only where it is used)
+            origin = ""
+            if name in self.overrides:
+                origin = (f" (set in ${ENV_PARAMETERS} = {os.environ[ENV_PARAMETERS]})"
+                          if os.environ.get(ENV_PARAMETERS) else " (set by the caller's parameters)")
+            raise self.fail(fld, f"parameter '{name}' = {value!r}{origin} is not one of "
+                                 f"{list(alternatives)}")
         self.parameters.append(
             Parameter(name, fld, v["default"], value, str(v["doc"]).strip(), src, alternatives)
         )

@@ -97,6 +97,8 @@ def execute_job(
     if skipped:
         log(f"  skipped (upstream failed or a blocking check failed): {', '.join(skipped[:8])}"
             + (" ..." if len(skipped) > 8 else ""))
+    for line in failed_step_lines(result):
+        log(line)
     label = f"selection {select}" if select else job_name
     log(f"run {result.run_id[:8]} ({label}) {'succeeded' if result.success else 'FAILED'}")
     return {"success": result.success, "run_id": result.run_id,
@@ -105,6 +107,25 @@ def execute_job(
                                    for e in failed_checks]}
 
 
+
+
+def failed_step_lines(result: Any) -> list[str]:
+    """Each failed step's own error in one line (`  step <key> failed: <Class>: <message>`).
+
+    Printed last by `execute_job`: Dagster's report of a failure carries the whole stack of its
+    wrappers, and the line that says what to do (a lock holder, a missing file) got lost in it.
+    """
+    lines = []
+    for e in result.all_events:
+        if e.event_type_value != "STEP_FAILURE":
+            continue
+        err = e.step_failure_data.error
+        while err is not None and err.cause is not None and err.cls_name in (
+                "DagsterExecutionStepExecutionError", "DagsterUserCodeExecutionError"):
+            err = err.cause
+        text = (err.message if err is not None else "").strip().splitlines()
+        lines.append(f"  step {e.step_key} failed: {text[0] if text else 'unknown error'}")
+    return lines
 
 
 def render_reports(

@@ -874,3 +874,28 @@ def test_a_damaged_duckdb_file_is_named_not_taken_for_a_lock(
     main(["status"])
     out = capsys.readouterr().out
     assert "snapshot (warehouse unreadable: IO Error" in out and "locked by a writer" not in out
+
+
+def test_a_failed_step_is_summed_up_in_one_line() -> None:
+    """The line that says what to do is printed last, not lost in the wrappers' stack."""
+    import dagster as dg
+
+    from orchestration.execution import failed_step_lines
+
+    @dg.op
+    def fine() -> int:
+        return 1
+
+    @dg.op
+    def waits(x: int) -> None:
+        raise RuntimeError(f"the warehouse lock is held by pid 4242 (after {x} waits); retry later\n"
+                           "second line of detail")
+
+    @dg.job
+    def j():
+        waits(fine())
+
+    result = j.execute_in_process(raise_on_error=False)
+    assert failed_step_lines(result) == [
+        "  step waits failed: RuntimeError: the warehouse lock is held by pid 4242 (after 1 waits); "
+        "retry later"]
