@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ def _say(msg: str) -> None:
 
 
 def cmd_pseudonym(args: argparse.Namespace) -> int:
-    from alliance.pseudonyms import KEY_ENV, load_key, pseudonym
+    from alliance.pseudonyms import KEY_ENV, load_key, platform_key, pseudonym
 
     demo_key = paths().secrets / "demo_pseudonym_key"
     if args.demo and not demo_key.exists() and not os.environ.get(KEY_ENV):
@@ -68,7 +69,18 @@ def cmd_pseudonym(args: argparse.Namespace) -> int:
         print(f"alliance pseudonym --demo: no demo key at {demo_key}; run `alliance demo` first, "
               "or check ALLIANCE_DATA_DIR", file=sys.stderr)
         return 2
-    key = load_key(demo_key if args.demo else None)
+    if not args.identifier.strip():
+        # (the ingest reads an empty or blank identifier as missing: no event has its pseudonym)
+        print("alliance pseudonym: the identifier is empty or blank; the ingest treats such an "
+              "identifier as missing, so no event carries a pseudonym of it", file=sys.stderr)
+        return 2
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", args.clinic_id):
+        print(f"alliance pseudonym: clinic_id {args.clinic_id!r} does not match the contract's "
+              "pattern ^[A-Za-z0-9_-]{1,64}$, so no event carries it", file=sys.stderr)
+        return 2
+    # (without --demo: the key as the pipeline reads it, $ALLIANCE_PSEUDONYM_KEY or, with
+    # ALLIANCE_DEMO=1, the demo key)
+    key = load_key(demo_key) if args.demo else platform_key()
     print(pseudonym(key, args.kind, args.clinic_id, args.identifier))
     return 0
 

@@ -785,6 +785,15 @@ def test_cli_user_errors_are_one_line_not_tracebacks(monkeypatch, capsys, tmp_pa
     assert main(["pseudonym", "--demo", "patient", "clinic-01", "PAT-1"]) == 2
     assert "no demo key" in capsys.readouterr().err
     assert not (tmp_path / "data" / "secrets" / "demo_pseudonym_key").exists()
+    # an empty identifier is missing at ingest (it printed a pseudonym nothing carries), and
+    # without --demo the key is read as the pipeline reads it (ALLIANCE_DEMO=1: the demo key)
+    monkeypatch.setenv("ALLIANCE_PSEUDONYM_KEY", "k" * 40)
+    assert main(["pseudonym", "patient", "clinic-01", " "]) == 2
+    assert "empty or blank" in capsys.readouterr().err
+    assert main(["pseudonym", "patient", "", "PAT-1"]) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert main(["pseudonym", "patient", "clinic-01", "PAT-1"]) == 0
+    assert capsys.readouterr().out.startswith("pt_")
     # --clinic/--month without --as-of was silently a full nightly rebuild
     assert main(["run", "--clinic", "C1", "--month", "2026-01"]) == 2
     assert "go with --as-of" in capsys.readouterr().err
