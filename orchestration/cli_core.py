@@ -150,7 +150,7 @@ def _summary(p, outcome: dict, seconds: float) -> None:
           + ("(" + ", ".join(f"{r} {n}" for r, n in reasons) + ")" if reasons else ""))
     print(f"Tables ({len(counts)}; plus {views} staging views over raw.events):")
     for s, t, n in counts:
-        print(f"  {s}.{t:<40} {n:>10,} rows")
+        print(f"  {s + '.' + t:<45} {n:>12,} rows")
     reports = sorted(p.reports.rglob("*.html"))
     if reports:
         print(f"Reports: {len(reports)} HTML files under {p.reports}, e.g. {reports[-1]}")
