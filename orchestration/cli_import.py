@@ -66,6 +66,10 @@ def _report(result, strict: bool) -> int:  # type: ignore[no-untyped-def]
         "summary_file": str(result.summary_path),
         "balanced": s["balanced"],
     }, indent=2))
+    if s.get("unmapped_columns"):
+        print(f"[alliance] {len(s['unmapped_columns'])} column(s) of the input match nothing in the "
+              f"mapping and were not imported: {', '.join(s['unmapped_columns'][:20])}",
+              file=sys.stderr)
     if s["quarantined"]:
         print(f"[alliance] {s['quarantined']} record(s) quarantined: see {result.quarantine_path}",
               file=sys.stderr)

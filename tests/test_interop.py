@@ -523,6 +523,29 @@ def test_a_mapping_value_the_ingest_would_reject_stops_the_import(tmp_path, chan
     assert not (tmp_path / "landing").exists() or not any((tmp_path / "landing").iterdir())
 
 
+@needs_ref
+def test_columns_the_mapping_does_not_read_are_listed_and_a_bad_clinic_argument_is_named(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """A header no pattern matches (a typo) dropped its scores without a word; a bad --clinic
+    value was blamed on the mapping file."""
+    from alliance.importers.common import MappingError
+    from orchestration.cli import main
+
+    res = import_wide_csv(REF / "suddengains" / "sgdata.csv", "sgdata.yaml")
+    assert res.summary()["unmapped_columns"] == res.unmapped_columns
+    assert "bdi_fu1" in res.unmapped_columns and "rq_s0" in res.unmapped_columns
+    assert not {"id", "bdi_s0", "bdi_s12"} & set(res.unmapped_columns)
+    monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ALLIANCE_PSEUDONYM_KEY", IMPORT_KEY.decode())
+    assert main(["import", "wide-csv", str(REF / "suddengains" / "sgdata.csv"),
+                 "--mapping", "sgdata.yaml"]) == 0
+    assert "match nothing in the mapping and were not imported: bdi_fu1" in capsys.readouterr().err
+    with pytest.raises(MappingError, match=r"--clinic / clinic_id argument: clinic_id 'a b'"):
+        import_wide_csv_to_landing(REF / "suddengains" / "sgdata.csv", "sgdata.yaml",
+                                   tmp_path / "x", clinic_id="a b")
+
+
 def test_a_csv_that_cannot_be_read_whole_is_refused_naming_file_and_line(tmp_path) -> None:
     """A header naming a column twice silently let the second column's values replace the first's;
     a Latin-1 file and a folder gave tracebacks."""

@@ -294,6 +294,8 @@ class ImportResult:
     files: dict[str, FileAccount] = field(default_factory=dict)
     # events not read from a record (episode.opened per patient; CSV gap sessions)
     synthesised: int = 0
+    # input columns (CSV headers) that no part of the mapping reads: not imported
+    unmapped_columns: list[str] = field(default_factory=list)
     # event id -> (its JSON, where it came from), for rows that repeat an id (account_csv_rows)
     seen_events: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
     # Written by write_landing():
@@ -336,6 +338,7 @@ class ImportResult:
             "events": len(self.events),
             "events_by_type": dict(sorted(by_type.items())),
             "synthesised_events": self.synthesised,
+            "unmapped_columns": self.unmapped_columns,
             "quarantined": len(self.quarantine),
             "balanced": self.balanced,
             "files": [a.as_dict() for a in self.files.values()],

@@ -885,7 +885,8 @@ def import_fhir_to_landing(inputs: list[Path] | Path, mapping: dict[str, Any] | 
     """Import and write `<stem>.ndjson` into a landing folder (quarantine, summary: report_dir)."""
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "fhir")
     if clinic_id:
-        m = {**m, "clinic_id": clinic_id}
+        # (checked here: set into the mapping, a bad value was blamed on the mapping file)
+        m = {**m, "clinic_id": check_clinic(clinic_id, "--clinic / clinic_id argument")}
     paths = [Path(p) for p in (inputs if isinstance(inputs, list) else [inputs])]
     result = import_fhir(paths, m, key=key)
     return write_landing(result, Path(out_dir), output_stem("fhir", paths, m, key))

@@ -251,7 +251,8 @@ def import_redcap_to_landing(path: Path | str, dictionary: Path | str,
     """Import a REDCap export and write `<stem>.ndjson` into landing (reports: report_dir)."""
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "redcap")
     if clinic_id:
-        m = {**m, "clinic_id": clinic_id}
+        # (checked here: set into the mapping, a bad value was blamed on the mapping file)
+        m = {**m, "clinic_id": check_clinic(clinic_id, "--clinic / clinic_id argument")}
     result = import_redcap(path, dictionary, m, key=key)
     return write_landing(result, Path(out_dir),
                          output_stem("redcap", [Path(path), Path(dictionary)], m, key))

@@ -231,6 +231,12 @@ def import_wide_csv(path: Path | str, mapping: dict[str, Any] | str | Path,
                            f"(mapping {imp.where})")
     cols = imp.columns(header) if imp.format == "wide" else []
     result = ImportResult("wide_csv")
+    if imp.format == "wide":
+        # A column no score pattern and no *_column key reads is not imported: listed, so a
+        # typo in a header or a pattern is seen instead of silently dropping its scores.
+        read = {c for c, _, _ in cols} | {str(v) for k, v in m.items()
+                                          if k.endswith("_column") and isinstance(v, str)}
+        result.unmapped_columns = [h for h in header if h and h not in read]
     account_csv_rows(result, path, header, rows, lambda row: imp.row_events(row, cols),
                      "no non-missing score")
     synth = imp.synthesised_gap_sessions() + imp.synthesised_episodes()
@@ -245,6 +251,7 @@ def import_wide_csv_to_landing(path: Path | str, mapping: dict[str, Any] | str |
     """Import a research CSV and write `<stem>.ndjson` into landing (reports: report_dir)."""
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "wide_csv")
     if clinic_id:
-        m = {**m, "clinic_id": clinic_id}
+        # (checked here: set into the mapping, a bad value was blamed on the mapping file)
+        m = {**m, "clinic_id": check_clinic(clinic_id, "--clinic / clinic_id argument")}
     result = import_wide_csv(path, m, key=key)
     return write_landing(result, Path(out_dir), output_stem("csv", [Path(path)], m, key))
