@@ -314,11 +314,22 @@ def collect_status(n_runs: int = 8) -> dict[str, Any]:
         try:
             out["row_counts"] = snapshot.table_row_counts(con)
             # Waiting: landing files whose path the published manifest does not list (by path,
-            # not content, so a status costs no hashing; as of the last publish).
+            # not content, so a status costs no hashing; as of the last publish). A path is
+            # also known by its part below a `landing/` folder: a data directory that was moved
+            # or restored elsewhere lists its files under their old absolute paths.
             if "raw.ingested_files" in out["row_counts"]:
-                known = {str(Path(r[0]).resolve())
-                         for r in con.execute("select path from raw.ingested_files").fetchall()}
-                out["landing_files_waiting"] = sum(str(f.resolve()) not in known for f in landing)
+                stored = [r[0] for r in con.execute("select path from raw.ingested_files").fetchall()]
+                known = {str(Path(x).resolve()) for x in stored}
+                below = {x.rsplit("/landing/", 1)[1] for x in stored if "/landing/" in x}
+                root = p.landing.resolve()
+
+                def is_known(f: Path) -> bool:
+                    full = f.resolve()
+                    if str(full) in known:
+                        return True
+                    return full.is_relative_to(root) and full.relative_to(root).as_posix() in below
+
+                out["landing_files_waiting"] = sum(not is_known(f) for f in landing)
             out["snapshot"]["data_version"] = snapshot.data_version(con)
         finally:
             con.close()

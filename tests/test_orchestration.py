@@ -899,3 +899,25 @@ def test_a_failed_step_is_summed_up_in_one_line() -> None:
     assert failed_step_lines(result) == [
         "  step waits failed: RuntimeError: the warehouse lock is held by pid 4242 (after 1 waits); "
         "retry later"]
+
+
+def test_status_knows_the_files_of_a_moved_data_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The manifest lists files under their absolute paths: a moved or restored data directory
+    showed every landing file as not ingested."""
+    from orchestration.cli import main
+
+    data = tmp_path / "moved" / "data"
+    (data / "landing" / "2025").mkdir(parents=True)
+    (data / "serving").mkdir()
+    for name in ("2025/a.ndjson", "b.ndjson", "new.ndjson"):
+        (data / "landing" / name).write_text("{}\n")
+    with duckdb.connect(str(data / "serving" / "alliance.duckdb")) as con:
+        con.execute("create schema raw; create table raw.ingested_files (path varchar)")
+        con.execute("insert into raw.ingested_files values "
+                    "('/old/place/data/landing/2025/a.ndjson'), ('/old/place/data/landing/b.ndjson')")
+    monkeypatch.setenv("ALLIANCE_DATA_DIR", str(data))
+    monkeypatch.setenv("ALLIANCE_DEMO", "1")
+    main(["status"])
+    assert "files in landing/: 3, 1 not ingested as of the snapshot" in capsys.readouterr().out
