@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +79,8 @@ def env_number(name: str, default: float, *, minimum: float | None = None,
         value = int(raw) if integer else float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not {'an integer' if integer else 'a number'}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not a finite number")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
     return value
@@ -109,6 +111,12 @@ def warehouse_config() -> dict[str, str]:
     data directory. Measured in docs/benchmark.md.
     """
     limit = os.environ.get(MEMORY_LIMIT_ENV, "").strip() or DEFAULT_MEMORY_LIMIT
-    if not re.fullmatch(r"(?i)\d+(\.\d+)?\s*(b|bytes?|[kmgt]i?b|(kilo|mega|giga|tera)bytes?)", limit):
-        raise ConfigError(f"{MEMORY_LIMIT_ENV}={limit!r} is not a size such as 4GB or 512MB")
+    if limit != DEFAULT_MEMORY_LIMIT:
+        import duckdb
+
+        try:  # DuckDB's own parser decides (4GB, 4G, 512MiB, -1, none, ...)
+            duckdb.connect(config={"memory_limit": limit}).close()
+        except duckdb.Error as e:
+            raise ConfigError(f"{MEMORY_LIMIT_ENV}={limit!r} is not a size DuckDB reads (such as "
+                              f"4GB or 512MB): {str(e).splitlines()[0]}") from None
     return {"memory_limit": limit}

@@ -984,7 +984,8 @@ def _ingest_paths(
     for p, sha, rf in _read_ahead(paths, done):
         if sha is None:
             # Gone between listing and reading (moved away, or a producer's re-send): nothing
-            # was read, so nothing is recorded; it is ingested when it is back in landing.
+            # was read, so nothing is recorded; the next run that finds it in landing ingests it
+            # (the nightly run: the landing sensor asked for its content's run already).
             results.append(FileResult(str(p), "", "vanished",
                                       error=f"{p}: vanished before it was read; not recorded"))
             if log:

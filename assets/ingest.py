@@ -113,11 +113,17 @@ def ingest(
             )
         for r in unreadable:
             context.log.error(r.error)  # the error names the file
+        vanished = [r for r in results if r.status == "vanished"]
+        for r in vanished:
+            # (not recorded: the next run that lists it ingests it; a landing sensor's run for
+            # the same content was already requested, so that is the nightly run)
+            context.log.warning(r.error)
         batch = {
             "files_seen": len(results),
             "files_ingested": len(new),
             "files_already_ingested": sum(r.status == "already_ingested" for r in results),
             "files_unreadable": len(unreadable),
+            "files_vanished": len(vanished),
             "lines_read": sum(r.lines_read for r in new),
             "accepted": sum(r.accepted for r in new),
             "duplicates": sum(r.duplicates for r in new),

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except duckdb.IOException as e:
         # a DuckDB file that cannot be opened (damaged, not a DuckDB file, locked past the wait):
         # DuckDB's message names the file; the traceback adds nothing for an operator
-        print(f"alliance {args.command}: cannot open a DuckDB file: {e}", file=sys.stderr)
+        print(f"alliance {args.command}: DuckDB could not open, read or write a file: {e}",
+              file=sys.stderr)
         return 2
 
 

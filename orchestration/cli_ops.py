@@ -320,7 +320,11 @@ def collect_status(n_runs: int = 8) -> dict[str, Any]:
             if "raw.ingested_files" in out["row_counts"]:
                 stored = [r[0] for r in con.execute("select path from raw.ingested_files").fetchall()]
                 known = {str(Path(x).resolve()) for x in stored}
-                below = {x.rsplit("/landing/", 1)[1] for x in stored if "/landing/" in x}
+                # (every position of '/landing/': a folder inside landing may be named so too)
+                below = set()
+                for x in stored:
+                    parts = x.split("/landing/")
+                    below.update("/landing/".join(parts[i:]) for i in range(1, len(parts)))
                 root = p.landing.resolve()
 
                 def is_known(f: Path) -> bool:

@@ -74,6 +74,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"error: clinic {args.clinic!r} is not in the snapshot {data.serving}",
               file=sys.stderr)
         return 1
+    if args.pdf:  # (an older PDF must not pass for this one when none is printed)
+        report_path(data.reports, args.clinic, month).with_suffix(".pdf").unlink(missing_ok=True)
     [res] = render_reports([(args.clinic, month)], min_cell=args.min_cell, pdf=args.pdf)
     if not res["success"]:
         return 1

@@ -117,11 +117,15 @@ def failed_step_lines(result: Any) -> list[str]:
     """
     lines = []
     for e in result.all_events:
-        if e.event_type_value != "STEP_FAILURE":
+        if e.event_type_value == "STEP_FAILURE":
+            err = e.step_failure_data.error
+        elif e.event_type_value == "RESOURCE_INIT_FAILURE":  # (e.g. the writer-run lock's wait)
+            err = e.event_specific_data.error
+        else:
             continue
-        err = e.step_failure_data.error
         while err is not None and err.cause is not None and err.cls_name in (
-                "DagsterExecutionStepExecutionError", "DagsterUserCodeExecutionError"):
+                "DagsterExecutionStepExecutionError", "DagsterUserCodeExecutionError",
+                "DagsterResourceFunctionError"):
             err = err.cause
         text = (err.message if err is not None else "").strip().splitlines()
         lines.append(f"  step {e.step_key} failed: {text[0] if text else 'unknown error'}")

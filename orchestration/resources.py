@@ -152,9 +152,14 @@ def _lock_holder(path: Path) -> str:
         return "unknown process"
 
 
+LOCK_WORDING = ("could not set lock on file", "conflicting lock is held", "resource temporarily")
+
+
 def _is_lock_error(e: BaseException) -> bool:
+    """DuckDB's own wording of a lock held by another process (not any message that happens to
+    contain 'lock', such as a damaged file under a folder named 'blocks')."""
     text = str(e).lower()
-    return isinstance(e, duckdb.IOException) and ("lock" in text or "resource temporarily" in text)
+    return isinstance(e, duckdb.IOException) and any(w in text for w in LOCK_WORDING)
 
 
 def lock_holder_from_error(message: str) -> str:

@@ -31,7 +31,7 @@ for _name, _cron in (("ALLIANCE_NIGHTLY_CRON", NIGHTLY_CRON), ("ALLIANCE_REPORTS
         raise ConfigError(f"{_name}={_cron!r} is not a cron schedule (five fields, e.g. '0 2 * * *')")
 try:
     ZoneInfo(TIMEZONE)
-except (ZoneInfoNotFoundError, ValueError):
+except (ZoneInfoNotFoundError, ValueError, OSError):  # (OSError: a folder such as 'Europe')
     raise ConfigError(f"ALLIANCE_TIMEZONE={TIMEZONE!r} is not an IANA time zone "
                       "(e.g. Europe/Amsterdam)") from None
 

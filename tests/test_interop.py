@@ -561,6 +561,16 @@ def test_a_csv_that_cannot_be_read_whole_is_refused_naming_file_and_line(tmp_pat
         import_wide_csv(latin, "sgdata.yaml")
     with pytest.raises(InputFileError, match="is a folder"):
         import_wide_csv(tmp_path, "sgdata.yaml")
+    # the bad byte's own line (the file was decoded in chunks: it said 'near line 2')
+    late = tmp_path / "late.csv"
+    late.write_bytes(("id,bdi_s1\n" + "".join(f"{i},1\n" for i in range(1, 900))).encode()
+                     + b"900,caf\xe9\n")
+    with pytest.raises(InputFileError, match=r"late.csv: line 901: not UTF-8"):
+        import_wide_csv(late, "sgdata.yaml")
+    # unnamed (blank) header cells of a spreadsheet export are no repeat
+    blanks = tmp_path / "blanks.csv"
+    blanks.write_text("id,bdi_s1,bdi_s2,,\n1,20,18,,\n")
+    assert import_wide_csv(blanks, "sgdata.yaml").balanced
 
 
 def test_a_resource_of_an_unexpected_shape_is_quarantined_not_the_import_lost(tmp_path) -> None:
@@ -578,6 +588,18 @@ def test_a_resource_of_an_unexpected_shape_is_quarantined_not_the_import_lost(tm
     reasons = sorted(q["reason"] for q in res.quarantine)
     assert reasons.count("malformed_resource") == 4 and len(reasons) == 6, res.quarantine
     assert "SECRET" not in json.dumps(res.quarantine)
+    # a mapping table of the wrong shape is the mapping's error, not every record's
+    from alliance.importers.common import MappingError, load_mapping
+
+    m = load_mapping("fhir.yaml")
+    bad_map = {**m, "encounter": {**m.get("encounter", {}), "class_modality": ["AMB"]}}
+    with pytest.raises(MappingError, match=r"'encounter.class_modality' must be a table"):
+        import_fhir(_write_ndjson(tmp_path / "in2.ndjson", [good]), bad_map, clinic_id="c1")
+    # a Bundle entry's fullUrl that is not a string
+    odd = {"resourceType": "Bundle", "type": "collection",
+           "entry": [{"fullUrl": 5, "resource": {k: v for k, v in good.items() if k != "id"}}]}
+    assert import_fhir(_write_ndjson(tmp_path / "in3.ndjson", [odd]), "fhir.yaml",
+                       clinic_id="c1").balanced
 
 
 def test_import_reports_go_to_quarantine_not_landing(tmp_path, monkeypatch) -> None:

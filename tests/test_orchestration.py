@@ -800,6 +800,8 @@ def test_history_keeps_data_versions_not_runs(tmp_path):
 @pytest.mark.parametrize(("env", "message"), [
     ({"ALLIANCE_NIGHTLY_CRON": "99 * * *"}, "ALLIANCE_NIGHTLY_CRON='99 * * *' is not a cron schedule"),
     ({"ALLIANCE_TIMEZONE": "Mars/Base"}, "ALLIANCE_TIMEZONE='Mars/Base' is not an IANA time zone"),
+    ({"ALLIANCE_TIMEZONE": "Europe"}, "ALLIANCE_TIMEZONE='Europe' is not an IANA time zone"),
+    ({"ALLIANCE_RUN_LOCK_TIMEOUT_SECONDS": "nan"}, "='nan' is not a finite number"),
     ({"ALLIANCE_REPORTS_START": "2025-13"}, "ALLIANCE_REPORTS_START='2025-13' is not a month"),
     ({"ALLIANCE_RUN_LOCK_TIMEOUT_SECONDS": "abc"}, "ALLIANCE_RUN_LOCK_TIMEOUT_SECONDS='abc' is not a number"),
 ])
@@ -824,7 +826,9 @@ def test_bad_settings_and_arguments_are_named_without_a_traceback(
         ({"ALLIANCE_SNAPSHOT_KEEP": "x"}, ["run"], "ALLIANCE_SNAPSHOT_KEEP='x' is not an integer"),
         # (checked before the run: it failed after the rebuild and the swap of the snapshot)
         ({"ALLIANCE_SNAPSHOT_KEEP": "-1"}, ["run"], "ALLIANCE_SNAPSHOT_KEEP='-1' must be at least 0"),
-        ({"ALLIANCE_DUCKDB_MEMORY_LIMIT": "lots"}, ["run"], "is not a size such as 4GB"),
+        ({"ALLIANCE_DUCKDB_MEMORY_LIMIT": "lots"}, ["run"], "is not a size DuckDB reads"),
+        # (not finite: a lock timeout of nan waited for ever)
+        ({"ALLIANCE_SNAPSHOT_KEEP": "nan"}, ["run"], "is not an integer"),
         # an empty cutoff (an unset shell variable) ran a full rebuild and publish
         ({}, ["run", "--as-of", ""], "as_of '' is not an ISO-8601 time"),
         ({}, ["demo", "--clinics", "0"], "--clinics and --patients must be at least 1"),
@@ -867,7 +871,8 @@ def test_a_damaged_duckdb_file_is_named_not_taken_for_a_lock(
     for argv in (["status"], ["report", "--clinic", "c1", "--month", "2025-01"]):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert "cannot open a DuckDB file" in err and "serving" in err and "Traceback" not in err
+        assert "DuckDB could not open, read or write a file" in err and "serving" in err
+        assert "Traceback" not in err
     # with a readable snapshot, status reads its checks there and says why
     (data / "serving" / "alliance.duckdb").unlink()
     duckdb.connect(str(data / "serving" / "alliance.duckdb")).close()
@@ -900,6 +905,22 @@ def test_a_failed_step_is_summed_up_in_one_line() -> None:
         "  step waits failed: RuntimeError: the warehouse lock is held by pid 4242 (after 1 waits); "
         "retry later"]
 
+    # a resource that fails to start (the writer-run lock's wait gives up there)
+    class Locked(dg.ConfigurableResource):
+        def setup_for_execution(self, context) -> None:
+            raise RuntimeError("another writer run (pid 77) holds the lock; this run gives up")
+
+    @dg.op
+    def uses(locked: Locked) -> None:
+        return None
+
+    @dg.job(resource_defs={"locked": Locked()})
+    def k():
+        uses()
+
+    lines = failed_step_lines(k.execute_in_process(raise_on_error=False))
+    assert any("RuntimeError: another writer run (pid 77) holds the lock" in x for x in lines), lines
+
 
 def test_status_knows_the_files_of_a_moved_data_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -921,3 +942,22 @@ def test_status_knows_the_files_of_a_moved_data_directory(
     monkeypatch.setenv("ALLIANCE_DEMO", "1")
     main(["status"])
     assert "files in landing/: 3, 1 not ingested as of the snapshot" in capsys.readouterr().out
+
+
+def test_settings_duckdb_reads_are_accepted_and_lock_wording_is_duckdbs(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import duckdb as ddb
+
+    from alliance.config import warehouse_config
+    from orchestration.resources import _is_lock_error
+
+    for size in ("4G", "500M", "1.5GB", "4 GiB"):  # what DuckDB itself reads
+        monkeypatch.setenv("ALLIANCE_DUCKDB_MEMORY_LIMIT", size)
+        assert warehouse_config() == {"memory_limit": size}
+    # a damaged file under a folder named 'blocks' is not a lock; DuckDB's lock message is
+    assert not _is_lock_error(ddb.IOException(
+        'IO Error: Could not read enough bytes from file "/data/blocks/alliance.duckdb"'))
+    assert _is_lock_error(ddb.IOException(
+        'IO Error: Could not set lock on file "/d/alliance.duckdb": Conflicting lock is held in '
+        "/usr/bin/python3 (PID 42)"))

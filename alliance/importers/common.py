@@ -17,6 +17,7 @@ import csv
 import functools
 import hashlib
 import hmac
+import io
 import json
 import os
 import re
@@ -491,15 +492,23 @@ def read_csv_rows(
     """
     if path.is_dir():
         raise InputFileError(f"{path}: is a folder, not a CSV file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        bad_line = raw[:e.start].count(b"\n") + 1
+        raise InputFileError(f"{path}: line {bad_line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                             "export the file as UTF-8") from e
     line = 1
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with io.StringIO(text, newline="") as f:
             reader = csv.reader(f, delimiter=delimiter)
             try:
                 header = [h.strip() for h in next(reader)]
             except StopIteration:
                 return [], []
-            repeated = sorted({h for h in header if header.count(h) > 1})
+            # (blank names are unnamed columns of a spreadsheet export, not a repeat)
+            repeated = sorted({h for h in header if h and header.count(h) > 1})
             if repeated:
                 raise InputFileError(
                     f"{path}: line 1: the header names column(s) {', '.join(map(repr, repeated))} "
@@ -513,9 +522,6 @@ def read_csv_rows(
                     rows.append((line, None))
                 else:
                     rows.append((line, dict(zip(header, values, strict=True))))
-    except UnicodeDecodeError as e:
-        raise InputFileError(f"{path}: near line {line + 1}: not UTF-8 text (byte 0x{e.object[e.start]:02x});"
-                             " export the file as UTF-8") from e
     except csv.Error as e:
         raise InputFileError(f"{path}: line {line + 1}: not readable as CSV ({e})") from e
     return header, rows

@@ -137,7 +137,7 @@ def _expand(path: str, line: int, res: Any) -> Iterator[Record]:
                                                         "nested Bundles are not imported"))
                 continue
             full_url = entry.get("fullUrl")
-            if full_url and "id" not in inner:
+            if isinstance(full_url, str) and full_url and "id" not in inner:
                 inner = {**inner, "id": full_url.rsplit("/", 1)[-1].removeprefix("urn:uuid:")}
             yield Record(path, i, inner)
         return
@@ -316,8 +316,28 @@ class FhirImporter(KeyedEventIds):
         self.age_group = str(mapping.get("default_age_group") or "adult")
         self.refs = load_refs()
         self.loinc = _loinc_refs(mapping)
-        self.answer_weights = {str(k): v for k, v in (mapping.get("answer_weights") or {}).items()}
-        enc = mapping.get("encounter") or {}
+        # The mapping's tables are checked for their shape here: a list where a table belongs
+        # failed on every record later, where it read as a malformed record, not a mapping error.
+        def table(value: Any, key: str) -> dict[str, Any]:
+            if value is None:
+                return {}
+            if not isinstance(value, dict):
+                raise MappingError(f"{where}: key '{key}' must be a table (key: value), got "
+                                   f"{type(value).__name__}")
+            return value
+
+        self.answer_weights = {str(k): v for k, v in
+                               table(mapping.get("answer_weights"), "answer_weights").items()}
+        enc = table(mapping.get("encounter"), "encounter")
+        table(enc.get("status"), "encounter.status")
+        table(enc.get("class_modality"), "encounter.class_modality")
+        table(mapping.get("episode_of_care"), "episode_of_care")
+        table((mapping.get("episode_of_care") or {}).get("close_reason"),
+              "episode_of_care.close_reason")
+        table(mapping.get("respondent_by_author"), "respondent_by_author")
+        table(mapping.get("observation_totals"), "observation_totals")
+        if not isinstance(mapping.get("questionnaires") or [], list):
+            raise MappingError(f"{where}: key 'questionnaires' must be a list")
         self.enc_status: dict[str, str] = enc.get("status") or {}
         self.class_modality: dict[str, str] = enc.get("class_modality") or {}
         self.enc_types = {str(x) for x in enc.get("type_codes") or []}
