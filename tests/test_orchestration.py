@@ -910,8 +910,8 @@ def test_a_failed_step_is_summed_up_in_one_line() -> None:
         def setup_for_execution(self, context) -> None:
             raise RuntimeError("another writer run (pid 77) holds the lock; this run gives up")
 
-    @dg.op
-    def uses(locked: Locked) -> None:
+    @dg.op(required_resource_keys={"locked"})  # (the module's postponed annotations)
+    def uses() -> None:
         return None
 
     @dg.job(resource_defs={"locked": Locked()})
