@@ -588,6 +588,14 @@ def test_a_resource_of_an_unexpected_shape_is_quarantined_not_the_import_lost(tm
     reasons = sorted(q["reason"] for q in res.quarantine)
     assert reasons.count("malformed_resource") == 4 and len(reasons) == 6, res.quarantine
     assert "SECRET" not in json.dumps(res.quarantine)
+    # a year-only dateTime (valid FHIR) is quarantined with the reason, not as malformed
+    year_only = {"resourceType": "Encounter", "id": "e-y", "status": "finished",
+                 "subject": {"reference": "Patient/p1"}, "period": {"start": "2024"}}
+    res_y = import_fhir(_write_ndjson(tmp_path / "year.ndjson", [good, year_only]), "fhir.yaml",
+                        clinic_id="c1")
+    assert [q["message"] for q in res_y.quarantine if q["record"] == "Encounter/e-y"] == [
+        "has only a year: too coarse to place the record in time (a day, or at least a month, "
+        "is needed)"]
     # a mapping table of the wrong shape is the mapping's error, not every record's
     from alliance.importers.common import MappingError, load_mapping
 

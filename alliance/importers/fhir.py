@@ -380,6 +380,12 @@ class FhirImporter(KeyedEventIds):
     def ts(self, value: Any, field_name: str) -> str:
         out = normalise_timestamp(value, self.tz)
         if out is None:
+            if isinstance(value, str) and re.fullmatch(r"\d{4}", value.strip()):
+                # valid FHIR, but a year cannot place a score or a session among the others
+                # (a year-month is read as the month's first day)
+                raise Quarantined("invalid_value", field_name,
+                                  "has only a year: too coarse to place the record in time "
+                                  "(a day, or at least a month, is needed)")
             raise Quarantined("invalid_value" if value else "missing_field", field_name,
                               "needs an ISO-8601 date or dateTime")
         return out
