@@ -380,9 +380,11 @@ def test_small_cell_threshold_is_the_reports(warehouse):
     assert rows and all(flag == expected for flag, expected, _ in rows)
     assert any(flag and closed >= 11 for flag, _, closed in rows)  # the case the base decides
     rows = con.execute(f"""
-        with b as (select therapist_id, clinic_id, count(*) as closed, {bases}
+        with b as (select therapist_id, clinic_id, count(*) as closed, {bases},
+                          count(early_alliance) as early
                    from marts.fct_episode_outcomes where instrument = 'PHQ-9' and is_closed
                        and therapist_id is not null group by all)
-        select t.is_small_cell_outcomes, coalesce({small}, true), t.episodes_closed
+        select t.is_small_cell_outcomes, coalesce({small} or (early between 1 and 10), true),
+            t.episodes_closed
         from marts.therapist_summary t left join b using (therapist_id, clinic_id)""").fetchall()
     assert rows and all(flag == expected for flag, expected, _ in rows)

@@ -78,10 +78,11 @@ outcome_measures as (
             as deterioration_rate,
         avg(improvement) filter (where is_paired) as mean_improvement,
         avg(improvement_vs_expected) / any_value(network_intake_sd) as severity_adjusted_effect_size,
-        -- the smallest non-zero denominator of the outcome rates (paired; paired and in the
-        -- clinical range at intake)
+        -- the smallest non-zero denominator of the outcome columns (paired; paired and in the
+        -- clinical range at intake; episodes with an early alliance, mean_early_alliance's)
         list_min(list_filter([count(*), count(*) filter (where is_paired),
-            count(*) filter (where is_paired and clinical_before)], lambda n: n > 0))
+            count(*) filter (where is_paired and clinical_before), count(early_alliance)],
+            lambda n: n > 0))
             as smallest_outcome_base
     from episode_outcomes
     group by therapist_id, clinic_id
