@@ -86,6 +86,32 @@ def env_number(name: str, default: float, *, minimum: float | None = None,
     return value
 
 
+def is_timezone(name: str) -> bool:
+    """Whether `name` is an IANA time zone this machine knows (a folder of the zone database,
+    such as 'Europe', is not: ZoneInfo raises an OSError for it)."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
+# DuckDB's own wording of a file lock held by another process.
+DUCKDB_LOCK_WORDING = ("could not set lock on file", "conflicting lock is held",
+                       "resource temporarily")
+
+
+def is_duckdb_lock_error(e: BaseException) -> bool:
+    """Whether `e` is DuckDB refusing a file another process holds: its own wording, not any
+    message that happens to contain 'lock' (a damaged file under a folder named 'blocks')."""
+    import duckdb
+
+    text = str(e).lower()
+    return isinstance(e, duckdb.IOException) and any(w in text for w in DUCKDB_LOCK_WORDING)
+
+
 def data_dir() -> Path:
     """The data directory: $ALLIANCE_DATA_DIR (unset or empty: ./data)."""
     root = Path(os.environ.get("ALLIANCE_DATA_DIR", "").strip() or "data").resolve()

@@ -48,6 +48,9 @@ YEAR_RE = r"(\d{3}[1-9]|\d{2}[1-9]0|\d[1-9]00|[1-9]000)"
 TIMESTAMP_RE = (rf"^{YEAR_RE}-\d{{2}}-\d{{2}}[T ]([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{{1,9}})?"
                 r"(Z|[+-]([01]\d|2[0-3])(:?[0-5]\d)?)$")
 DATE_RE = rf"^{YEAR_RE}-\d{{2}}-\d{{2}}$"
+# An integer short enough to repeat in raw.quarantine (a long one could be an identifier sent in
+# the wrong field): the redacted copy and the unsupported-version message use the same rule.
+SHORT_INTEGER_RE = r"-?[0-9]{1,4}"
 # A comma before '}' or ']' outside strings (from the start: any run of non-quote characters and
 # whole strings, then the comma).
 TRAILING_COMMA_RE = r'^(?:[^"]|"(?:[^"\\]|\\.)*")*,[ \t\r\n]*[}\]]'
@@ -396,8 +399,7 @@ def _echo_sql(contract: Contract) -> dict[str, str]:
         elif spec.type == "timestamp":
             cond = f"regexp_full_match({v}, {_lit(TIMESTAMP_RE)})"
         elif spec.type == "integer":
-            # (a short number: a long one could be an identifier sent in the wrong field)
-            cond = f"regexp_full_match({v}, '-?[0-9]{{1,4}}')"
+            cond = f"regexp_full_match({v}, {_lit(SHORT_INTEGER_RE)})"
         elif spec.pattern:
             cond = f"regexp_full_match({v}, {_lit(spec.pattern)})"
         else:
@@ -464,7 +466,7 @@ def _validation_sql(contract: Contract) -> list[str]:
     # (the version is repeated only when short: a long number could be an identifier)
     rules.append((f"not (case sv_e_event_type {version_cases} else false end)",
                   "unsupported_schema_version", "schema_version",
-                  f"case when regexp_full_match(sv_e_schema_version, '-?[0-9]{{1,4}}') then "
+                  f"case when regexp_full_match(sv_e_schema_version, {_lit(SHORT_INTEGER_RE)}) then "
                   f"{_lit('version ')} || sv_e_schema_version || {_lit(' is not supported for ')} "
                   f"else {_lit('this version is not supported for ')} end || sv_e_event_type"))
     for name, spec in env.items():

@@ -74,9 +74,12 @@ def cmd_pseudonym(args: argparse.Namespace) -> int:
         print("alliance pseudonym: the identifier is empty or blank; the ingest treats such an "
               "identifier as missing, so no event carries a pseudonym of it", file=sys.stderr)
         return 2
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", args.clinic_id):
+    from alliance.contract import load_contract
+
+    clinic_pattern = load_contract().envelope["clinic_id"].pattern
+    if not re.fullmatch(clinic_pattern, args.clinic_id):
         print(f"alliance pseudonym: clinic_id {args.clinic_id!r} does not match the contract's "
-              "pattern ^[A-Za-z0-9_-]{1,64}$, so no event carries it", file=sys.stderr)
+              f"pattern {clinic_pattern}, so no event carries it", file=sys.stderr)
         return 2
     # (without --demo: the key as the pipeline reads it, $ALLIANCE_PSEUDONYM_KEY or, with
     # ALLIANCE_DEMO=1, the demo key)

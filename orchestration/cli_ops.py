@@ -375,9 +375,9 @@ def cmd_reject_file(args: argparse.Namespace) -> int:
         with duckdb.connect(str(p.warehouse), config=warehouse_config()) as con:
             done = reject_files(con, args.files, args.reason)
     except duckdb.IOException as e:
-        from orchestration.resources import _is_lock_error
+        from alliance.config import is_duckdb_lock_error
 
-        if _is_lock_error(e):
+        if is_duckdb_lock_error(e):
             print(f"error: {p.warehouse} is in use by a running job; retry when it is done ({e})",
                   file=sys.stderr)
         else:

@@ -16,7 +16,7 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 from pydantic import PrivateAttr
 
-from alliance.config import DataPaths, env_number, paths, warehouse_config
+from alliance.config import DataPaths, env_number, is_duckdb_lock_error, paths, warehouse_config
 
 RUN_LOCK_TIMEOUT_ENV = "ALLIANCE_RUN_LOCK_TIMEOUT_SECONDS"
 
@@ -152,14 +152,7 @@ def _lock_holder(path: Path) -> str:
         return "unknown process"
 
 
-LOCK_WORDING = ("could not set lock on file", "conflicting lock is held", "resource temporarily")
-
-
-def _is_lock_error(e: BaseException) -> bool:
-    """DuckDB's own wording of a lock held by another process (not any message that happens to
-    contain 'lock', such as a damaged file under a folder named 'blocks')."""
-    text = str(e).lower()
-    return isinstance(e, duckdb.IOException) and any(w in text for w in LOCK_WORDING)
+_is_lock_error = is_duckdb_lock_error  # (the connection retry below, reject-file, tests)
 
 
 def lock_holder_from_error(message: str) -> str:

@@ -7,12 +7,11 @@ $ALLIANCE_NIGHTLY_CRON and $ALLIANCE_REPORTS_CRON. See docs/operations.md.
 
 import datetime as dt
 import os
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dagster as dg
 from dagster._utils.schedules import is_valid_cron_string  # (the check Dagster itself applies)
 
-from alliance.config import ConfigError
+from alliance.config import ConfigError, is_timezone
 from orchestration.jobs import nightly_rebuild_job, reports_job
 from orchestration.partitions import (
     MONTH_FMT,
@@ -29,11 +28,9 @@ TIMEZONE = os.environ.get("ALLIANCE_TIMEZONE", "").strip() or "UTC"
 for _name, _cron in (("ALLIANCE_NIGHTLY_CRON", NIGHTLY_CRON), ("ALLIANCE_REPORTS_CRON", REPORTS_CRON)):
     if not is_valid_cron_string(_cron):
         raise ConfigError(f"{_name}={_cron!r} is not a cron schedule (five fields, e.g. '0 2 * * *')")
-try:
-    ZoneInfo(TIMEZONE)
-except (ZoneInfoNotFoundError, ValueError, OSError):  # (OSError: a folder such as 'Europe')
+if not is_timezone(TIMEZONE):
     raise ConfigError(f"ALLIANCE_TIMEZONE={TIMEZONE!r} is not an IANA time zone "
-                      "(e.g. Europe/Amsterdam)") from None
+                      "(e.g. Europe/Amsterdam)")
 
 
 def _status() -> dg.DefaultScheduleStatus:

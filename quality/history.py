@@ -223,10 +223,9 @@ def failing_checks_with_fallback(
         try:
             con = duckdb.connect(str(Path(working)), read_only=True)
         except (duckdb.IOException, duckdb.ConnectionException) as e:
-            text = str(e).lower()
-            if isinstance(e, duckdb.IOException) and not any(
-                    w in text for w in ("could not set lock on file", "conflicting lock is held",
-                                        "resource temporarily")):
+            from alliance.config import is_duckdb_lock_error
+
+            if isinstance(e, duckdb.IOException) and not is_duckdb_lock_error(e):
                 # not a writer's lock: a damaged or foreign file, which the snapshot cannot hide
                 reason = str(e).splitlines()[0][:200]
                 if Path(snapshot).exists():

@@ -427,6 +427,7 @@ def test_mapping_values_are_checked_when_the_mapping_loads(tmp_path) -> None:
     base = {"kind": "wide_csv", "clinic_id": "c1", "id_column": "id",
             "scores": [{"instrument": "PHQ-9", "column_pattern": r"^phq_(\d+)$"}]}
     for change, key in (({"timezone": "Europe/Berln"}, "timezone"),
+                        ({"timezone": "Europe"}, "timezone"),  # (a folder: it was a traceback)
                         ({"anchor_date": "06/01/2020"}, "anchor_date"),
                         ({"first_session": "one"}, "first_session"),
                         ({"interval_days": 0}, "interval_days"),

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import yaml
 
 from alliance import yamlio
-from alliance.config import REPO_ROOT, paths
+from alliance.config import REPO_ROOT, is_timezone, paths
 
 MAPPINGS_DIR = REPO_ROOT / "schemas" / "mappings"
 CLINIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -106,11 +106,9 @@ def load_mapping(path: str | os.PathLike[str], kind: str | None = None) -> dict[
 def check_timezone(value: Any, where: str) -> str:
     """A mapping's `timezone` as an IANA name, or a MappingError naming the file and key."""
     name = str(value or "UTC")
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    if not is_timezone(name):
         raise MappingError(f"{where}: key 'timezone': {name!r} is not an IANA time zone "
-                           "(e.g. Europe/London, UTC)") from None
+                           "(e.g. Europe/London, UTC)")
     return name
 
 
@@ -151,6 +149,14 @@ def describe_value(raw: Any) -> str:
     text = str(raw)
     kind = "text" if any(c.isalpha() for c in text) else "symbols"
     return f"a non-number ({kind}, {len(text)} characters)"
+
+
+def with_clinic(mapping: dict[str, Any], clinic_id: str | None) -> dict[str, Any]:
+    """The mapping with the `--clinic` / clinic_id argument in it, checked as the argument's (set
+    into the mapping first, a bad value was blamed on the mapping file)."""
+    if not clinic_id:
+        return mapping
+    return {**mapping, "clinic_id": check_clinic(clinic_id, "--clinic / clinic_id argument")}
 
 
 def require(mapping: dict[str, Any], key: str) -> Any:

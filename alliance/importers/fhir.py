@@ -45,6 +45,7 @@ from alliance.importers.common import (
     normalise_timestamp,
     number,
     output_stem,
+    with_clinic,
     write_landing,
 )
 from alliance.importers.instruments_ref import InstrumentRef, load_refs
@@ -910,9 +911,7 @@ def import_fhir_to_landing(inputs: list[Path] | Path, mapping: dict[str, Any] | 
                            key: bytes | None = None) -> ImportResult:
     """Import and write `<stem>.ndjson` into a landing folder (quarantine, summary: report_dir)."""
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "fhir")
-    if clinic_id:
-        # (checked here: set into the mapping, a bad value was blamed on the mapping file)
-        m = {**m, "clinic_id": check_clinic(clinic_id, "--clinic / clinic_id argument")}
+    m = with_clinic(m, clinic_id)
     paths = [Path(p) for p in (inputs if isinstance(inputs, list) else [inputs])]
     result = import_fhir(paths, m, key=key)
     return write_landing(result, Path(out_dir), output_stem("fhir", paths, m, key))

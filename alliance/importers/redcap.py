@@ -37,6 +37,7 @@ from alliance.importers.common import (
     output_stem,
     read_csv_rows,
     require,
+    with_clinic,
     write_landing,
 )
 from alliance.importers.instruments_ref import load_refs
@@ -250,9 +251,7 @@ def import_redcap_to_landing(path: Path | str, dictionary: Path | str,
                              key: bytes | None = None) -> ImportResult:
     """Import a REDCap export and write `<stem>.ndjson` into landing (reports: report_dir)."""
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "redcap")
-    if clinic_id:
-        # (checked here: set into the mapping, a bad value was blamed on the mapping file)
-        m = {**m, "clinic_id": check_clinic(clinic_id, "--clinic / clinic_id argument")}
+    m = with_clinic(m, clinic_id)
     result = import_redcap(path, dictionary, m, key=key)
     return write_landing(result, Path(out_dir),
                          output_stem("redcap", [Path(path), Path(dictionary)], m, key))

@@ -39,6 +39,7 @@ from alliance.importers.common import (
     output_stem,
     read_csv_rows,
     require,
+    with_clinic,
     write_landing,
 )
 from alliance.importers.instruments_ref import load_refs
@@ -250,8 +251,6 @@ def import_wide_csv_to_landing(path: Path | str, mapping: dict[str, Any] | str |
                                key: bytes | None = None) -> ImportResult:
     """Import a research CSV and write `<stem>.ndjson` into landing (reports: report_dir)."""
     m = mapping if isinstance(mapping, dict) else load_mapping(mapping, "wide_csv")
-    if clinic_id:
-        # (checked here: set into the mapping, a bad value was blamed on the mapping file)
-        m = {**m, "clinic_id": check_clinic(clinic_id, "--clinic / clinic_id argument")}
+    m = with_clinic(m, clinic_id)
     result = import_wide_csv(path, m, key=key)
     return write_landing(result, Path(out_dir), output_stem("csv", [Path(path)], m, key))
