@@ -51,6 +51,11 @@ DATE_RE = rf"^{YEAR_RE}-\d{{2}}-\d{{2}}$"
 # An integer short enough to repeat in raw.quarantine (a long one could be an identifier sent in
 # the wrong field): the redacted copy and the unsupported-version message use the same rule.
 SHORT_INTEGER_RE = r"-?[0-9]{1,4}"
+# An identifier that starts or ends with whitespace (any Unicode space) or holds a control or
+# invisible formatting character (zero-width space, byte order mark, direction marks): it looks
+# like another identifier but pseudonymises to another patient, so it is rejected, never trimmed
+# (RE2: \s is ASCII whitespace, \p{Z} the Unicode separators, \p{Cc} controls, \p{Cf} formats).
+ODD_ID_RE = r"^[\s\p{Z}]|[\s\p{Z}]$|[\p{Cc}\p{Cf}]"
 # A comma before '}' or ']' outside strings (from the start: any run of non-quote characters and
 # whole strings, then the comma).
 TRAILING_COMMA_RE = r'^(?:[^"]|"(?:[^"\\]|\\.)*")*,[ \t\r\n]*[}\]]'
@@ -474,6 +479,14 @@ def _validation_sql(contract: Contract) -> list[str]:
         vv = _value_violation(n, spec)
         if vv:
             rules.append((f"{present(n)} and ({vv[0]})", "invalid_value", name, vv[1]))
+        if name in ID_FIELDS:
+            # (odd_*: a cheap test on the JSON text that rules out nearly every line; only the
+            # rest are searched with the expression)
+            rules.append((f"odd_{n} and jt_{n} = {JT_STRING} and regexp_matches(sv_{n}, {_lit(ODD_ID_RE)})",
+                          "invalid_value", name,
+                          _lit("starts or ends with whitespace or holds an invisible or control "
+                               "character: identifiers are compared exactly, so it would name "
+                               "another patient, therapist, episode or session")))
     for tname, et in contract.event_types.items():
         tr = typed_rules[tname]
         for req in et.requires:
@@ -555,11 +568,19 @@ def _validation_sql(contract: Contract) -> list[str]:
                 f"then {_json_type_sql(ref)} when trim({t}, '\" ') = '' then null "
                 f"else {_json_type_sql(ref)} end")
 
+    def id_odd(ref: str) -> str:
+        """SQL true unless the identifier's JSON text is plain: no space after the opening or
+        before the closing quote, on a line without escapes, DEL or characters beyond ASCII
+        (odd_line: one test per line is cheaper than three per identifier)."""
+        t = f"{ref}::varchar"
+        return f"(odd_line or prefix({t}, '\" ') or suffix({t}, ' \"'))"
+
     typed = ",\n            ".join(
         (f"{id_type(ref)} as jt_{c}, " if c.removeprefix("e_") in ID_FIELDS
          else f"{_json_type_sql(ref)} as jt_{c}, ")
         + (f"{_json_text_sql(ref)}" if string else f"{ref}::varchar")
         + f" as sv_{c}"
+        + (f", {id_odd(ref)} as odd_{c}" if c.removeprefix("e_") in ID_FIELDS else "")
         for ref, c, string in [(f"e.{_ident(n)}", _col(n, "e_"), True) for n in env_names]
         + [(f"p.{_ident(n)}", _col(n, "p_"), payload_fields[n].type in STRING_TYPES)
            for n in pay_names])
@@ -609,6 +630,8 @@ def _validation_sql(contract: Contract) -> list[str]:
                 from (
                     select *, md5(line) as content_hash,
                         json_valid(line) as is_json,
+                        (strlen(line) <> length(line) or contains(line, '\\')
+                            or contains(line, chr(127))) as odd_line,
                         -- (ltrim copies the line: only for lines not starting with a brace)
                         case when ascii(line) = {JT_OBJECT} then is_json
                             else is_json and starts_with(ltrim(line, ' \t\r\n'), '{{') end as is_object,

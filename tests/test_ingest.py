@@ -125,6 +125,24 @@ BAD = {  # line content -> expected (reason_code, field)
     # seconds are required (DuckDB's cast reads no time without them)
     json.dumps(ev("x26", "episode.opened", occurred_at="2025-03-03T09:00+01:00",
                   payload={"age_group": "adult"})): ("invalid_value", "occurred_at"),
+    # eighth session: an identifier padded with whitespace or holding an invisible character
+    # looks like another one but pseudonymised to another patient (one patient split in two)
+    json.dumps(ev("x28", "episode.opened", patient_id="PAT-SECRET-1 ",
+                  payload={"age_group": "adult"})): ("invalid_value", "patient_id"),
+    json.dumps(ev("x29", "episode.opened", episode_id=" EPI-SECRET-1",
+                  payload={"age_group": "adult"})): ("invalid_value", "episode_id"),
+    json.dumps(ev("x30", "therapist.assigned", therapist_id="THR-SECRET-1\t",
+                  payload={"role": "primary"})): ("invalid_value", "therapist_id"),
+    json.dumps(ev("x31", "session.attended", session_id="SES-\u200bSECRET-1",
+                  payload={"modality": "video"})): ("invalid_value", "session_id"),  # escaped
+    json.dumps(ev("x32", "session.attended", session_id="SES-\u200bSECRET-1",
+                  payload={"modality": "video"}), ensure_ascii=False): ("invalid_value", "session_id"),
+    json.dumps(ev("x33", "episode.opened", patient_id="PAT-SECRET-1\u00a0",  # no-break space
+                  payload={"age_group": "adult"}), ensure_ascii=False): ("invalid_value", "patient_id"),
+    json.dumps(ev("x34", "episode.opened", patient_id="\ufeffPAT-SECRET-1",  # byte order mark
+                  payload={"age_group": "adult"}), ensure_ascii=False): ("invalid_value", "patient_id"),
+    json.dumps(ev("x35", "episode.opened", patient_id="PAT-SECRET-1\x7f",  # DEL, raw in JSON
+                  payload={"age_group": "adult"}), ensure_ascii=False): ("invalid_value", "patient_id"),
 }
 
 
@@ -551,3 +569,21 @@ def test_crash_then_rerun_numbers_files_as_an_uninterrupted_run_unreadable_ones_
     assert crashed == clean
     assert [r[1] for r in clean[0]] == [1, 2, 3, 4, 5]  # in file order, the unreadable one too
     assert ("c.ndjson.gz", 3, "unreadable") in clean[0]
+
+
+def test_identifiers_with_inner_spaces_or_letters_beyond_ascii_are_kept(con, tmp_path):
+    """The identifier rule rejects only padding and invisible or control characters: an inner
+    space and letters beyond ASCII are identifiers as sent, and an escaped letter (\\u00d8) is the
+    same identifier as the letter itself (one pseudonym)."""
+    rows = [ev("k1", "episode.opened", patient_id="PAT 0001", payload={"age_group": "adult"}),
+            ev("k2", "episode.opened", patient_id="PAT-\u00d8RSTED", episode_id="EPI-2",
+               payload={"age_group": "adult"})]
+    lines = [json.dumps(rows[0]), json.dumps(rows[1], ensure_ascii=False),
+             json.dumps({**rows[1], "event_id": "k3", "episode_id": "EPI-3"})]  # \u00d8 escaped
+    assert "\\u00d8" in lines[2] and "\u00d8" in lines[1]
+    f = write(tmp_path / "landing" / "ids.ndjson", lines)
+    [res] = ingest_files(con, [f], KEY)
+    assert (res.accepted, res.quarantined) == (3, 0)
+    got = dict(con.execute("select event_id, patient_id from raw.events").fetchall())
+    assert got["k1"] == pseudonym(KEY, "patient", "clinic-01", "PAT 0001")
+    assert got["k2"] == got["k3"] == pseudonym(KEY, "patient", "clinic-01", "PAT-\u00d8RSTED")
