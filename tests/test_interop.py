@@ -835,3 +835,15 @@ def test_parquet_export_asset_partitions_by_clinic_and_month(tmp_path) -> None:
         con.execute("insert into raw.events values (2)")
         newer = data_version(con)
     assert newer != version and _export_state(out, newer)["current"] is False
+
+
+def test_a_redcap_form_without_date_field_names_the_mapping_and_the_form(tmp_path) -> None:
+    """The message named neither the mapping file nor the form ('mapping: required key ...')."""
+    from alliance.importers.common import MappingError, load_mapping
+
+    export, dictionary = _redcap_fixture(tmp_path)
+    m = load_mapping("redcap.yaml", "redcap")
+    m = {**m, "instruments": [{k: v for k, v in f.items() if k != "date_field"} if i == 1 else f
+                              for i, f in enumerate(m["instruments"])]}
+    with pytest.raises(MappingError, match=r"redcap\.yaml: instruments\[1\]: required key 'date_field'"):
+        import_redcap(export, dictionary, m, clinic_id="rc1")

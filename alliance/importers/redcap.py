@@ -117,7 +117,10 @@ class RedcapImporter(KeyedEventIds):
                                        "the data dictionary")
             if not items and not f.get("total_field"):
                 raise MappingError(f"{self.where}: instruments[{i}] maps no items and no total")
-            require(f, "date_field")
+            if f.get("date_field") in (None, ""):
+                # (named here: require() knows only the mapping file's top level)
+                raise MappingError(f"{self.where}: instruments[{i}]: required key 'date_field' "
+                                   "is missing (the field holding the date the form was filled in)")
             self.forms.append({**f, "form": form, "_items": items})
         if not self.forms:
             raise MappingError(f"{self.where}: 'instruments' is empty")
