@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 
 import dagster as dg
+import yaml
 
-from alliance.config import DataPaths, paths
+from alliance.config import ConfigError, DataPaths, paths
 
 WRITER_POOL = "duckdb_writer"
 MANAGED_HEADER = "# Managed by orchestration/instance.py"
@@ -72,7 +73,16 @@ def use_instance_home(data_paths: DataPaths | None = None) -> Path:
 def get_instance(data_paths: DataPaths | None = None) -> dg.DagsterInstance:
     """The persistent instance under data/dagster, with the writer pool limit set explicitly."""
     home = use_instance_home(data_paths)
-    instance = dg.DagsterInstance.from_config(str(home))
+    try:
+        instance = dg.DagsterInstance.from_config(str(home))
+    except (yaml.YAMLError, dg.DagsterInvalidConfigError) as e:
+        # (an operator's edit of the file, which is kept once its header is gone: a traceback
+        # from Dagster's config loader before)
+        detail = " ".join(str(e).split())
+        raise ConfigError(
+            f"{home / 'dagster.yaml'}: the Dagster instance settings cannot be read ({detail[:600]}). "
+            "Fix the file, or delete it to get the platform's default (docs/operations.md)."
+        ) from e
     # Explicit limit so the UI's Concurrency page shows it even before the first run; the
     # default_limit in dagster.yaml covers instances where this was never called.
     try:

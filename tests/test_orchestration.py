@@ -848,6 +848,31 @@ def test_bad_settings_and_arguments_are_named_without_a_traceback(
     assert "is a file, not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("concurrency:\n  pools: [1\n", "while parsing a flow sequence"),
+    ("concurrency:\n  poolz: 1\n", 'unexpected config entry "poolz"'),
+])
+def test_an_edited_dagster_yaml_that_cannot_be_read_is_named_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], text, message
+) -> None:
+    """The file is the operator's once its header is gone; a mistake in it was a traceback from
+    Dagster's config loader in every command that opens the instance."""
+    from orchestration.cli import main
+
+    cfg = tmp_path / "data" / "dagster" / "dagster.yaml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text(text)
+    monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ALLIANCE_DEMO", "1")
+    monkeypatch.setenv("ALLIANCE_AUTOMATION", "off")
+    for argv in (["status"], ["run"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{cfg}: the Dagster instance settings cannot be read" in err, err
+        assert message in err and "delete it" in err and "Traceback" not in err, err
+    assert cfg.read_text() == text  # the operator's file is left as it is
+
+
 def test_a_damaged_duckdb_file_is_named_not_taken_for_a_lock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -36,7 +36,6 @@ from alliance.importers.common import (
     number,
     output_stem,
     read_csv_rows,
-    require,
     with_clinic,
     write_landing,
 )
