@@ -64,9 +64,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 1
     months = month_partitions.get_partition_keys()
     if month not in months:
-        print(f"error: no report partition for {month}: months run from {REPORTS_START} "
-              f"($ALLIANCE_REPORTS_START) to {months[-1] if months else REPORTS_START}, the last "
-              "complete month", file=sys.stderr)
+        if not months:  # (it said the months ran from that month to itself)
+            print(f"error: no report partition for {month}: no month is reported yet, because "
+                  f"$ALLIANCE_REPORTS_START={REPORTS_START} is after the last complete month",
+                  file=sys.stderr)
+        else:
+            print(f"error: no report partition for {month}: months run from {REPORTS_START} "
+                  f"($ALLIANCE_REPORTS_START) to {months[-1]}, the last complete month",
+                  file=sys.stderr)
         return 2
     instance = get_instance()
     add_clinic_partitions(instance, data.serving)

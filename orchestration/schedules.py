@@ -100,6 +100,11 @@ def monthly_reports_schedule(context: dg.ScheduleEvaluationContext):  # noqa: AN
         return dg.SkipReason("no clinics known yet (nothing published)")
     when = context.scheduled_execution_time or dt.datetime.now(dt.UTC)
     if report_month(when) is None:
+        last = f"{previous_month(when.date()):%Y-%m}"
+        if last < REPORTS_START:
+            return dg.SkipReason(
+                f"{last} is before $ALLIANCE_REPORTS_START={REPORTS_START}: no month is reported "
+                "until that one is complete")
         return dg.SkipReason(
             f"{previous_month(when.date()):%Y-%m} is not a complete month partition at "
             f"{when.isoformat()} (months are UTC, from {REPORTS_START}); move the schedule later "

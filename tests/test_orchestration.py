@@ -208,6 +208,15 @@ def test_monthly_schedule_skips_a_month_that_is_no_partition_yet():
                                        scheduled_execution_time=auckland) as ctx:
             skipped = monthly_reports_schedule(ctx)
     assert isinstance(skipped, dg.SkipReason) and "2026-02" in skipped.skip_message
+    assert "move the schedule later" in skipped.skip_message
+    # a tick before the first month: the start is the reason, not the time of day
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(clinic_partitions.name, ["north"])
+        with dg.build_schedule_context(instance=instance,
+                                       scheduled_execution_time=start + dt.timedelta(days=3)) as ctx:
+            early = monthly_reports_schedule(ctx)
+    assert isinstance(early, dg.SkipReason)
+    assert f"before $ALLIANCE_REPORTS_START={REPORTS_START}" in early.skip_message, early.skip_message
 
 
 # ------------------------------------------------------------------ pool, publish, as-of

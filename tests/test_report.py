@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pandas as pd
 import pytest
 from conftest import require_present
 
+from alliance.config import REPO_ROOT
 from alliance.report import Options, build_report, report_path
 from alliance.report.data import RawReport
 from alliance.report.suppress import (
@@ -738,6 +741,20 @@ def test_cli_month_outside_the_partitions_is_one_line_error(monkeypatch, capsys,
     assert main(["report", "--clinic", "C1", "--month", "1999-01"]) == 2
     err = capsys.readouterr().err
     assert "no report partition for 1999-01" in err and "Traceback" not in err
+
+
+def test_cli_report_before_a_future_reports_start_says_why(tmp_path):
+    """With $ALLIANCE_REPORTS_START after the last complete month there is no month yet; it said
+    the months ran from that month to itself."""
+    (tmp_path / "serving").mkdir()
+    (tmp_path / "serving" / "alliance.duckdb").write_bytes(b"")  # only its existence matters
+    run = subprocess.run([sys.executable, "-m", "orchestration.cli", "report", "--clinic", "C1",
+                          "--month", "2026-01"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         env={**os.environ, "ALLIANCE_DATA_DIR": str(tmp_path),
+                              "ALLIANCE_REPORTS_START": "2999-01"}, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert ("no month is reported yet, because $ALLIANCE_REPORTS_START=2999-01 is after the last "
+            "complete month") in run.stderr and "Traceback" not in run.stderr
 
 
 def test_cli_user_errors_are_one_line_not_tracebacks(monkeypatch, capsys, tmp_path):
