@@ -81,6 +81,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("dg_args", nargs=argparse.REMAINDER)
     d.set_defaults(func=cmd_dev)
 
+    g = sub.add_parser(
+        "dg",
+        help="any dg command on the persistent instance (e.g. alliance dg check defs)",
+        description="Writes data/dagster/dagster.yaml, sets DAGSTER_HOME=data/dagster and runs "
+        "`dg` with the arguments given: `alliance dg check defs`, `alliance dg launch --assets "
+        "reports/clinic_report --partition 'clinic-01|2025-06'`. Runs and launches land in the "
+        "platform's run history, wait for its writer pool, and dg's usage telemetry stays off "
+        "(dg reads that setting from DAGSTER_HOME; without it, dg wrote ~/.dagster).",
+    )
+    g.add_argument("dg_args", nargs=argparse.REMAINDER)
+    g.set_defaults(func=cmd_dg)
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestration.jobs import nightly_rebuild_job
@@ -474,6 +486,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # Seconds `alliance dev` gives `dg dev` to shut down after a stop signal before killing it.
 DEV_STOP_GRACE_SECONDS = 30
+
+
+def cmd_dg(args: argparse.Namespace) -> int:
+    """`dg <args>` on the platform's instance (DAGSTER_HOME=data/dagster); its exit code."""
+    from orchestration.instance import use_instance_home
+
+    use_instance_home()
+    dg_bin = Path(sys.executable).with_name("dg")
+    extra = args.dg_args[1:] if args.dg_args[:1] == ["--"] else args.dg_args
+    if sys.prefix != sys.base_prefix:  # run from the project's .venv without activating it:
+        os.environ["VIRTUAL_ENV"] = sys.prefix  # dg warned that the environments differ
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(str(dg_bin), [str(dg_bin), *extra])
+    return 0  # not reached
 
 
 def cmd_dev(args: argparse.Namespace) -> int:

@@ -882,6 +882,23 @@ def test_an_edited_dagster_yaml_that_cannot_be_read_is_named_without_a_traceback
     assert cfg.read_text() == text  # the operator's file is left as it is
 
 
+def test_alliance_dg_runs_dg_on_the_platform_instance_and_writes_nothing_home(tmp_path: Path):
+    """`dg` alone uses ~/.dagster for its usage telemetry (it reads the off switch only from
+    DAGSTER_HOME's dagster.yaml or the user's dg config): nothing may be written outside data/."""
+    home, data = tmp_path / "home", tmp_path / "data"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "VIRTUAL_ENV")}
+    run = subprocess.run([sys.executable, "-m", "orchestration.cli", "dg", "check", "defs"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                         env={**env, "HOME": str(home), "ALLIANCE_DATA_DIR": str(data),
+                              "ALLIANCE_DEMO": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "All definitions loaded successfully" in run.stdout + run.stderr
+    assert "virtual environment does not match" not in run.stdout + run.stderr
+    assert list(home.rglob("*")) == []
+    assert (data / "dagster" / "dagster.yaml").read_text().startswith("# Managed by")
+
+
 def test_a_damaged_duckdb_file_is_named_not_taken_for_a_lock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
