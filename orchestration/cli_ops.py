@@ -488,15 +488,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 DEV_STOP_GRACE_SECONDS = 30
 
 
+def _dg_bin() -> Path:
+    """The dg next to this interpreter; marks its virtual environment as the active one (run
+    from .venv/bin without activating it, dg warned that the environments differ)."""
+    if sys.prefix != sys.base_prefix:
+        os.environ["VIRTUAL_ENV"] = sys.prefix
+    return Path(sys.executable).with_name("dg")
+
+
 def cmd_dg(args: argparse.Namespace) -> int:
     """`dg <args>` on the platform's instance (DAGSTER_HOME=data/dagster); its exit code."""
     from orchestration.instance import use_instance_home
 
     use_instance_home()
-    dg_bin = Path(sys.executable).with_name("dg")
+    dg_bin = _dg_bin()
     extra = args.dg_args[1:] if args.dg_args[:1] == ["--"] else args.dg_args
-    if sys.prefix != sys.base_prefix:  # run from the project's .venv without activating it:
-        os.environ["VIRTUAL_ENV"] = sys.prefix  # dg warned that the environments differ
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(str(dg_bin), [str(dg_bin), *extra])
@@ -519,7 +525,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     home = use_instance_home()
     print(f"DAGSTER_HOME={home}", flush=True)
-    dg_bin = Path(sys.executable).with_name("dg")
+    dg_bin = _dg_bin()
     extra = [a for a in args.dg_args if a != "--"]
 
     def child_setup() -> None:
