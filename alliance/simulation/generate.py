@@ -55,6 +55,9 @@ EXPECTED_REASON = {
     "conflicting_duplicate": "conflicting_duplicate",
 }
 OUT_OF_RANGE = {"PHQ-9": 7, "GAD-7": 7, "WAI-SR": 9, "SRS": 12.5, "ORS": 12.5}
+# Attended sessions after a rupture within which it counts as repaired (back at the pre-dip total):
+# the marts' default rupture_repair_window (dbt_like_sql/parameters.yml).
+REPAIR_WINDOW = 3
 GAIN_CHECK_CUTOFF = 6  # PHQ-9 reliable change (NHS Talking Therapies): the loosest common cutoff
 
 
@@ -277,8 +280,11 @@ class Simulator:
         lam = 0.45  # negatively accelerated: most change comes early (Howard et al. 1986)
         norm = 1 - math.exp(-lam * (n_planned - 1))
         gain_n = None
-        if (not worsen and improve >= 9 and p0 >= 13.5 and n_planned >= 6
-                and R.random() < p.sudden_gain_share):
+        # (only with PHQ-9 at every session: a gain is a drop between consecutive sessions
+        # (Tang & DeRubeis 1999), and with a longer interval no two measurements are; the
+        # injected drop went unrecorded in the ground truth)
+        if (p.outcome_interval == 1 and not worsen and improve >= 9 and p0 >= 13.5
+                and n_planned >= 6 and R.random() < p.sudden_gain_share):
             gain_n = R.randint(2, min(5, n_planned - 3))
             step = max(8.0, 0.7 * improve)
         gad0 = _clamp(0.72 * p0 * 21 / 27 + R.gauss(1.5, 2.5), 2.0, 21.0)
@@ -377,6 +383,7 @@ class Simulator:
                 noise = srs_noise()
                 total = level_a + noise
                 pre = srs_obs.get(s - 1)
+                repair_floor = None
                 if rupt_k is not None and pre is not None:
                     if s == rupt_k:
                         rupture_delta = min(R.uniform(10, 14), pre - 1.0)
@@ -392,12 +399,18 @@ class Simulator:
                             total = dip + (pre_k - dip) * (j / repair_r) * R.uniform(0.6, 0.85)
                         elif repaired_plan and j == repair_r:
                             total = max(total, pre_k + R.uniform(0.2, 0.8))
+                            repair_floor = pre_k
                         elif not repaired_plan:
                             total = level_a - rupture_delta * damp + noise
                             if j <= 3:
                                 total = min(total, pre_k - 1.5)
                 total = _clamp(total, 0.4, 39.6)
                 items = split_decimal(total, 4, R)
+                while repair_floor is not None and round(sum(items), 1) < repair_floor:
+                    # (the items' rounding under the ceiling left a planned repair 0.1 short of
+                    # a pre-dip total of 39.6, and the ground truth called it unrepaired)
+                    k = items.index(min(items))
+                    items[k] = round(items[k] + 0.1, 1)
                 prot = s in protect_srs
                 if prot or R.random() >= p.missing_questionnaire_share:
                     ev = self.questionnaire(t_app + dur + 2, sid, "SRS", "post_session", items, prot)
@@ -447,7 +460,8 @@ class Simulator:
             if closed is None:
                 reason = None
         self.clean_spurious_gains(phq_obs, phq_ev, gain_n)
-        self.record_truth(rupt_k, srs_obs, srs_ev, gain_n, phq_obs, phq_ev)
+        self.record_truth(rupt_k, srs_obs, srs_ev, gain_n, phq_obs, phq_ev,
+                          attended=s, closed=reason is not None)
         return reason, (t_close if reason is not None else None)
 
     # ---------------------------------------------------------------- truth helpers
@@ -470,18 +484,23 @@ class Simulator:
                 break
 
     def record_truth(self, rupt_k: int | None, srs_obs: dict[int, float], srs_ev: dict[int, Ev],
-                     gain_n: int | None, phq_obs: dict[int, int], phq_ev: dict[int, Ev]) -> None:
+                     gain_n: int | None, phq_obs: dict[int, int], phq_ev: dict[int, Ev], *,
+                     attended: int, closed: bool) -> None:
         base = {"clinic_id": self.clinic_id, "patient_id": self.pid, "episode_id": self.epi}
         if rupt_k is not None and rupt_k in srs_obs and rupt_k - 1 in srs_obs:
             pre = srs_obs[rupt_k - 1]
-            after = [s for s in (rupt_k + 1, rupt_k + 2, rupt_k + 3) if s in srs_obs]
+            after = [s for s in range(rupt_k + 1, rupt_k + REPAIR_WINDOW + 1) if s in srs_obs]
             repair_at = next((s for s in after if srs_obs[s] >= pre), None)
             dip_ev = srs_ev[rupt_k]
             self.truth["ruptures"].append({
                 **base, "session_id": dip_ev.d["session_id"], "session_number": rupt_k,
                 "srs_event_id": dip_ev.d["event_id"], "pre_total": pre,
                 "dip_total": srs_obs[rupt_k], "drop": round(pre - srs_obs[rupt_k], 1),
-                "repaired": repair_at is not None, "repair_session_number": repair_at,
+                # None: pending (the episode is still open and fewer than 3 attended sessions
+                # followed, so no repair is known yet); a closed episode's is False
+                "repaired": True if repair_at is not None else (
+                    None if not closed and attended < rupt_k + REPAIR_WINDOW else False),
+                "repair_session_number": repair_at,
                 "sessions_observed_after": len(after),
             })
         if gain_n is not None and tang_derubeis(phq_obs, gain_n, 7):
