@@ -114,6 +114,43 @@ def test_ruptures_found_and_repairs_match(warehouse):
     assert agree >= 0.90, agree
 
 
+def test_a_pending_repair_is_not_counted_as_unrepaired(warehouse):
+    """A rupture near the end of the data (episode open, fewer than the window's attended
+    sessions since) was counted as unrepaired, which biased every recent repair rate low."""
+    con, truth = warehouse
+    window = con.execute("select value_double from seeds.parameters "
+                         "where name = 'rupture_repair_window'").fetchone()[0]
+    rows = con.execute("""
+        select f.session_month, f.session_number, f.repair_status, f.is_repaired,
+            f.repair_session_number, e.is_closed,
+            (select max(s.session_number) from core.sessions s
+             where s.episode_id = f.episode_id and s.status = 'attended') as last_session
+        from marts.fct_alliance_sessions f join core.episodes e using (episode_id)
+        where f.is_candidate_rupture""").fetchall()
+    per_month: dict = {}
+    for month, n, status, repaired, repair_n, closed, last in rows:
+        # decided apart from the mart's own rule: repaired, or the episode closed, or the window over
+        known = repair_n is not None or closed or last >= n + window
+        expected = "repaired" if repair_n is not None else "unrepaired" if known else "pending"
+        assert status == expected and repaired == ({"repaired": True, "unrepaired": False}
+                                                   .get(expected)), (month, n, status, last)
+        m = per_month.setdefault(month, [0, 0, 0])
+        m[0] += repair_n is not None
+        m[1] += known
+        m[2] += not known
+    statuses = {r[2] for r in rows}
+    assert statuses == {"repaired", "unrepaired", "pending"}, statuses
+    got = {m: (rate, pending) for m, rate, pending in con.execute(
+        "select month, repair_rate, ruptures_pending from marts.clinic_monthly where scope = 'network'"
+    ).fetchall()}
+    for month, (rep, known, pending) in per_month.items():
+        rate, pend = got[month]
+        assert pend == pending
+        assert (rate is None) if not known else abs(rate - rep / known) < 1e-12, (month, rate)
+    # the pending ones sit at the end of the data: the simulator's ground truth agrees
+    assert sum(r["repaired"] is None for r in truth["ruptures"]) > 0
+
+
 def test_dropout_rate_counts_closed_episodes_without_outcome_scores(warehouse):
     con, _ = warehouse
     # the network's dropout rate over all months equals core.episodes' own count, including the

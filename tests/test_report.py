@@ -879,6 +879,29 @@ def test_hidden_concern_rate_cannot_be_recovered_from_the_srs_bars() -> None:
     assert not ctx["alliance"]["pct_repaired"].is_suppressed
 
 
+def test_the_repair_rate_leaves_out_ruptures_still_pending(pipeline_snapshot: Path, tmp_path: Path):
+    """A rupture in the window's last weeks (episode open, its repair window not over) was counted
+    as unrepaired, which pulled every report's repair rate down."""
+    with duckdb.connect(str(pipeline_snapshot), read_only=True) as con:
+        first, last = con.execute("select min(session_month), max(session_month) "
+                                  "from marts.fct_alliance_sessions").fetchone()
+        clinic = con.execute("select clinic_id from marts.fct_alliance_sessions "
+                             "where repair_status = 'pending' group by all "
+                             "order by count(*) desc, clinic_id limit 1").fetchone()[0]
+        statuses = con.execute("select repair_status from marts.fct_alliance_sessions "
+                               "where clinic_id = ? and is_candidate_rupture", [clinic]).fetchall()
+    span = (last.year - first.year) * 12 + last.month - first.month + 1
+    repaired = sum(s == "repaired" for (s,) in statuses)
+    decided = sum(s in ("repaired", "unrepaired") for (s,) in statuses)
+    assert decided < len(statuses)  # some are pending
+    # (a low threshold: the figure is shown, not suppressed, whatever the fixture's small counts)
+    html = build_report(pipeline_snapshot, tmp_path, clinic, f"{last:%Y-%m}", Options(min_cell=3),
+                        window_months=span).html_path.read_text()
+    shown = re.search(r'id="kpi-repaired">([^<]*)<', html).group(1)
+    assert shown == f"{100 * repaired / decided:.1f}%", (shown, repaired, decided, len(statuses))
+    assert "still pending at the window's end are not counted" in html
+
+
 def test_outcome_counts_agree_across_the_report(pipeline_snapshot: Path, tmp_path: Path) -> None:
     """Patients are counted once (their latest episode closed in the window) in the
     Jacobson-Truax table and the pre-post means, which take paired episodes only; sudden gains

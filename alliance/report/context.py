@@ -180,6 +180,9 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
              for lbl, s, low in ctx["srs_bins"]],
             horizontal=False, cutoff_after=cut_idx, cutoff_label=f"cutoff {raw.srs_cutoff:g}")
         ruptures = al.get("ruptures")
+        # (a warehouse from before pending repairs: every rupture counted as decided)
+        decided = al.get("ruptures_decided", ruptures)
+        decided_patients = al.get("decided_patients", al.get("rupture_patients"))
         ctx["alliance"] = {
             "mean_srs": suppress_value(al["mean_srs"], al["srs_patients"], mc),
             "srs_sessions": Shown(al["srs_sessions"], al["srs_patients"],
@@ -189,9 +192,12 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
                 PRIMARY if concern_hidden else None),
             "ruptures": None if ruptures is None else Shown(
                 ruptures, al["rupture_patients"], PRIMARY if 0 < al["rupture_patients"] < mc else None),
-            "pct_repaired": None if ruptures is None else Shown(None, 0) if not ruptures
-            else suppress_rate(al["repaired"], ruptures, mc, opts.protect_numerators)
-            if al["rupture_patients"] >= mc else Shown(None, al["rupture_patients"], PRIMARY),
+            "pct_repaired": None if ruptures is None else Shown(None, 0) if not decided
+            else suppress_rate(al["repaired"], decided, mc, opts.protect_numerators)
+            if decided_patients >= mc else Shown(None, decided_patients, PRIMARY),
+            # (ruptures still pending at the month's end are left out of the repair rate; only
+            # whether there are any is said, as a count of them could be a small cell)
+            "ruptures_pending": None if ruptures is None else ruptures - decided > 0,
             "operator": raw.srs_operator,
             "cutoff": raw.srs_cutoff,
         }

@@ -298,7 +298,13 @@ def extract(
             rup.update(_rows(con, """
                 select count(*) filter (where is_candidate_rupture) as ruptures,
                        count(distinct patient_id) filter (where is_candidate_rupture) as rupture_patients,
-                       count(*) filter (where is_candidate_rupture and is_repaired) as repaired
+                       count(*) filter (where is_candidate_rupture and is_repaired) as repaired,
+                       -- (the repair rate's base: ruptures whose repair window is over; one still
+                       -- pending at the month's end is not yet unrepaired)
+                       count(*) filter (where is_candidate_rupture and is_repaired is not null)
+                           as ruptures_decided,
+                       count(distinct patient_id) filter (
+                           where is_candidate_rupture and is_repaired is not null) as decided_patients
                 from marts.fct_alliance_sessions
                 where clinic_id = ? and session_month between ? and ?
             """, [clinic, w0, m0])[0])

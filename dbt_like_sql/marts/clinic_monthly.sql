@@ -78,8 +78,9 @@ session_measures as (
         count(*) filter (where is_candidate_rupture) as candidate_ruptures,
         count(*) filter (where is_candidate_rupture) / nullif(count(alliance_change), 0)
             as rupture_rate,
-        count(*) filter (where is_repaired) / nullif(count(*) filter (where is_candidate_rupture), 0)
-            as repair_rate,
+        count(*) filter (where is_candidate_rupture and is_repaired is null) as ruptures_pending,
+        -- over the ruptures whose repair window is over (a pending one is not yet unrepaired)
+        count(*) filter (where is_repaired) / nullif(count(is_repaired), 0) as repair_rate,
         avg(case when alliance_total is not null then 1.0 else 0.0 end) as alliance_completeness,
         avg(case when has_outcome_score then 1.0 else 0.0 end) as outcome_completeness
     from session_scopes
@@ -137,6 +138,7 @@ joined as (
         session_measures.srs_concern_rate,
         coalesce(session_measures.candidate_ruptures, 0) as candidate_ruptures,
         session_measures.rupture_rate,
+        coalesce(session_measures.ruptures_pending, 0) as ruptures_pending,
         session_measures.repair_rate,
         session_measures.alliance_completeness,
         session_measures.outcome_completeness,

@@ -174,6 +174,18 @@ repairs as (
     group by ruptures.session_id
 ),
 
+episode_progress as (
+    -- whether a rupture's repair window can still see sessions: the episode is open and fewer
+    -- than repair_window attended sessions followed the rupture
+    select
+        episodes.episode_id,
+        episodes.is_closed,
+        max(attended_sessions.session_number) as last_session_number
+    from core.episodes as episodes
+    left join attended_sessions on attended_sessions.episode_id = episodes.episode_id
+    group by episodes.episode_id, episodes.is_closed
+),
+
 final as (
     select
         ---------- ids
@@ -209,11 +221,24 @@ final as (
         candidates.rupture_rule_a,
         candidates.rupture_rule_b,
         candidates.is_candidate_rupture,
-        case when candidates.is_candidate_rupture then repairs.repair_session_number is not null end
-            as is_repaired,
+        -- NULL while pending (a pending rupture counted as unrepaired biased every recent repair
+        -- rate low); a closed episode's unrepaired rupture is final
+        case when not candidates.is_candidate_rupture then null
+            when repairs.repair_session_number is not null then true
+            when not coalesce(episode_progress.is_closed, false)
+                and episode_progress.last_session_number
+                    < candidates.session_number + candidates.repair_window then null
+            else false end as is_repaired,
+        case when not candidates.is_candidate_rupture then null
+            when repairs.repair_session_number is not null then 'repaired'
+            when not coalesce(episode_progress.is_closed, false)
+                and episode_progress.last_session_number
+                    < candidates.session_number + candidates.repair_window then 'pending'
+            else 'unrepaired' end as repair_status,
         repairs.repair_session_number
     from candidates
     left join repairs on candidates.session_id = repairs.session_id
+    left join episode_progress on episode_progress.episode_id = candidates.episode_id
 )
 
 select * from final

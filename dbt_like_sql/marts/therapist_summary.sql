@@ -52,8 +52,11 @@ session_measures as (
         count(*) filter (where alliance_sessions.is_candidate_rupture) as candidate_ruptures,
         count(*) filter (where alliance_sessions.is_candidate_rupture)
             / nullif(count(alliance_sessions.alliance_change), 0) as rupture_rate,
+        count(*) filter (where alliance_sessions.is_candidate_rupture
+            and alliance_sessions.is_repaired is null) as ruptures_pending,
+        -- over the ruptures whose repair window is over (a pending one is not yet unrepaired)
         count(*) filter (where alliance_sessions.is_repaired)
-            / nullif(count(*) filter (where alliance_sessions.is_candidate_rupture), 0) as repair_rate,
+            / nullif(count(alliance_sessions.is_repaired), 0) as repair_rate,
         avg(case when alliance_sessions.alliance_total is not null then 1.0 else 0.0 end)
             as alliance_completeness,
         avg(case when sessions_with_outcome.session_id is not null then 1.0 else 0.0 end)
@@ -102,6 +105,7 @@ joined as (
         session_measures.srs_concern_rate,
         coalesce(session_measures.candidate_ruptures, 0) as candidate_ruptures,
         session_measures.rupture_rate,
+        coalesce(session_measures.ruptures_pending, 0) as ruptures_pending,
         session_measures.repair_rate,
         session_measures.alliance_completeness,
         session_measures.outcome_completeness,
