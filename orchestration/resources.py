@@ -52,6 +52,9 @@ class WarehouseResource(DuckDBResource):
         log = context.log.info if context.log else None
         self._run_lock_fd = acquire_run_lock(run_lock_path(self.database),
                                              timeout_seconds=self.run_lock_timeout_seconds, log=log)
+        if context.instance is not None:
+            free_dead_writer_slots(context.instance, run.run_id,
+                                   context.log.warning if context.log else None)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._run_lock_fd is not None:
@@ -100,6 +103,43 @@ def is_writer_run(run: dg.DagsterRun) -> bool:
         return True  # the whole asset graph
     keys = [*(run.asset_selection or ()), *(c.asset_key for c in run.asset_check_selection or ())]
     return any(k.path[0] not in READ_ONLY_KEY_PREFIXES for k in keys)
+
+
+def free_dead_writer_slots(instance: dg.DagsterInstance, current_run_id: str,
+                           log: Any = None) -> list[str]:
+    """Free the writer pool's slots of writer runs whose process died; their run ids.
+
+    Called with the writer-run lock held. Every writer run holds that lock from its resources'
+    start to their teardown, and its steps claim (or wait for) the pool's slot only in between
+    (in-process executor), so another writer run that holds, was assigned or waits for a slot
+    now cannot be alive: its process was killed (kill -9, the OOM killer, a reboot) before it
+    could free the slot. The slot stayed claimed and every later writer run waited for it for
+    ever, silently (Dagster logs that wait at DEBUG); the dead run stayed STARTED. It is marked
+    failed and its slots are freed.
+    """
+    from orchestration.instance import WRITER_POOL
+
+    storage = instance.event_log_storage
+    try:
+        info = storage.get_concurrency_info(WRITER_POOL)
+    except NotImplementedError:  # storages without global concurrency
+        return []
+    holders = info.active_run_ids | {p.run_id for p in info.pending_steps}
+    freed = []
+    for run_id in sorted(holders - {current_run_id}):
+        run = instance.get_run_by_id(run_id)
+        if run is not None and not is_writer_run(run):
+            continue  # (no writer step: not ours to judge)
+        message = (f"run {run_id} held the {WRITER_POOL} pool's slot, but its process is gone "
+                   "(the writer-run lock was free): it was killed before it could free the slot. "
+                   f"Marked failed and its slot freed by run {current_run_id}.")
+        if run is not None and not run.is_finished:
+            instance.report_run_failed(run, message=message)
+        storage.free_concurrency_slots_for_run(run_id)
+        freed.append(run_id)
+        if log is not None:
+            log(message)
+    return freed
 
 
 def run_lock_path(database: str | Path) -> Path:

@@ -1012,3 +1012,34 @@ def test_settings_duckdb_reads_are_accepted_and_lock_wording_is_duckdbs(
     assert _is_lock_error(ddb.IOException(
         'IO Error: Could not set lock on file "/d/alliance.duckdb": Conflicting lock is held in '
         "/usr/bin/python3 (PID 42)"))
+
+
+DEAD_RUN_THEN_INGEST = r"""
+import sys, uuid
+import dagster as dg
+from orchestration.instance import WRITER_POOL, get_instance
+from orchestration.jobs import WRITER_TAG
+from orchestration.execution import execute_job
+
+instance = get_instance()
+dead = instance.add_run(dg.DagsterRun(job_name="nightly_rebuild_job", run_id=str(uuid.uuid4()),
+                                      status=dg.DagsterRunStatus.STARTED, tags={WRITER_TAG: "true"}))
+claim = instance.event_log_storage.claim_concurrency_slot(WRITER_POOL, dead.run_id, "sql_models")
+assert claim.is_claimed, claim
+out = execute_job("ingest_job", tags={WRITER_TAG: "true"}, log=lambda m: print(m, flush=True))
+info = instance.event_log_storage.get_concurrency_info(WRITER_POOL)
+print("RESULT", out["success"], instance.get_run_by_id(dead.run_id).status.value, len(info.claimed_slots))
+"""
+
+
+def test_a_writer_run_killed_while_it_held_the_pool_slot_does_not_block_the_next(tmp_path: Path):
+    """kill -9 (or the OOM killer) during a writer step left the pool's one slot claimed by a run
+    that stayed STARTED: every later writer run waited for the slot for ever, silently."""
+    env = {**os.environ, "ALLIANCE_DATA_DIR": str(tmp_path / "data"), "ALLIANCE_DEMO": "1",
+           "ALLIANCE_AUTOMATION": "off"}
+    env.pop("DAGSTER_HOME", None)
+    run = subprocess.run([sys.executable, "-c", DEAD_RUN_THEN_INGEST], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "RESULT True FAILURE 0" in run.stdout, run.stdout[-3000:]
+    assert "its process is gone" in run.stdout + run.stderr
