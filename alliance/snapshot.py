@@ -219,7 +219,7 @@ def publish_from_connection(
     The caller holds the only writer connection (the duckdb_writer pool guarantees no other
     pipeline step writes meanwhile), so after CHECKPOINT the file on disk is complete and
     quiescent and can be copied. Steps: checkpoint, copy the bytes to
-    `serving/.incoming/<stamp>.duckdb.source`, rewrite its live data into
+    `<warehouse folder>/.snapshot-source/<stamp>.duckdb.source`, rewrite its live data into
     `serving/.incoming/<stamp>.duckdb.partial` in a fresh process (`_clean_copy`), fsync, verify it
     opens read-only, hard-link it into `serving/history/`, `os.replace` it over
     `serving/alliance.duckdb`, prune history to `keep`.
@@ -242,7 +242,11 @@ def publish_from_connection(
             f"{wal}: the write-ahead log is not empty after CHECKPOINT (another connection has an "
             "open transaction); nothing was published, retry when the writer is done"
         )
-    raw_copy = incoming / f"alliance-{_stamp(ts)}.duckdb.source"
+    # The byte copy holds the working warehouse's bytes (raw-identifier fragments may sit in
+    # unused parts of its blocks): it stays beside the warehouse, never under serving/.
+    sources = source_dir(warehouse_path)
+    sources.mkdir(parents=True, exist_ok=True)
+    raw_copy = sources / f"alliance-{_stamp(ts)}.duckdb.source"
     try:
         # 1. a byte copy of the quiescent file (fast; this process keeps its connection), then
         # 2. a logical copy of its live data into the new file by a fresh process (_clean_copy).
@@ -298,15 +302,35 @@ def snapshot_age_seconds(serving_path: Path | str, now: float | None = None) -> 
     return (now if now is not None else time.time()) - p.stat().st_mtime
 
 
-def clean_incoming(serving_path: Path | str, older_than_seconds: float = 3600) -> list[Path]:
-    """Remove leftovers of publishes that crashed mid-copy (never visible to readers anyway)."""
-    incoming = Path(serving_path).parent / ".incoming"
-    if not incoming.is_dir():
-        return []
+def source_dir(warehouse_path: Path | str) -> Path:
+    """Where a publish keeps its byte copy of the warehouse while it is rewritten."""
+    return Path(warehouse_path).parent / ".snapshot-source"
+
+
+def clean_incoming(serving_path: Path | str, warehouse_path: Path | str | None = None,
+                   older_than_seconds: float = 0) -> list[Path]:
+    """Remove leftovers of publishes that crashed mid-copy: partial snapshots in
+    serving/.incoming (never visible to readers) and byte copies of the warehouse, beside it or
+    under serving/.incoming where earlier versions kept them.
+
+    The publish step calls it holding the writer-run lock, so no other publish is writing them
+    (hence no age limit by default). A byte copy left there by a killed publish stayed for good
+    (only *.partial was removed), a copy of the working warehouse's bytes inside serving/.
+    """
     cutoff = time.time() - older_than_seconds
+    folders = [(Path(serving_path).parent / ".incoming", ("*.partial", "*.source"))]
+    if warehouse_path is not None:
+        folders.append((source_dir(warehouse_path), ("*.source",)))
     removed = []
-    for p in incoming.glob("*.partial"):
-        if p.stat().st_mtime < cutoff:
-            p.unlink(missing_ok=True)
-            removed.append(p)
+    for folder, patterns in folders:
+        if not folder.is_dir():
+            continue
+        for pattern in patterns:
+            for p in folder.glob(pattern):
+                try:
+                    if p.stat().st_mtime < cutoff or older_than_seconds <= 0:
+                        p.unlink(missing_ok=True)
+                        removed.append(p)
+                except FileNotFoundError:
+                    continue
     return removed

@@ -43,7 +43,8 @@ def serving_snapshot(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     settings = context.resources.settings
     data = settings.paths
     serving = data.serving
-    snapshot.clean_incoming(serving)
+    for left in snapshot.clean_incoming(serving, context.resources.duckdb.database):
+        context.log.warning(f"removed {left}, left by a publish that did not finish")
     with context.resources.duckdb.get_connection() as con:
         info = snapshot.publish_from_connection(
             con, context.resources.duckdb.database, serving, keep=settings.snapshot_keep

@@ -566,6 +566,41 @@ def test_snapshot_carries_no_stale_bytes_of_the_working_file(tmp_path):
         assert snap.execute("select count(*) from raw.events").fetchone()[0] == 300000
 
 
+def test_a_killed_publish_leaves_no_byte_copy_of_the_warehouse_under_serving(tmp_path, monkeypatch):
+    """The byte copy of the working warehouse (which may hold raw-identifier fragments) sat in
+    serving/.incoming while the snapshot was rewritten, and one left by a killed publish stayed
+    there for good: the clean-up removed only *.partial files, and only after an hour."""
+    import os
+    import time
+
+    from alliance import snapshot
+
+    wh = tmp_path / "warehouse" / "w.duckdb"
+    serving = tmp_path / "serving" / "alliance.duckdb"
+    wh.parent.mkdir()
+    con = duckdb.connect(str(wh))
+    con.execute("create schema raw")
+    con.execute("create table raw.events as select range as x from range(1000)")
+    seen = []
+    real = snapshot._clean_copy
+    monkeypatch.setattr(snapshot, "_clean_copy", lambda src, dst: (seen.append(src), real(src, dst)))
+    snapshot.publish_from_connection(con, wh, serving)
+    con.close()
+    [source] = seen
+    assert source.parent == snapshot.source_dir(wh) and serving.parent not in source.parents
+    # leftovers of publishes killed mid-way (kill -9 skips the clean-up of the failing publish)
+    left = [serving.parent / ".incoming" / "alliance-1.duckdb.source",
+            serving.parent / ".incoming" / "alliance-1.duckdb.partial",
+            snapshot.source_dir(wh) / "alliance-2.duckdb.source"]
+    for f in left:
+        f.write_bytes(b"x")
+    recent = time.time() - 5
+    for f in left:
+        os.utime(f, (recent, recent))  # minutes old, not hours
+    assert sorted(snapshot.clean_incoming(serving, wh)) == sorted(left)
+    assert not any(f.exists() for f in left)
+
+
 HOLD_RUN_LOCK = r"""
 import sys, time
 from pathlib import Path
