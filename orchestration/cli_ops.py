@@ -133,7 +133,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestration.execution import resolve_selection
     from orchestration.jobs import INGEST_KEYS
 
-    whole = resolve_selection(args.select)[1] if args.select else None
+    try:
+        whole = resolve_selection(args.select)[1] if args.select else None
+    except SystemExit as e:  # a selection that cannot run: one line and exit code 2
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)
+        return 2
     if whole is None or whole & set(INGEST_KEYS):
         # The run starts with the ingest, which needs the pseudonym key: a missing key is one
         # line from `alliance` (MissingKeyError), not a failed step with a traceback in the log.

@@ -689,6 +689,14 @@ def test_untagged_runs_that_write_the_warehouse_take_the_writer_lock(world, tmp_
     printed = capsys.readouterr().out
     assert "with raw/ingested_files, raw/quarantine (made in the same step" in printed
     assert "(selection raw/events) succeeded" in printed
+    # a selection reaching the partitioned clinic reports: they are left out (the run has no
+    # partition: it failed after the snapshot had been published), and said so
+    assert main(["run", "--select", 'key:"marts/clinic_monthly"+']) == 0
+    printed = capsys.readouterr().out
+    assert "left out (partitioned" in printed and "reports/clinic_report" in printed, printed
+    assert "succeeded" in printed
+    assert main(["run", "--select", 'key:"reports/clinic_report"']) == 2
+    assert "names only partitioned assets (reports/clinic_report)" in capsys.readouterr().err
 
 
 def test_lock_holder_is_named_whole_from_duckdbs_error(tmp_path: Path):
