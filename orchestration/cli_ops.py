@@ -331,27 +331,50 @@ def collect_status(n_runs: int = 8) -> dict[str, Any]:
         con = duckdb.connect(str(p.serving), read_only=True)
         try:
             out["row_counts"] = snapshot.table_row_counts(con)
-            # Waiting: landing files whose path the published manifest does not list (by path,
-            # not content, so a status costs no hashing; as of the last publish). A path is
-            # also known by its part below a `landing/` folder: a data directory that was moved
-            # or restored elsewhere lists its files under their old absolute paths.
+            # Waiting: landing files the published manifest does not list. A path is known by
+            # its part below a `landing/` folder too: a data directory that was moved or
+            # restored elsewhere lists its files under their old absolute paths. A known path
+            # whose file was replaced since (a producer's corrected re-send under the same
+            # name) is waiting too: another size, or modified after its ingest and another
+            # sha256 (only those few files are hashed, so a status stays cheap).
             if "raw.ingested_files" in out["row_counts"]:
-                stored = [r[0] for r in con.execute("select path from raw.ingested_files").fetchall()]
-                known = {str(Path(x).resolve()) for x in stored}
-                # (every position of '/landing/': a folder inside landing may be named so too)
-                below = set()
-                for x in stored:
-                    parts = x.split("/landing/")
-                    below.update("/landing/".join(parts[i:]) for i in range(1, len(parts)))
+                stored = con.execute(
+                    "select path, bytes, sha256, epoch(finished_at) from raw.ingested_files"
+                ).fetchall()
+                records: dict[str, list] = {}
+                for path, size, sha, done in stored:
+                    rec = (size, sha, done)
+                    records.setdefault(str(Path(path).resolve()), []).append(rec)
+                    # (every position of '/landing/': a folder inside landing may be named so)
+                    parts = path.split("/landing/")
+                    for i in range(1, len(parts)):
+                        records.setdefault("below:" + "/landing/".join(parts[i:]), []).append(rec)
                 root = p.landing.resolve()
 
                 def is_known(f: Path) -> bool:
                     full = f.resolve()
-                    if str(full) in known:
+                    recs = records.get(str(full), [])
+                    if full.is_relative_to(root):
+                        recs = recs + records.get("below:" + full.relative_to(root).as_posix(), [])
+                    if not recs:
+                        return False
+                    st = f.stat()
+                    same_size = [r for r in recs if r[0] == st.st_size]
+                    if not same_size:
+                        return False
+                    if st.st_mtime <= max(r[2] for r in recs):
                         return True
-                    return full.is_relative_to(root) and full.relative_to(root).as_posix() in below
+                    from alliance.ingest import file_sha256
 
-                out["landing_files_waiting"] = sum(not is_known(f) for f in landing)
+                    return file_sha256(f) in {r[1] for r in recs}
+
+                waiting = 0
+                for f in landing:
+                    try:
+                        waiting += not is_known(f)
+                    except FileNotFoundError:  # gone since it was listed
+                        continue
+                out["landing_files_waiting"] = waiting
             out["snapshot"]["data_version"] = snapshot.data_version(con)
         finally:
             con.close()

@@ -412,6 +412,25 @@ def test_status_reports_runs_counts_and_snapshot_age(world, capsys):
         assert json.loads(capsys.readouterr().out)["landing_files_waiting"] == 1
     finally:
         extra.unlink()
+    # A published file replaced in place (a producer's corrected re-send under the same name)
+    # waits again: it was counted as ingested, by its path. Same size or not.
+    import os
+
+    target = sorted(world["paths"].landing.glob("*.ndjson"))[0]
+    original, stat = target.read_bytes(), target.stat()
+    try:
+        for new in (original + b"\n" + original.splitlines()[0] + b"\n",  # other size
+                    original.replace(b'"schema_version": 1', b'"schema_version": 2', 1)
+                    if b'"schema_version": 1' in original
+                    else original.replace(b'"schema_version":1', b'"schema_version":2', 1)):
+            target.write_bytes(new)
+            assert main(["status", "--json"]) == 0
+            assert json.loads(capsys.readouterr().out)["landing_files_waiting"] == 1, len(new)
+    finally:
+        target.write_bytes(original)
+        os.utime(target, (stat.st_atime, stat.st_mtime))
+    assert main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["landing_files_waiting"] == 0
 
 
 HOLD_WRITER = r"""
