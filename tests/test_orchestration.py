@@ -8,6 +8,7 @@ a second Python process holding the old snapshot open, and a real webserver answ
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -1048,9 +1049,12 @@ def test_status_knows_the_files_of_a_moved_data_directory(
     for name in ("2025/a.ndjson", "b.ndjson", "new.ndjson"):
         (data / "landing" / name).write_text("{}\n")
     with duckdb.connect(str(data / "serving" / "alliance.duckdb")) as con:
-        con.execute("create schema raw; create table raw.ingested_files (path varchar)")
+        con.execute("create schema raw; create table raw.ingested_files (path varchar, "
+                    "bytes bigint, sha256 varchar, finished_at timestamptz)")
+        sha = hashlib.sha256(b"{}\n").hexdigest()
         con.execute("insert into raw.ingested_files values "
-                    "('/old/place/data/landing/2025/a.ndjson'), ('/old/place/data/landing/b.ndjson')")
+                    f"('/old/place/data/landing/2025/a.ndjson', 3, '{sha}', now()), "
+                    f"('/old/place/data/landing/b.ndjson', 3, '{sha}', now())")
     monkeypatch.setenv("ALLIANCE_DATA_DIR", str(data))
     monkeypatch.setenv("ALLIANCE_DEMO", "1")
     main(["status"])
