@@ -50,11 +50,21 @@ class WarehouseResource(DuckDBResource):
         if run is None or not is_writer_run(run) or self.database == ":memory:":
             return
         log = context.log.info if context.log else None
+        warn = context.log.warning if context.log else None
+        if context.instance is not None:
+            # (before the wait: a run waiting for the lock is alive, and says so by its pid)
+            _tag_process(context.instance, run.run_id, warn)
         self._run_lock_fd = acquire_run_lock(run_lock_path(self.database),
                                              timeout_seconds=self.run_lock_timeout_seconds, log=log)
         if context.instance is not None:
-            free_dead_writer_slots(context.instance, run.run_id,
-                                   context.log.warning if context.log else None)
+            try:
+                reap_dead_writer_runs(context.instance, run.run_id, warn)
+                free_dead_writer_slots(context.instance, run.run_id, warn)
+            except Exception as e:  # noqa: BLE001 - a failed clean-up must not keep the lock
+                # (Dagster does not tear down a resource whose setup raised: the lock stayed
+                # taken for the rest of the process, and its next writer run waited 2 hours)
+                if warn is not None:
+                    warn(f"could not check the writer pool for runs that died: {e}")
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._run_lock_fd is not None:
@@ -103,6 +113,85 @@ def is_writer_run(run: dg.DagsterRun) -> bool:
         return True  # the whole asset graph
     keys = [*(run.asset_selection or ()), *(c.asset_key for c in run.asset_check_selection or ())]
     return any(k.path[0] not in READ_ONLY_KEY_PREFIXES for k in keys)
+
+
+# The process that executes a writer run, recorded on the run when its resources start, so a
+# dead run can be told from a live one (Dagster's default run launcher has no health check: a
+# run whose process was killed stays STARTED, and the run queue's writer limit waits for it).
+PID_TAG = "alliance/pid"
+HOST_TAG = "alliance/host"
+# A writer run with no process recorded this long after it started died before its resources
+# started (process start and definitions load take seconds).
+NO_PID_GRACE_SECONDS = 600.0
+
+
+def _tag_process(instance: dg.DagsterInstance, run_id: str, warn: Any = None) -> None:
+    import socket
+
+    try:
+        instance.add_run_tags(run_id, {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
+    except Exception as e:  # noqa: BLE001 - only the dead-run check needs it
+        if warn is not None:
+            warn(f"could not record this run's process on the run: {e}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def reap_dead_writer_runs(instance: dg.DagsterInstance, current_run_id: str | None = None,
+                          log: Any = None, now: float | None = None) -> list[str]:
+    """Mark failed, and free the pool slots of, the unfinished writer runs whose process is gone.
+
+    A run is judged dead only when that is certain: its recorded process (same host) no longer
+    exists, or no process was ever recorded and it started NO_PID_GRACE_SECONDS ago. The daemon
+    runs this every minute (writer_run_reaper sensor): a dead STARTED run held the run queue's
+    writer limit, and a slot it held the pool, so no queued writer run (landing files, the
+    nightly rebuild, the UI) ever started again, and no CLI run came to clean up.
+    """
+    import socket
+
+    from orchestration.instance import WRITER_POOL
+
+    now = time.time() if now is None else now
+    host = socket.gethostname()
+    unfinished = instance.get_runs(filters=dg.RunsFilter(statuses=[
+        dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.CANCELING]))
+    reaped = []
+    for run in unfinished:
+        if run.run_id == current_run_id or not is_writer_run(run):
+            continue
+        pid = run.tags.get(PID_TAG)
+        if pid:
+            if run.tags.get(HOST_TAG) != host or _process_alive(int(pid)):
+                continue
+            why = f"its process (pid {pid}) is gone"
+        else:
+            stats = instance.get_run_stats(run.run_id)
+            started = stats.start_time or stats.launch_time
+            if started is None:
+                record = instance.get_run_record_by_id(run.run_id)
+                started = record.create_timestamp.timestamp() if record else None
+            if started is None or now - started < NO_PID_GRACE_SECONDS:
+                continue
+            why = f"it recorded no process in {int(now - started)} s"
+        message = (f"writer run {run.run_id} never finished: {why} (killed hard, e.g. kill -9 "
+                   f"or the OOM killer). Marked failed and its {WRITER_POOL} slots freed.")
+        instance.report_run_failed(run, message=message)
+        try:
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        except NotImplementedError:
+            pass
+        reaped.append(run.run_id)
+        if log is not None:
+            log(message)
+    return reaped
 
 
 def free_dead_writer_slots(instance: dg.DagsterInstance, current_run_id: str,

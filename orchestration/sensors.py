@@ -206,7 +206,27 @@ def clinic_partitions_sensor(context: dg.SensorEvaluationContext) -> dg.SensorRe
     return dg.SensorResult(dynamic_partitions_requests=[clinic_partitions.build_add_request(new)])
 
 
-SENSORS = [landing_sensor, clinic_partitions_sensor]
+@dg.sensor(
+    name="writer_run_reaper",
+    minimum_interval_seconds=60,
+    default_status=default_status(),
+    description=(
+        "Marks failed the writer runs whose process died (kill -9, the OOM killer, a reboot) and "
+        "frees their duckdb_writer slots. Dagster's default run launcher never notices such a "
+        "run: it stays STARTED, and the run queue's writer limit and the pool kept every later "
+        "writer run (landing files, the nightly rebuild, the UI) queued for ever."
+    ),
+)
+def writer_run_reaper(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    """Reap dead writer runs; never requests a run itself."""
+    from orchestration.resources import reap_dead_writer_runs
+
+    reaped = reap_dead_writer_runs(context.instance, log=context.log.warning)
+    return dg.SkipReason(f"marked failed: {', '.join(reaped)}" if reaped
+                         else "no dead writer run")
+
+
+SENSORS = [landing_sensor, clinic_partitions_sensor, writer_run_reaper]
 
 
 def defs() -> dg.Definitions:

@@ -1095,6 +1095,8 @@ assert claim.is_claimed, claim
 out = execute_job("ingest_job", tags={WRITER_TAG: "true"}, log=lambda m: print(m, flush=True))
 info = instance.event_log_storage.get_concurrency_info(WRITER_POOL)
 print("RESULT", out["success"], instance.get_run_by_id(dead.run_id).status.value, len(info.claimed_slots))
+import os
+print("PID", instance.get_run_by_id(out["run_id"]).tags.get("alliance/pid") == str(os.getpid()))
 """
 
 
@@ -1108,4 +1110,83 @@ def test_a_writer_run_killed_while_it_held_the_pool_slot_does_not_block_the_next
                          capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "RESULT True FAILURE 0" in run.stdout, run.stdout[-3000:]
+    assert "PID True" in run.stdout  # the run recorded its process, for the reaper
     assert "its process is gone" in run.stdout + run.stderr
+
+
+def test_dead_writer_runs_are_reaped_and_live_ones_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dagster's default launcher never notices a run whose process was killed: it stayed
+    STARTED, the run queue's writer limit counted it as running and no queued writer run (landing
+    files, nightly rebuild, UI) started again. The reaper judges by the recorded process."""
+    import socket
+    import time
+    import uuid
+
+    import dagster as dg
+
+    from orchestration.instance import WRITER_POOL, get_instance
+    from orchestration.jobs import WRITER_TAG
+    from orchestration.resources import HOST_TAG, PID_TAG, reap_dead_writer_runs
+    from orchestration.sensors import writer_run_reaper
+
+    monkeypatch.setenv("ALLIANCE_DATA_DIR", str(tmp_path / "data"))
+    instance = get_instance()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    host = socket.gethostname()
+
+    def run(job: str, tags: dict) -> str:
+        r = instance.add_run(dg.DagsterRun(job_name=job, run_id=str(uuid.uuid4()),
+                                           status=dg.DagsterRunStatus.STARTED, tags=tags))
+        return r.run_id
+
+    writer = {WRITER_TAG: "true"}
+    dead = run("nightly_rebuild_job", {**writer, PID_TAG: str(gone.pid), HOST_TAG: host})
+    live = run("nightly_rebuild_job", {**writer, PID_TAG: str(os.getpid()), HOST_TAG: host})
+    elsewhere = run("ingest_job", {**writer, PID_TAG: str(gone.pid), HOST_TAG: host + "-other"})
+    no_pid = run("ingest_job", writer)  # killed before its resources started
+    reader = run("reports_job", {PID_TAG: str(gone.pid), HOST_TAG: host})  # not a writer run
+    assert instance.event_log_storage.claim_concurrency_slot(WRITER_POOL, dead, "sql_models").is_claimed
+
+    def status(run_id: str) -> str:
+        return instance.get_run_by_id(run_id).status.value
+
+    with dg.build_sensor_context(instance=instance) as ctx:
+        skip = writer_run_reaper(ctx)
+    assert dead in skip.skip_message
+    assert status(dead) == "FAILURE"
+    assert not instance.event_log_storage.get_concurrency_info(WRITER_POOL).claimed_slots
+    assert {status(r) for r in (live, elsewhere, no_pid, reader)} == {"STARTED"}
+    # no process recorded: dead only once the grace period is over
+    assert reap_dead_writer_runs(instance, now=time.time() + 3600) == [no_pid]
+    assert status(no_pid) == "FAILURE"
+    assert {status(r) for r in (live, elsewhere, reader)} == {"STARTED"}
+
+
+FAILING_CLEANUP_TWICE = r"""
+import orchestration.resources as res
+from orchestration.execution import execute_job
+from orchestration.jobs import WRITER_TAG
+
+def boom(*a, **k):
+    raise RuntimeError("storage hiccup")
+
+res.free_dead_writer_slots = boom
+ok = [execute_job("ingest_job", tags={WRITER_TAG: "true"}, log=lambda m: print(m, flush=True))["success"]
+      for _ in range(2)]
+print("RESULT", ok)
+"""
+
+
+def test_a_failing_dead_run_check_does_not_keep_the_writer_lock(tmp_path: Path):
+    """Dagster does not tear down a resource whose setup raised: an error after the lock was
+    taken kept it for the rest of the process, and its next writer run waited for it."""
+    env = {**os.environ, "ALLIANCE_DATA_DIR": str(tmp_path / "data"), "ALLIANCE_DEMO": "1",
+           "ALLIANCE_AUTOMATION": "off", "ALLIANCE_RUN_LOCK_TIMEOUT_SECONDS": "5"}
+    env.pop("DAGSTER_HOME", None)
+    run = subprocess.run([sys.executable, "-c", FAILING_CLEANUP_TWICE], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert "RESULT [True, True]" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "could not check the writer pool for runs that died: storage hiccup" in run.stdout + run.stderr
