@@ -116,39 +116,65 @@ def test_ruptures_found_and_repairs_match(warehouse):
 
 def test_a_pending_repair_is_not_counted_as_unrepaired(warehouse):
     """A rupture near the end of the data (episode open, fewer than the window's attended
-    sessions since) was counted as unrepaired, which biased every recent repair rate low."""
+    sessions since) was counted as unrepaired, which biased every recent repair rate low; one in
+    an open episode whose patient stopped coming (no episode.closed) must not stay pending."""
+    from alliance.sqlrunner import run_models
+
     con, truth = warehouse
     window = con.execute("select value_double from seeds.parameters "
                          "where name = 'rupture_repair_window'").fetchone()[0]
-    rows = con.execute("""
-        select f.session_month, f.session_number, f.repair_status, f.is_repaired,
-            f.repair_session_number, e.is_closed,
-            (select max(s.session_number) from core.sessions s
-             where s.episode_id = f.episode_id and s.status = 'attended') as last_session
-        from marts.fct_alliance_sessions f join core.episodes e using (episode_id)
-        where f.is_candidate_rupture""").fetchall()
-    per_month: dict = {}
-    for month, n, status, repaired, repair_n, closed, last in rows:
-        # decided apart from the mart's own rule: repaired, or the episode closed, or the window over
-        known = repair_n is not None or closed or last >= n + window
-        expected = "repaired" if repair_n is not None else "unrepaired" if known else "pending"
-        assert status == expected and repaired == ({"repaired": True, "unrepaired": False}
-                                                   .get(expected)), (month, n, status, last)
-        m = per_month.setdefault(month, [0, 0, 0])
-        m[0] += repair_n is not None
-        m[1] += known
-        m[2] += not known
-    statuses = {r[2] for r in rows}
-    assert statuses == {"repaired", "unrepaired", "pending"}, statuses
-    got = {m: (rate, pending) for m, rate, pending in con.execute(
+    default_days = con.execute("select value_double from seeds.parameters "
+                               "where name = 'rupture_pending_max_days'").fetchone()[0]
+
+    def check(days: float) -> dict:
+        latest = con.execute("select max(session_at) from core.sessions "
+                             "where status = 'attended'").fetchone()[0]
+        rows = con.execute("""
+            select f.session_month, f.session_number, f.repair_status, f.is_repaired,
+                f.repair_session_number, e.is_closed,
+                (select max(s.session_number) from core.sessions s
+                 where s.episode_id = f.episode_id and s.status = 'attended') as last_session,
+                (select max(s.session_at) from core.sessions s
+                 where s.episode_id = f.episode_id and s.status = 'attended') as last_at
+            from marts.fct_alliance_sessions f join core.episodes e using (episode_id)
+            where f.is_candidate_rupture""").fetchall()
+        per_month: dict = {}
+        for month, n, status, repaired, repair_n, closed, last, last_at in rows:
+            # decided apart from the mart's rule: repaired, the episode closed, the window over,
+            # or the patient stopped coming (no session in `days` before the data's latest)
+            known = (repair_n is not None or closed or last >= n + window
+                     or (latest - last_at).total_seconds() > days * 86400)
+            expected = "repaired" if repair_n is not None else "unrepaired" if known else "pending"
+            assert status == expected and repaired == ({"repaired": True, "unrepaired": False}
+                                                       .get(expected)), (month, n, status, last)
+            m = per_month.setdefault(month, [0, 0, 0])
+            m[0] += repair_n is not None
+            m[1] += known
+            m[2] += not known
+        return {"per_month": per_month, "statuses": {r[2] for r in rows}}
+
+    got = check(default_days)
+    assert got["statuses"] == {"repaired", "unrepaired", "pending"}, got["statuses"]
+    rates = {m: (rate, pending) for m, rate, pending in con.execute(
         "select month, repair_rate, ruptures_pending from marts.clinic_monthly where scope = 'network'"
     ).fetchall()}
-    for month, (rep, known, pending) in per_month.items():
-        rate, pend = got[month]
+    for month, (rep, known, pending) in got["per_month"].items():
+        rate, pend = rates[month]
         assert pend == pending
         assert (rate is None) if not known else abs(rate - rep / known) < 1e-12, (month, rate)
     # the pending ones sit at the end of the data: the simulator's ground truth agrees
     assert sum(r["repaired"] is None for r in truth["ruptures"]) > 0
+    # a shorter limit: patients without a session in the data's last week have stopped coming
+    pending_before = sum(v[2] for v in got["per_month"].values())
+    con.execute("update seeds.parameters set value_double = 7 where name = 'rupture_pending_max_days'")
+    try:
+        run_models(con, ["fct_alliance_sessions"])
+        short = check(7)
+        assert 0 < sum(v[2] for v in short["per_month"].values()) < pending_before
+    finally:
+        con.execute("update seeds.parameters set value_double = ? "
+                    "where name = 'rupture_pending_max_days'", [default_days])
+        run_models(con, ["fct_alliance_sessions"])
 
 
 def test_dropout_rate_counts_closed_episodes_without_outcome_scores(warehouse):

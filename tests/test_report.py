@@ -899,7 +899,7 @@ def test_the_repair_rate_leaves_out_ruptures_still_pending(pipeline_snapshot: Pa
                         window_months=span).html_path.read_text()
     shown = re.search(r'id="kpi-repaired">([^<]*)<', html).group(1)
     assert shown == f"{100 * repaired / decided:.1f}%", (shown, repaired, decided, len(statuses))
-    assert "still pending at the window's end are not counted" in html
+    assert "still pending in this snapshot's data are not counted" in html
 
 
 def test_outcome_counts_agree_across_the_report(pipeline_snapshot: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import re
 import statistics
 import uuid
 from collections import defaultdict
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -403,10 +403,16 @@ def test_ruptures_are_found_by_both_rules_with_few_false_alarms(default_size) ->
     # repair flags agree with the data: back to the pre-dip level within 3 attended sessions;
     # pending (None) only while the episode is open and fewer than 3 attended sessions followed
     closed = {e["episode_id"] for e in events if e["event_type"] == "episode.closed"}
-    last = defaultdict(int)  # attended sessions per episode
+    last = defaultdict(int)  # attended sessions per episode, and the last one's time
+    last_at: dict[str, str] = {}
     for e in events:
         if e["event_type"] == "session.attended":
             last[e["episode_id"]] = max(last[e["episode_id"]], number[e["session_id"]])
+            last_at[e["episode_id"]] = max(last_at.get(e["episode_id"], ""), e["occurred_at"])
+    window_end = datetime.fromisoformat(truth["window"]["end_exclusive"]).replace(tzinfo=UTC)
+
+    def stopped_coming(ep: str) -> bool:  # no session in the window's last 42 days
+        return (window_end - datetime.fromisoformat(last_at[ep])).days > 42
     pending = 0
     for r in truth["ruptures"]:
         after = [t for s, t in series[r["episode_id"]] if r["session_number"] < s <= r["session_number"] + 3]
@@ -414,10 +420,11 @@ def test_ruptures_are_found_by_both_rules_with_few_false_alarms(default_size) ->
         if r["repaired"] is None:
             pending += 1
             assert not repaired and r["episode_id"] not in closed, r
+            assert (window_end - datetime.fromisoformat(last_at[r["episode_id"]])).days <= 43, r
             assert last[r["episode_id"]] < r["session_number"] + 3, r
         else:
             assert r["repaired"] == repaired, r
-            assert repaired or r["episode_id"] in closed or (
+            assert repaired or r["episode_id"] in closed or stopped_coming(r["episode_id"]) or (
                 last[r["episode_id"]] >= r["session_number"] + 3), r
     decided = [r for r in truth["ruptures"] if r["repaired"] is not None]
     assert 0 < pending < 0.2 * len(truth["ruptures"]), pending

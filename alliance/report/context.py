@@ -195,7 +195,7 @@ def build(raw: RawReport, opts: Options) -> dict[str, Any]:
             "pct_repaired": None if ruptures is None else Shown(None, 0) if not decided
             else suppress_rate(al["repaired"], decided, mc, opts.protect_numerators)
             if decided_patients >= mc else Shown(None, decided_patients, PRIMARY),
-            # (ruptures still pending at the month's end are left out of the repair rate; only
+            # (ruptures still pending in the snapshot's data are left out of the repair rate; only
             # whether there are any is said, as a count of them could be a small cell)
             "ruptures_pending": None if ruptures is None else ruptures - decided > 0,
             "operator": raw.srs_operator,

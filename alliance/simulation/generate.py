@@ -58,6 +58,9 @@ OUT_OF_RANGE = {"PHQ-9": 7, "GAD-7": 7, "WAI-SR": 9, "SRS": 12.5, "ORS": 12.5}
 # Attended sessions after a rupture within which it counts as repaired (back at the pre-dip total):
 # the marts' default rupture_repair_window (dbt_like_sql/parameters.yml).
 REPAIR_WINDOW = 3
+# ... and the days after an open episode's last attended session for which its rupture can still
+# be pending (rupture_pending_max_days; measured here from the simulated window's end)
+PENDING_MAX_DAYS = 42
 GAIN_CHECK_CUTOFF = 6  # PHQ-9 reliable change (NHS Talking Therapies): the loosest common cutoff
 
 
@@ -324,6 +327,7 @@ class Simulator:
         t_book = t_assign + 30
         s = 0
         a = 0
+        last_attended = 0
         misses = 0
         reason: str | None = None
         t_close = 0
@@ -349,6 +353,7 @@ class Simulator:
                 attended = True
                 misses = 0
                 s += 1
+                last_attended = t_app
                 dur = R.choice((45, 50, 50, 50, 55, 60))
                 # ---- outcome questionnaires before the session
                 level = phq_level(s)
@@ -461,7 +466,8 @@ class Simulator:
                 reason = None
         self.clean_spurious_gains(phq_obs, phq_ev, gain_n)
         self.record_truth(rupt_k, srs_obs, srs_ev, gain_n, phq_obs, phq_ev,
-                          attended=s, closed=reason is not None)
+                          attended=s, closed=reason is not None,
+                          still_coming=last_attended >= self.end_min - PENDING_MAX_DAYS * DAY)
         return reason, (t_close if reason is not None else None)
 
     # ---------------------------------------------------------------- truth helpers
@@ -485,7 +491,7 @@ class Simulator:
 
     def record_truth(self, rupt_k: int | None, srs_obs: dict[int, float], srs_ev: dict[int, Ev],
                      gain_n: int | None, phq_obs: dict[int, int], phq_ev: dict[int, Ev], *,
-                     attended: int, closed: bool) -> None:
+                     attended: int, closed: bool, still_coming: bool) -> None:
         base = {"clinic_id": self.clinic_id, "patient_id": self.pid, "episode_id": self.epi}
         if rupt_k is not None and rupt_k in srs_obs and rupt_k - 1 in srs_obs:
             pre = srs_obs[rupt_k - 1]
@@ -496,10 +502,11 @@ class Simulator:
                 **base, "session_id": dip_ev.d["session_id"], "session_number": rupt_k,
                 "srs_event_id": dip_ev.d["event_id"], "pre_total": pre,
                 "dip_total": srs_obs[rupt_k], "drop": round(pre - srs_obs[rupt_k], 1),
-                # None: pending (the episode is still open and fewer than 3 attended sessions
-                # followed, so no repair is known yet); a closed episode's is False
+                # None: pending (the episode is still open, the patient still comes and fewer
+                # than 3 attended sessions followed, so no repair is known yet); else False
                 "repaired": True if repair_at is not None else (
-                    None if not closed and attended < rupt_k + REPAIR_WINDOW else False),
+                    None if not closed and still_coming and attended < rupt_k + REPAIR_WINDOW
+                    else False),
                 "repair_session_number": repair_at,
                 "sessions_observed_after": len(after),
             })

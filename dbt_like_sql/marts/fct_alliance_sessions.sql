@@ -11,7 +11,9 @@ params as (
         (select value_double from seeds.parameters where name = 'rupture_min_changes_own') as min_changes_own,
         (select value_double from seeds.parameters where name = 'rupture_k_clinic') as k_clinic,
         (select value_double from seeds.parameters where name = 'rupture_min_drop') as min_drop,
-        (select value_double from seeds.parameters where name = 'rupture_repair_window') as repair_window
+        (select value_double from seeds.parameters where name = 'rupture_repair_window') as repair_window,
+        (select value_double from seeds.parameters where name = 'rupture_pending_max_days')
+            as pending_max_days
 ),
 
 attended_sessions as (
@@ -175,15 +177,25 @@ repairs as (
 ),
 
 episode_progress as (
-    -- whether a rupture's repair window can still see sessions: the episode is open and fewer
-    -- than repair_window attended sessions followed the rupture
+    -- whether a rupture's repair window can still see sessions: the episode is open, fewer than
+    -- repair_window attended sessions followed the rupture, and the patient still comes (the
+    -- last attended session within pending_max_days of the data's latest one: clinics rarely
+    -- send episode.closed for a patient who stops coming, and such a rupture stayed pending for
+    -- ever, leaving the repair rate, which it would lower, for good)
     select
         episodes.episode_id,
         episodes.is_closed,
-        max(attended_sessions.session_number) as last_session_number
+        max(attended_sessions.session_number) as last_session_number,
+        max(attended_sessions.session_at) as last_session_at
     from core.episodes as episodes
     left join attended_sessions on attended_sessions.episode_id = episodes.episode_id
     group by episodes.episode_id, episodes.is_closed
+),
+
+data_now as (
+    -- the data's own "now" (the latest attended session; an as-of rebuild sees its own), not the
+    -- clock: a rebuild of the same data gives the same statuses
+    select max(session_at) as latest_session_at from attended_sessions
 ),
 
 final as (
@@ -227,18 +239,25 @@ final as (
             when repairs.repair_session_number is not null then true
             when not coalesce(episode_progress.is_closed, false)
                 and episode_progress.last_session_number
-                    < candidates.session_number + candidates.repair_window then null
+                    < candidates.session_number + candidates.repair_window
+                and episode_progress.last_session_at
+                    >= data_now.latest_session_at - to_days(params.pending_max_days::integer) then null
             else false end as is_repaired,
         case when not candidates.is_candidate_rupture then null
             when repairs.repair_session_number is not null then 'repaired'
             when not coalesce(episode_progress.is_closed, false)
                 and episode_progress.last_session_number
-                    < candidates.session_number + candidates.repair_window then 'pending'
+                    < candidates.session_number + candidates.repair_window
+                and episode_progress.last_session_at
+                    >= data_now.latest_session_at - to_days(params.pending_max_days::integer)
+                then 'pending'
             else 'unrepaired' end as repair_status,
         repairs.repair_session_number
     from candidates
     left join repairs on candidates.session_id = repairs.session_id
     left join episode_progress on episode_progress.episode_id = candidates.episode_id
+    cross join data_now
+    cross join params
 )
 
 select * from final
