@@ -52,10 +52,15 @@ DATE_RE = rf"^{YEAR_RE}-\d{{2}}-\d{{2}}$"
 # the wrong field): the redacted copy and the unsupported-version message use the same rule.
 SHORT_INTEGER_RE = r"-?[0-9]{1,4}"
 # An identifier that starts or ends with whitespace (any Unicode space) or holds a control or
-# invisible formatting character (zero-width space, byte order mark, direction marks): it looks
-# like another identifier but pseudonymises to another patient, so it is rejected, never trimmed
-# (RE2: \s is ASCII whitespace, \p{Z} the Unicode separators, \p{Cc} controls, \p{Cf} formats).
-ODD_ID_RE = r"^[\s\p{Z}]|[\s\p{Z}]$|[\p{Cc}\p{Cf}]"
+# invisible character: it looks like another identifier but pseudonymises to another patient, so
+# it is rejected, never trimmed. RE2: \s is ASCII whitespace, \p{Z} the Unicode separators,
+# \p{Cc} controls, \p{Cf} formats (zero-width space and joiners, byte order mark, direction
+# marks); then the blank letters and marks that are no format character: combining grapheme
+# joiner U+034F, Hangul fillers U+115F, U+1160, U+3164, U+FFA0, Braille blank U+2800, variation
+# selectors U+FE00-FE0F. (Letters in another Unicode normal form, e.g. a decomposed accent, are
+# not caught: identifiers are compared as sent.)
+ODD_ID_RE = (r"^[\s\p{Z}]|[\s\p{Z}]$"
+             r"|[\p{Cc}\p{Cf}\x{034F}\x{115F}\x{1160}\x{2800}\x{3164}\x{FFA0}\x{FE00}-\x{FE0F}]")
 # A comma before '}' or ']' outside strings (from the start: any run of non-quote characters and
 # whole strings, then the comma).
 TRAILING_COMMA_RE = r'^(?:[^"]|"(?:[^"\\]|\\.)*")*,[ \t\r\n]*[}\]]'

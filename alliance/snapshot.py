@@ -318,9 +318,11 @@ def clean_incoming(serving_path: Path | str, warehouse_path: Path | str | None =
     (only *.partial was removed), a copy of the working warehouse's bytes inside serving/.
     """
     cutoff = time.time() - older_than_seconds
-    folders = [(Path(serving_path).parent / ".incoming", ("*.partial", "*.source"))]
+    # (*.wal: the write-ahead log of a copy cut short)
+    folders = [(Path(serving_path).parent / ".incoming",
+                ("*.partial", "*.partial.wal", "*.source", "*.source.wal"))]
     if warehouse_path is not None:
-        folders.append((source_dir(warehouse_path), ("*.source",)))
+        folders.append((source_dir(warehouse_path), ("*.source", "*.source.wal")))
     removed = []
     for folder, patterns in folders:
         if not folder.is_dir():

@@ -30,7 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["dg"]:
+        # everything after `dg` is dg's, options included (argparse took `alliance dg --help`
+        # and refused `alliance dg --version`)
+        from orchestration.cli_ops import cmd_dg
+
+        args = argparse.Namespace(command="dg", dg_args=argv[1:], func=cmd_dg)
+    else:
+        args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

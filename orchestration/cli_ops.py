@@ -531,7 +531,7 @@ def cmd_dg(args: argparse.Namespace) -> int:
 
     use_instance_home()
     dg_bin = _dg_bin()
-    extra = args.dg_args[1:] if args.dg_args[:1] == ["--"] else args.dg_args
+    extra = list(args.dg_args)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(str(dg_bin), [str(dg_bin), *extra])

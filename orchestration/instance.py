@@ -13,6 +13,7 @@ from pathlib import Path
 
 import dagster as dg
 import yaml
+from dagster_shared.check import CheckError
 
 from alliance.config import ConfigError, DataPaths, paths
 
@@ -75,7 +76,8 @@ def get_instance(data_paths: DataPaths | None = None) -> dg.DagsterInstance:
     home = use_instance_home(data_paths)
     try:
         instance = dg.DagsterInstance.from_config(str(home))
-    except (yaml.YAMLError, dg.DagsterInvalidConfigError) as e:
+    except (yaml.YAMLError, dg.DagsterInvalidConfigError, CheckError, TypeError,
+            AttributeError) as e:  # (a file that is no mapping fails Dagster's own checks)
         # (an operator's edit of the file, which is kept once its header is gone: a traceback
         # from Dagster's config loader before)
         detail = " ".join(str(e).split())

@@ -143,6 +143,10 @@ BAD = {  # line content -> expected (reason_code, field)
                   payload={"age_group": "adult"}), ensure_ascii=False): ("invalid_value", "patient_id"),
     json.dumps(ev("x35", "episode.opened", patient_id="PAT-SECRET-1\x7f",  # DEL, raw in JSON
                   payload={"age_group": "adult"}), ensure_ascii=False): ("invalid_value", "patient_id"),
+    json.dumps(ev("x36", "episode.opened", patient_id="PAT-SECRET-1\u3164",  # Hangul filler
+                  payload={"age_group": "adult"}), ensure_ascii=False): ("invalid_value", "patient_id"),
+    json.dumps(ev("x37", "episode.opened", episode_id="EPI-\u2800SECRET-1",  # Braille blank
+                  payload={"age_group": "adult"}), ensure_ascii=False): ("invalid_value", "episode_id"),
 }
 
 

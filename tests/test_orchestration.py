@@ -611,6 +611,7 @@ def test_a_killed_publish_leaves_no_byte_copy_of_the_warehouse_under_serving(tmp
     # leftovers of publishes killed mid-way (kill -9 skips the clean-up of the failing publish)
     left = [serving.parent / ".incoming" / "alliance-1.duckdb.source",
             serving.parent / ".incoming" / "alliance-1.duckdb.partial",
+            serving.parent / ".incoming" / "alliance-1.duckdb.partial.wal",
             snapshot.source_dir(wh) / "alliance-2.duckdb.source"]
     for f in left:
         f.write_bytes(b"x")
@@ -923,6 +924,8 @@ def test_bad_settings_and_arguments_are_named_without_a_traceback(
 @pytest.mark.parametrize(("text", "message"), [
     ("concurrency:\n  pools: [1\n", "while parsing a flow sequence"),
     ("concurrency:\n  poolz: 1\n", 'unexpected config entry "poolz"'),
+    ("just a string\n", "cannot be read"),  # not a mapping
+    ("concurrency: 5\n", "cannot be read"),
 ])
 def test_an_edited_dagster_yaml_that_cannot_be_read_is_named_without_a_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], text, message
@@ -960,6 +963,12 @@ def test_alliance_dg_runs_dg_on_the_platform_instance_and_writes_nothing_home(tm
     assert "virtual environment does not match" not in run.stdout + run.stderr
     assert list(home.rglob("*")) == []
     assert (data / "dagster" / "dagster.yaml").read_text().startswith("# Managed by")
+    # dg's own options pass through (argparse took --help and refused --version)
+    version = subprocess.run([sys.executable, "-m", "orchestration.cli", "dg", "--version"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                             env={**env, "HOME": str(home), "ALLIANCE_DATA_DIR": str(data),
+                                  "ALLIANCE_DEMO": "1"})
+    assert version.returncode == 0 and "dg, version" in version.stdout, version.stderr
 
 
 def test_a_damaged_duckdb_file_is_named_not_taken_for_a_lock(
