@@ -298,6 +298,7 @@ def collect_status(n_runs: int = 8) -> dict[str, Any]:
     from alliance import snapshot
     from alliance.ingest import landing_files
     from orchestration.instance import get_instance
+    from orchestration.resources import process_gone
 
     p = paths()
     landing = landing_files(p.landing)
@@ -314,6 +315,9 @@ def collect_status(n_runs: int = 8) -> dict[str, Any]:
             if start else None,
             "seconds": round(end - start, 1) if start and end else None,
             "landing_file": r.tags.get("alliance/landing_file"),
+            # an unfinished run whose recorded process is gone died (kill -9, OOM): the reaper
+            # sensor or the next writer run marks it failed
+            "process_gone": (not r.is_finished and process_gone(r)),
         })
     out: dict[str, Any] = {
         "data_dir": str(p.root),
@@ -496,6 +500,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in st["runs"]:
         extra = f"  file={r['landing_file']}" if r["landing_file"] else ""
         secs = f"{r['seconds']}s" if r["seconds"] is not None else "-"
+        if r.get("process_gone"):
+            extra += ("  (its process is gone: killed; the writer_run_reaper sensor or the next "
+                      "writer run marks it failed)")
         print(f"  {r['run_id']}  {r['job']:<22} {r['status']:<10} {r['started'] or '-':<26}"
               f"{secs:>8}{extra}")
     if st["row_counts"]:

@@ -145,6 +145,14 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def process_gone(run: dg.DagsterRun) -> bool:
+    """Whether the process recorded on `run` (this host only) no longer exists."""
+    import socket
+
+    pid = run.tags.get(PID_TAG)
+    return bool(pid) and run.tags.get(HOST_TAG) == socket.gethostname() and not _process_alive(int(pid))
+
+
 def reap_dead_writer_runs(instance: dg.DagsterInstance, current_run_id: str | None = None,
                           log: Any = None, now: float | None = None) -> list[str]:
     """Mark failed, and free the pool slots of, the unfinished writer runs whose process is gone.
@@ -155,12 +163,9 @@ def reap_dead_writer_runs(instance: dg.DagsterInstance, current_run_id: str | No
     writer limit, and a slot it held the pool, so no queued writer run (landing files, the
     nightly rebuild, the UI) ever started again, and no CLI run came to clean up.
     """
-    import socket
-
     from orchestration.instance import WRITER_POOL
 
     now = time.time() if now is None else now
-    host = socket.gethostname()
     unfinished = instance.get_runs(filters=dg.RunsFilter(statuses=[
         dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.CANCELING]))
     reaped = []
@@ -169,7 +174,7 @@ def reap_dead_writer_runs(instance: dg.DagsterInstance, current_run_id: str | No
             continue
         pid = run.tags.get(PID_TAG)
         if pid:
-            if run.tags.get(HOST_TAG) != host or _process_alive(int(pid)):
+            if not process_gone(run):
                 continue
             why = f"its process (pid {pid}) is gone"
         else:

@@ -1162,6 +1162,11 @@ def test_dead_writer_runs_are_reaped_and_live_ones_left_alone(
     def status(run_id: str) -> str:
         return instance.get_run_by_id(run_id).status.value
 
+    # status tells a dead run from a live one before anything reaps it
+    from orchestration.cli_ops import collect_status
+
+    gone_in_status = {r["run_id"]: r["process_gone"] for r in collect_status(20)["runs"]}
+    assert gone_in_status[dead[:8]] and not gone_in_status[live[:8]]
     with dg.build_sensor_context(instance=instance) as ctx:
         skip = writer_run_reaper(ctx)
     assert dead in skip.skip_message
