@@ -120,16 +120,45 @@ def is_writer_run(run: dg.DagsterRun) -> bool:
 # run whose process was killed stays STARTED, and the run queue's writer limit waits for it).
 PID_TAG = "alliance/pid"
 HOST_TAG = "alliance/host"
+# The process's start time (clock ticks after boot) and the boot's id: a pid reused after a reboot
+# or a container restart (numbering starts again) then names another process, not the run's.
+PROC_START_TAG = "alliance/process_start"
+BOOT_TAG = "alliance/boot_id"
 # A writer run with no process recorded this long after it started died before its resources
 # started (process start and definitions load take seconds).
 NO_PID_GRACE_SECONDS = 600.0
 
 
+def _proc_start(pid: int) -> str | None:
+    """A process's start time in clock ticks after boot (/proc/<pid>/stat field 22); None where
+    /proc cannot tell (another system, the process gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
 def _tag_process(instance: dg.DagsterInstance, run_id: str, warn: Any = None) -> None:
+    """Record the process executing `run_id` on the run (once: the first resource to start)."""
     import socket
 
     try:
-        instance.add_run_tags(run_id, {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
+        run = instance.get_run_by_id(run_id)
+        if run is not None and run.tags.get(PID_TAG) == str(os.getpid()):
+            return
+        tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+        start, boot = _proc_start(os.getpid()), _boot_id()
+        if start and boot:
+            tags.update({PROC_START_TAG: start, BOOT_TAG: boot})
+        instance.add_run_tags(run_id, tags)
     except Exception as e:  # noqa: BLE001 - only the dead-run check needs it
         if warn is not None:
             warn(f"could not record this run's process on the run: {e}")
@@ -150,15 +179,42 @@ def process_gone(run: dg.DagsterRun) -> bool:
     import socket
 
     pid = run.tags.get(PID_TAG)
-    return bool(pid) and run.tags.get(HOST_TAG) == socket.gethostname() and not _process_alive(int(pid))
+    if not pid or run.tags.get(HOST_TAG) != socket.gethostname():
+        return False  # (another host's run is not judged here)
+    if not _process_alive(int(pid)):
+        return True
+    # alive: the same process, unless the pid was reused after a reboot or a container restart
+    if run.tags.get(BOOT_TAG) and _boot_id() and run.tags[BOOT_TAG] != _boot_id():
+        return True
+    start = _proc_start(int(pid))
+    return bool(run.tags.get(PROC_START_TAG)) and start is not None \
+        and start != run.tags[PROC_START_TAG]
+
+
+def _lock_free(path: Path) -> bool:
+    """Whether nobody holds the writer-run lock at `path` (taken and released at once)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # (closing releases a lock taken here)
+    return True
 
 
 def reap_dead_writer_runs(instance: dg.DagsterInstance, current_run_id: str | None = None,
-                          log: Any = None, now: float | None = None) -> list[str]:
+                          log: Any = None, now: float | None = None,
+                          lock_path: Path | None = None) -> list[str]:
     """Mark failed, and free the pool slots of, the unfinished writer runs whose process is gone.
 
     A run is judged dead only when that is certain: its recorded process (same host) no longer
-    exists, or no process was ever recorded and it started NO_PID_GRACE_SECONDS ago. The daemon
+    exists (or its pid now names another process: another boot, another start time), or no
+    process was ever recorded, it started NO_PID_GRACE_SECONDS ago and no writer run holds the
+    writer-run lock at `lock_path` (when given; the holder may be that very run). The daemon
     runs this every minute (writer_run_reaper sensor): a dead STARTED run held the run queue's
     writer limit, and a slot it held the pool, so no queued writer run (landing files, the
     nightly rebuild, the UI) ever started again, and no CLI run came to clean up.
@@ -185,9 +241,16 @@ def reap_dead_writer_runs(instance: dg.DagsterInstance, current_run_id: str | No
                 started = record.create_timestamp.timestamp() if record else None
             if started is None or now - started < NO_PID_GRACE_SECONDS:
                 continue
+            if lock_path is not None and not _lock_free(lock_path):
+                continue  # (a writer run holds the warehouse: it may be this one)
             why = f"it recorded no process in {int(now - started)} s"
         message = (f"writer run {run.run_id} never finished: {why} (killed hard, e.g. kill -9 "
                    f"or the OOM killer). Marked failed and its {WRITER_POOL} slots freed.")
+        # (read again: a run that finished between the listing and the check wrote its end
+        # before its process exited, and a failure must not overwrite it)
+        run = instance.get_run_by_id(run.run_id)
+        if run is None or run.is_finished:
+            continue
         instance.report_run_failed(run, message=message)
         try:
             instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
@@ -336,6 +399,14 @@ class AllianceSettings(dg.ConfigurableResource):
     data_dir: str = ""  # empty: $ALLIANCE_DATA_DIR or ./data
     demo: bool = False
     snapshot_keep: int = 3  # previous serving snapshots kept in serving/history/
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # (a writer run whose steps need no warehouse, e.g. a re-execution of the exports step,
+        # records its process here: the reaper must not take it for dead)
+        run = context.dagster_run
+        if run is not None and context.instance is not None and is_writer_run(run):
+            _tag_process(context.instance, run.run_id,
+                         context.log.warning if context.log else None)
 
     @property
     def paths(self) -> DataPaths:

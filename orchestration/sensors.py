@@ -219,9 +219,10 @@ def clinic_partitions_sensor(context: dg.SensorEvaluationContext) -> dg.SensorRe
 )
 def writer_run_reaper(context: dg.SensorEvaluationContext) -> dg.SkipReason:
     """Reap dead writer runs; never requests a run itself."""
-    from orchestration.resources import reap_dead_writer_runs
+    from orchestration.resources import reap_dead_writer_runs, run_lock_path
 
-    reaped = reap_dead_writer_runs(context.instance, log=context.log.warning)
+    reaped = reap_dead_writer_runs(context.instance, log=context.log.warning,
+                                   lock_path=run_lock_path(paths().warehouse))
     return dg.SkipReason(f"marked failed: {', '.join(reaped)}" if reaped
                          else "no dead writer run")
 

@@ -127,11 +127,11 @@ def test_a_pending_repair_is_not_counted_as_unrepaired(warehouse):
                                "where name = 'rupture_pending_max_days'").fetchone()[0]
 
     def check(days: float) -> dict:
-        latest = con.execute("select max(session_at) from core.sessions "
-                             "where status = 'attended'").fetchone()[0]
+        latest = dict(con.execute("select clinic_id, max(session_at) from core.sessions "
+                                  "where status = 'attended' group by all").fetchall())
         rows = con.execute("""
             select f.session_month, f.session_number, f.repair_status, f.is_repaired,
-                f.repair_session_number, e.is_closed,
+                f.repair_session_number, e.is_closed, f.clinic_id,
                 (select max(s.session_number) from core.sessions s
                  where s.episode_id = f.episode_id and s.status = 'attended') as last_session,
                 (select max(s.session_at) from core.sessions s
@@ -139,11 +139,11 @@ def test_a_pending_repair_is_not_counted_as_unrepaired(warehouse):
             from marts.fct_alliance_sessions f join core.episodes e using (episode_id)
             where f.is_candidate_rupture""").fetchall()
         per_month: dict = {}
-        for month, n, status, repaired, repair_n, closed, last, last_at in rows:
+        for month, n, status, repaired, repair_n, closed, clinic, last, last_at in rows:
             # decided apart from the mart's rule: repaired, the episode closed, the window over,
             # or the patient stopped coming (no session in `days` before the data's latest)
             known = (repair_n is not None or closed or last >= n + window
-                     or (latest - last_at).total_seconds() > days * 86400)
+                     or (latest[clinic] - last_at).total_seconds() > days * 86400)
             expected = "repaired" if repair_n is not None else "unrepaired" if known else "pending"
             assert status == expected and repaired == ({"repaired": True, "unrepaired": False}
                                                        .get(expected)), (month, n, status, last)
@@ -451,3 +451,29 @@ def test_small_cell_threshold_is_the_reports(warehouse):
             t.episodes_closed
         from marts.therapist_summary t left join b using (therapist_id, clinic_id)""").fetchall()
     assert rows and all(flag == expected for flag, expected, _ in rows)
+
+
+def test_a_clinic_whose_data_lags_keeps_its_pending_ruptures(warehouse, tmp_path):
+    """The pending rule's "now" is each clinic's latest attended session: with one network-wide
+    "now", a clinic whose export lags saw its patients as stopped, and its ruptures as unrepaired."""
+    import shutil
+
+    from alliance.sqlrunner import run_models
+
+    con, _ = warehouse
+    con.execute("checkpoint")
+    copy = tmp_path / "lagging.duckdb"
+    shutil.copy(con.execute("select path from duckdb_databases() where database_name = "
+                            "current_database()").fetchone()[0], copy)
+    with duckdb.connect(str(copy)) as lag:
+        clinic, pending = lag.execute(
+            "select clinic_id, count(*) filter (where repair_status = 'pending') as n "
+            "from marts.fct_alliance_sessions group by all order by n desc, clinic_id limit 1").fetchone()
+        assert pending > 0
+        # the clinic's data, unchanged but 60 days older: its export lags the others'
+        lag.execute("update core.sessions set session_at = session_at - interval 60 day "
+                    "where clinic_id = ?", [clinic])
+        run_models(lag, ["fct_alliance_sessions"])
+        after = lag.execute("select count(*) from marts.fct_alliance_sessions "
+                            "where clinic_id = ? and repair_status = 'pending'", [clinic]).fetchone()[0]
+    assert after == pending

@@ -1173,10 +1173,42 @@ def test_dead_writer_runs_are_reaped_and_live_ones_left_alone(
     assert status(dead) == "FAILURE"
     assert not instance.event_log_storage.get_concurrency_info(WRITER_POOL).claimed_slots
     assert {status(r) for r in (live, elsewhere, no_pid, reader)} == {"STARTED"}
-    # no process recorded: dead only once the grace period is over
-    assert reap_dead_writer_runs(instance, now=time.time() + 3600) == [no_pid]
+    # no process recorded: dead only once the grace period is over and no writer run holds the
+    # warehouse (a writer run whose steps need no warehouse records none; it may hold the lock)
+    from orchestration.resources import (
+        BOOT_TAG,
+        PROC_START_TAG,
+        _boot_id,
+        _proc_start,
+        acquire_run_lock,
+        release_run_lock,
+    )
+
+    lock = tmp_path / "run.lock"
+    fd = acquire_run_lock(lock, timeout_seconds=1)
+    try:
+        assert reap_dead_writer_runs(instance, now=time.time() + 3600, lock_path=lock) == []
+    finally:
+        release_run_lock(fd)
+    assert reap_dead_writer_runs(instance, now=time.time() + 3600, lock_path=lock) == [no_pid]
     assert status(no_pid) == "FAILURE"
     assert {status(r) for r in (live, elsewhere, reader)} == {"STARTED"}
+    # a pid reused by another process (another boot, or another start time) is no proof of life
+    me = {**writer, PID_TAG: str(os.getpid()), HOST_TAG: host}
+    same = run("ingest_job", {**me, PROC_START_TAG: _proc_start(os.getpid()), BOOT_TAG: _boot_id()})
+    reused = run("ingest_job", {**me, PROC_START_TAG: "1", BOOT_TAG: _boot_id()})
+    rebooted = run("ingest_job", {**me, PROC_START_TAG: _proc_start(os.getpid()),
+                                  BOOT_TAG: "another-boot"})
+    assert sorted(reap_dead_writer_runs(instance)) == sorted([reused, rebooted])
+    assert status(same) == "STARTED"
+    # a run that finished after it was listed keeps its success
+    done = instance.add_run(dg.DagsterRun(job_name="ingest_job", run_id=str(uuid.uuid4()),
+                                          status=dg.DagsterRunStatus.SUCCESS,
+                                          tags={**writer, PID_TAG: str(gone.pid), HOST_TAG: host}))
+    stale = done.with_status(dg.DagsterRunStatus.STARTED)
+    monkeypatch.setattr(instance, "get_runs", lambda *a, **k: [stale])
+    assert reap_dead_writer_runs(instance) == []
+    assert status(done.run_id) == "SUCCESS"
 
 
 FAILING_CLEANUP_TWICE = r"""

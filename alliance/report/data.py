@@ -299,8 +299,8 @@ def extract(
                 select count(*) filter (where is_candidate_rupture) as ruptures,
                        count(distinct patient_id) filter (where is_candidate_rupture) as rupture_patients,
                        count(*) filter (where is_candidate_rupture and is_repaired) as repaired,
-                       -- (the repair rate's base: ruptures whose repair window is over; one still
-                       -- pending at the month's end is not yet unrepaired)
+                       -- (the repair rate's base: ruptures whose outcome is known; one still
+                       -- pending in the snapshot's data is not yet unrepaired)
                        count(*) filter (where is_candidate_rupture and is_repaired is not null)
                            as ruptures_decided,
                        count(distinct patient_id) filter (

@@ -179,7 +179,7 @@ repairs as (
 episode_progress as (
     -- whether a rupture's repair window can still see sessions: the episode is open, fewer than
     -- repair_window attended sessions followed the rupture, and the patient still comes (the
-    -- last attended session within pending_max_days of the data's latest one: clinics rarely
+    -- last attended session within pending_max_days of the clinic's latest one: clinics rarely
     -- send episode.closed for a patient who stops coming, and such a rupture stayed pending for
     -- ever, leaving the repair rate, which it would lower, for good)
     select
@@ -193,9 +193,10 @@ episode_progress as (
 ),
 
 data_now as (
-    -- the data's own "now" (the latest attended session; an as-of rebuild sees its own), not the
-    -- clock: a rebuild of the same data gives the same statuses
-    select max(session_at) as latest_session_at from attended_sessions
+    -- each clinic's own "now" (its latest attended session; an as-of rebuild sees its own), not
+    -- the clock, so a rebuild of the same data gives the same statuses; per clinic, so a clinic
+    -- whose export lags does not see its patients as stopped while other clinics' data runs on
+    select clinic_id, max(session_at) as latest_session_at from attended_sessions group by clinic_id
 ),
 
 final as (
@@ -256,7 +257,7 @@ final as (
     from candidates
     left join repairs on candidates.session_id = repairs.session_id
     left join episode_progress on episode_progress.episode_id = candidates.episode_id
-    cross join data_now
+    left join data_now on data_now.clinic_id = candidates.clinic_id
     cross join params
 )
 
