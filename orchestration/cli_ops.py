@@ -296,7 +296,7 @@ def collect_status(n_runs: int = 8) -> dict[str, Any]:
     import duckdb
 
     from alliance import snapshot
-    from alliance.ingest import landing_files
+    from alliance.ingest import file_sha256, landing_files
     from orchestration.instance import get_instance
     from orchestration.resources import process_gone
 
@@ -368,8 +368,6 @@ def collect_status(n_runs: int = 8) -> dict[str, Any]:
                         return False
                     if st.st_mtime <= max(r[2] for r in recs):
                         return True
-                    from alliance.ingest import file_sha256
-
                     return file_sha256(f) in {r[1] for r in recs}
 
                 waiting = 0

@@ -23,8 +23,9 @@ def _defs():  # noqa: ANN202
     return definitions.build_definitions()
 
 
-def resolve_selection(select: str, defs: Any = None) -> tuple[set[Any], set[Any]]:
-    """(the asset keys `select` names, those plus the assets made in the same steps).
+def resolve_selection(select: str, defs: Any = None) -> tuple[set[Any], set[Any], set[Any]]:
+    """(the asset keys `select` names, those plus the assets made in the same steps, the
+    partitioned assets left out of both).
 
     An asset made by a step with others (the ingest writes raw/events, ingested_files and
     quarantine in one transaction) runs with all of them: Dagster cannot run part of such a step,
@@ -54,19 +55,7 @@ def resolve_selection(select: str, defs: Any = None) -> tuple[set[Any], set[Any]
             f"({', '.join(sorted(k.to_user_string() for k in partitioned))}): run them per "
             "partition, e.g. alliance report --clinic C --month YYYY-MM, or alliance dg launch "
             "--assets reports/clinic_report --partition 'C|YYYY-MM'")
-    return set(keys) - partitioned, set(whole) - partitioned
-
-
-def _partitioned_in(select: str, defs: Any) -> list[str]:
-    """The partitioned assets a selection names (resolve_selection leaves them out)."""
-    import dagster as dg
-
-    graph = defs.resolve_asset_graph()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", dg.BetaWarning)
-        selection = dg.AssetSelection.from_string(select)
-        keys = selection.required_multi_asset_neighbors().resolve(graph)
-    return [k.to_user_string() for k in keys if graph.get(k).is_partitioned]
+    return set(keys) - partitioned, set(whole) - partitioned, partitioned
 
 
 def execute_job(
@@ -90,11 +79,10 @@ def execute_job(
            else defs.resolve_job_def(job_name))
     asset_selection = None
     if select:
-        keys, whole = resolve_selection(select, defs)
-        left_out = _partitioned_in(select, defs)
+        keys, whole, left_out = resolve_selection(select, defs)
         if left_out:
             log("  left out (partitioned, run per partition: alliance report / alliance dg launch "
-                "--partition): " + ", ".join(sorted(left_out)))
+                "--partition): " + ", ".join(sorted(k.to_user_string() for k in left_out)))
         asset_selection = sorted(whole, key=lambda k: k.to_user_string())
         log(f"selected {len(asset_selection)} assets")
         if whole - keys:

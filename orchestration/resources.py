@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,8 +149,6 @@ def _boot_id() -> str | None:
 
 def _tag_process(instance: dg.DagsterInstance, run_id: str, warn: Any = None) -> None:
     """Record the process executing `run_id` on the run (once: the first resource to start)."""
-    import socket
-
     try:
         run = instance.get_run_by_id(run_id)
         if run is not None and run.tags.get(PID_TAG) == str(os.getpid()):
@@ -176,15 +175,14 @@ def _process_alive(pid: int) -> bool:
 
 def process_gone(run: dg.DagsterRun) -> bool:
     """Whether the process recorded on `run` (this host only) no longer exists."""
-    import socket
-
     pid = run.tags.get(PID_TAG)
     if not pid or run.tags.get(HOST_TAG) != socket.gethostname():
         return False  # (another host's run is not judged here)
     if not _process_alive(int(pid)):
         return True
     # alive: the same process, unless the pid was reused after a reboot or a container restart
-    if run.tags.get(BOOT_TAG) and _boot_id() and run.tags[BOOT_TAG] != _boot_id():
+    boot = _boot_id()
+    if run.tags.get(BOOT_TAG) and boot and run.tags[BOOT_TAG] != boot:
         return True
     start = _proc_start(int(pid))
     return bool(run.tags.get(PROC_START_TAG)) and start is not None \
@@ -244,22 +242,29 @@ def reap_dead_writer_runs(instance: dg.DagsterInstance, current_run_id: str | No
             if lock_path is not None and not _lock_free(lock_path):
                 continue  # (a writer run holds the warehouse: it may be this one)
             why = f"it recorded no process in {int(now - started)} s"
-        message = (f"writer run {run.run_id} never finished: {why} (killed hard, e.g. kill -9 "
-                   f"or the OOM killer). Marked failed and its {WRITER_POOL} slots freed.")
         # (read again: a run that finished between the listing and the check wrote its end
         # before its process exited, and a failure must not overwrite it)
         run = instance.get_run_by_id(run.run_id)
         if run is None or run.is_finished:
             continue
-        instance.report_run_failed(run, message=message)
-        try:
-            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-        except NotImplementedError:
-            pass
+        _fail_and_free(instance, run.run_id, run,
+                       f"writer run {run.run_id} never finished: {why} (killed hard, e.g. kill -9 "
+                       f"or the OOM killer). Marked failed and its {WRITER_POOL} slots freed.", log)
         reaped.append(run.run_id)
-        if log is not None:
-            log(message)
     return reaped
+
+
+def _fail_and_free(instance: dg.DagsterInstance, run_id: str, run: dg.DagsterRun | None,
+                   message: str, log: Any) -> None:
+    """Mark a dead writer run failed (unless it finished) and free its writer pool slots."""
+    if run is not None and not run.is_finished:
+        instance.report_run_failed(run, message=message)
+    try:
+        instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+    except NotImplementedError:  # storages without global concurrency
+        pass
+    if log is not None:
+        log(message)
 
 
 def free_dead_writer_slots(instance: dg.DagsterInstance, current_run_id: str,
@@ -287,15 +292,11 @@ def free_dead_writer_slots(instance: dg.DagsterInstance, current_run_id: str,
         run = instance.get_run_by_id(run_id)
         if run is not None and not is_writer_run(run):
             continue  # (no writer step: not ours to judge)
-        message = (f"run {run_id} held the {WRITER_POOL} pool's slot, but its process is gone "
-                   "(the writer-run lock was free): it was killed before it could free the slot. "
-                   f"Marked failed and its slot freed by run {current_run_id}.")
-        if run is not None and not run.is_finished:
-            instance.report_run_failed(run, message=message)
-        storage.free_concurrency_slots_for_run(run_id)
+        _fail_and_free(instance, run_id, run,
+                       f"run {run_id} held the {WRITER_POOL} pool's slot, but its process is gone "
+                       "(the writer-run lock was free): it was killed before it could free the "
+                       f"slot. Marked failed and its slot freed by run {current_run_id}.", log)
         freed.append(run_id)
-        if log is not None:
-            log(message)
     return freed
 
 
