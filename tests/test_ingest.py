@@ -591,3 +591,87 @@ def test_identifiers_with_inner_spaces_or_letters_beyond_ascii_are_kept(con, tmp
     got = dict(con.execute("select event_id, patient_id from raw.events").fetchall())
     assert got["k1"] == pseudonym(KEY, "patient", "clinic-01", "PAT 0001")
     assert got["k2"] == got["k3"] == pseudonym(KEY, "patient", "clinic-01", "PAT-\u00d8RSTED")
+
+
+def _answer_lines(seed: int = 7) -> list[str]:
+    """Questionnaire lines for every item-level instrument: plain valid answers, valid ones in
+    other shapes (keys out of order, nulls, 3.0 for 3) and near misses of every answer rule."""
+    import random
+
+    from alliance.instruments import load_instruments
+
+    rnd = random.Random(seed)
+    lines = []
+    for inst in sorted(load_instruments().values(), key=lambda i: i.key):
+        if inst.kind != "item_level":
+            continue
+        items = {str(it.number): it for it in inst.items}
+
+        def line(answers_json: str, n: int, code: str = inst.code, version: str = inst.version) -> str:
+            base = json.dumps(ev(f"{code}-{n}", "questionnaire.submitted", session_id="S-1", payload={
+                "instrument": code, "instrument_version": version, "respondent": "patient",
+                "administered_at": T, "answers": "ANSWERS"}))
+            return base.replace('"ANSWERS"', answers_json)
+
+        def value(it, k: int) -> float:
+            return round(it.min_value + k * it.step, 6)
+
+        n = 0
+        for _ in range(40):  # valid, keys in order: what the shortcut recognises
+            keys = sorted(rnd.sample(list(items), rnd.randint(1, len(items))), key=int)
+            ans = {k: None if rnd.random() < 0.1 else value(items[k], rnd.randint(
+                0, round((items[k].max_value - items[k].min_value) / items[k].step))) for k in keys}
+            n += 1
+            lines.append(line(json.dumps(ans, separators=(",", ":")), n))
+        first, it = next(iter(items.items()))
+        odd = [  # each breaks one rule, or is valid in a shape the shortcut leaves to the rules
+            f'{{"{first}":{value(it, 0)},"{first}":{value(it, 0)}}}',  # repeated key
+            f'{{"{first}":{it.max_value + it.step}}}', f'{{"{first}":{it.min_value - it.step}}}',
+            f'{{"{first}":{it.max_value + 1}}}', f'{{"{first}":{it.min_value + it.step / 2}}}',
+            f'{{"{first}":{int(it.max_value)}.00}}', f'{{"{first}":1e0}}', f'{{"{first}":-0}}',
+            f'{{"{first}":"1"}}', f'{{"{first}":true}}', f'{{"{first}":{{"a":1}}}}',
+            f'{{"{first}":[1]}}', f'{{"0":{value(it, 0)}}}', f'{{"{len(items) + 1}":{value(it, 0)}}}',
+            f'{{"0{first}":{value(it, 0)}}}', '{"x":1}', '{"1 ":1}',
+            "{" + ",".join(f'"{k}":{value(v, 0)}' for k, v in reversed(items.items())) + "}",
+            "{" + ",".join(f'"{k}":null' for k in items) + "}",
+            f'{{"{first}":{int(it.max_value)}.0}}', f'{{"{first}":{it.max_value}0}}',
+        ]
+        for text in odd:
+            n += 1
+            lines.append(line(text, n))
+    return lines
+
+
+def test_the_plain_answers_shortcut_never_hides_an_answer_violation(tmp_path, monkeypatch):
+    """The ingest skips the per-answer rules for answers objects one regular expression per
+    instrument recognises as plain. With the shortcut and without it (every object through the
+    rules), the same lines are accepted and quarantined with the same reasons and messages; and
+    the shortcut does recognise the plain objects (or it would cost without saving)."""
+    import alliance.ingest as ingest_mod
+    from alliance.instruments import load_instruments
+
+    lines = _answer_lines()
+    f = write(tmp_path / "landing" / "answers.ndjson", lines)
+    outcomes = []
+    for name in ("with", "without"):
+        if name == "without":
+            monkeypatch.setattr(ingest_mod, "_plain_answers_sql", lambda instruments: "false")
+        c = duckdb.connect(str(tmp_path / f"{name}.duckdb"))
+        [res] = ingest_files(c, [f], KEY)
+        outcomes.append((res.accepted, res.quarantined, c.execute(
+            "select line_number, reason_code, field, message from raw.quarantine order by all").fetchall(),
+            c.execute("select event_id, payload from raw.events order by all").fetchall()))
+        c.close()
+    assert outcomes[0] == outcomes[1]
+    accepted, quarantined, rejected, _ = outcomes[0]
+    assert accepted > 200 and quarantined > 60
+    assert {r[1] for r in rejected} >= {"answer_out_of_range", "unknown_item", "wrong_type",
+                                         "invalid_value"}
+    monkeypatch.undo()
+    plain = ingest_mod._plain_answers_sql(load_instruments())
+    c = duckdb.connect()
+    recognised = c.execute(
+        f"select count(*) filter (where {plain}) from (select p ->> '$.instrument' as instrument, "
+        "p ->> '$.instrument_version' as instrument_version, p -> '$.answers' as p_answers "
+        "from (select json_extract(unnest(?::varchar[]), '$.payload') as p))", [lines]).fetchone()[0]
+    assert recognised >= 6 * 40  # every in-order valid object of the six item-level instruments
