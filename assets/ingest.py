@@ -83,79 +83,72 @@ def ingest(
     settings: AllianceSettings,
 ):
     """Validate, pseudonymise and append every new landing file; one transaction per file group."""
-    try:
-        p = settings.paths.ensure()
-        files = [Path(f) for f in config.files] if config.files else landing_files(p.landing)
-        key = pseudonym_key(settings)
-        with duckdb.get_connection() as con:
-            results = ingest_files(con, files, key, quarantine_dir=p.quarantine,
-                                   log=context.log.info)
-            totals = con.execute(
-                "select (select count(*) from raw.events), (select count(*) from "
-                "raw.ingested_files), (select count(*) from raw.quarantine)"
-            ).fetchone()
-            unreadable = [r for r in results if r.status == "unreadable"]
-            # check history, for `alliance status` (on this connection: another costs 0.3 s)
-            record_check_results(con, context.run.run_id, [{
-                "asset": RAW_FILES.path, "check_name": "no_unreadable_files",
-                "passed": not unreadable, "severity": "WARN", "unexpected_count": len(unreadable),
-                "details": {"file_ids": [r.file_id for r in unreadable]}}])
-        new = [r for r in results if r.status == "ingested"]
-        reasons: Counter[str] = Counter()
-        for r in new:
-            reasons.update(r.quarantine_reasons)
-        with_rejects = [r for r in new if r.quarantined]
-        if with_rejects:
-            # One summary line, not one per file: a backfill can touch thousands of files.
-            examples = "; ".join(
-                f"{Path(r.path).name}: {', '.join(f'{k}={v}' for k, v in sorted(r.quarantine_reasons.items()))}"
-                for r in with_rejects[:5]
-            )
-            context.log.warning(
-                f"{sum(r.quarantined for r in with_rejects)} line(s) quarantined in {len(with_rejects)} "
-                f"file(s) ({', '.join(f'{k}={v}' for k, v in reasons.most_common())}), e.g. {examples}. "
-                "Details in raw.quarantine (file, line, field, reason)."
-            )
-        for r in unreadable:
-            context.log.error(r.error)  # the error names the file
-        vanished = [r for r in results if r.status == "vanished"]
-        for r in vanished:
-            # (not recorded: the next run that lists it ingests it; a landing sensor's run for
-            # the same content was already requested, so that is the nightly run)
-            context.log.warning(r.error)
-        batch = {
-            "files_seen": len(results),
-            "files_ingested": len(new),
-            "files_already_ingested": sum(r.status == "already_ingested" for r in results),
-            "files_unreadable": len(unreadable),
-            "files_vanished": len(vanished),
-            "lines_read": sum(r.lines_read for r in new),
-            "accepted": sum(r.accepted for r in new),
-            "duplicates": sum(r.duplicates for r in new),
-            "quarantined": sum(r.quarantined for r in new),
-            "dropped_fields": sum(r.dropped_fields for r in new),
-            "file_ids": dg.MetadataValue.json([r.file_id for r in new]),
-        }
-        yield dg.MaterializeResult(asset_key=RAW_EVENTS, metadata={**batch, "dagster/row_count": totals[0]})
-        yield dg.MaterializeResult(asset_key=RAW_FILES, metadata={"dagster/row_count": totals[1],
-                                                                  "file_ids": batch["file_ids"]})
-        yield dg.MaterializeResult(
-            asset_key=RAW_QUARANTINE,
-            metadata={"dagster/row_count": totals[2], "quarantined_this_run": batch["quarantined"],
-                      "by_reason": dg.MetadataValue.json(dict(reasons))},
+    p = settings.paths.ensure()
+    files = [Path(f) for f in config.files] if config.files else landing_files(p.landing)
+    key = pseudonym_key(settings)
+    with duckdb.get_connection() as con:
+        results = ingest_files(con, files, key, quarantine_dir=p.quarantine,
+                               log=context.log.info)
+        totals = con.execute(
+            "select (select count(*) from raw.events), (select count(*) from "
+            "raw.ingested_files), (select count(*) from raw.quarantine)"
+        ).fetchone()
+        unreadable = [r for r in results if r.status == "unreadable"]
+        # check history, for `alliance status` (on this connection: another costs 0.3 s)
+        record_check_results(con, context.run.run_id, [{
+            "asset": RAW_FILES.path, "check_name": "no_unreadable_files",
+            "passed": not unreadable, "severity": "WARN", "unexpected_count": len(unreadable),
+            "details": {"file_ids": [r.file_id for r in unreadable]}}])
+    new = [r for r in results if r.status == "ingested"]
+    reasons: Counter[str] = Counter()
+    for r in new:
+        reasons.update(r.quarantine_reasons)
+    with_rejects = [r for r in new if r.quarantined]
+    if with_rejects:
+        # One summary line, not one per file: a backfill can touch thousands of files.
+        examples = "; ".join(
+            f"{Path(r.path).name}: {', '.join(f'{k}={v}' for k, v in sorted(r.quarantine_reasons.items()))}"
+            for r in with_rejects[:5]
         )
-        names = [Path(r.path).name for r in unreadable]
-        yield dg.AssetCheckResult(
-            asset_key=RAW_FILES, check_name="no_unreadable_files", passed=not unreadable,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={"unreadable_files": len(unreadable), "files": dg.MetadataValue.json(names[:20])},
+        context.log.warning(
+            f"{sum(r.quarantined for r in with_rejects)} line(s) quarantined in {len(with_rejects)} "
+            f"file(s) ({', '.join(f'{k}={v}' for k, v in reasons.most_common())}), e.g. {examples}. "
+            "Details in raw.quarantine (file, line, field, reason)."
         )
-    finally:
-        # The run's GX import (quality.checks.GreatExpectationsResource) waited for the ingest.
-        # It starts once this step's results are processed: the import of Great Expectations
-        # in its thread and Dagster's own lazy imports for a check result in this one (sqlalchemy)
-        # raced ("partially initialized module 'sqlalchemy.orm.exc'", seen in a fresh clone).
-        release_preload()
+    for r in unreadable:
+        context.log.error(r.error)  # the error names the file
+    vanished = [r for r in results if r.status == "vanished"]
+    for r in vanished:
+        # (not recorded: the next run that lists it ingests it; a landing sensor's run for
+        # the same content was already requested, so that is the nightly run)
+        context.log.warning(r.error)
+    batch = {
+        "files_seen": len(results),
+        "files_ingested": len(new),
+        "files_already_ingested": sum(r.status == "already_ingested" for r in results),
+        "files_unreadable": len(unreadable),
+        "files_vanished": len(vanished),
+        "lines_read": sum(r.lines_read for r in new),
+        "accepted": sum(r.accepted for r in new),
+        "duplicates": sum(r.duplicates for r in new),
+        "quarantined": sum(r.quarantined for r in new),
+        "dropped_fields": sum(r.dropped_fields for r in new),
+        "file_ids": dg.MetadataValue.json([r.file_id for r in new]),
+    }
+    yield dg.MaterializeResult(asset_key=RAW_EVENTS, metadata={**batch, "dagster/row_count": totals[0]})
+    yield dg.MaterializeResult(asset_key=RAW_FILES, metadata={"dagster/row_count": totals[1],
+                                                              "file_ids": batch["file_ids"]})
+    yield dg.MaterializeResult(
+        asset_key=RAW_QUARANTINE,
+        metadata={"dagster/row_count": totals[2], "quarantined_this_run": batch["quarantined"],
+                  "by_reason": dg.MetadataValue.json(dict(reasons))},
+    )
+    names = [Path(r.path).name for r in unreadable]
+    yield dg.AssetCheckResult(
+        asset_key=RAW_FILES, check_name="no_unreadable_files", passed=not unreadable,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"unreadable_files": len(unreadable), "files": dg.MetadataValue.json(names[:20])},
+    )
 
 
 # On raw/events, which staging and everything after it read: a blocking check blocks what is
@@ -167,6 +160,12 @@ def ingest(
 def line_conservation(
     context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource
 ) -> dg.AssetCheckResult:
+    # The run's GX import (quality.checks.GreatExpectationsResource) waited for the ingest, the
+    # step Dagster runs just before this one: it starts here, once the ingest step is over. Started
+    # at the end of the ingest's own code, its GIL-bound import slowed Dagster's recording of
+    # the ingest's results (0.05-0.08 s of the step). (A run that ingests without this check
+    # imports GX when a validation first needs it.)
+    release_preload()
     with duckdb.get_connection() as con:
         bad = con.execute(
             "select file_name, lines_read, accepted, duplicates, quarantined from raw.ingested_files "
