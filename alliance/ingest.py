@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import json
 import queue
+import re
 import threading
 import time
 import zlib
@@ -82,7 +83,8 @@ MAX_LINES_PER_TRANSACTION = 1_000_000
 # so the checkpoint does not analyse every candidate method on every segment first. That
 # analysis was a fifth of the log insert's CPU (2.2-2.4 against 1.6-1.7 CPU s per million
 # events), for the same file size. A segment the named method cannot hold is stored
-# uncompressed. (Warehouses created before keep DuckDB's automatic choice.)
+# uncompressed. (Warehouses created before keep DuckDB's automatic choice; so does a file of
+# storage version v1.3.0 or later, where FSST and dictionary are only read: ensure_raw_schema.)
 RAW_DDL = """
 create schema if not exists raw;
 create table if not exists raw.ingested_files (
@@ -239,7 +241,15 @@ def ensure_raw_schema(con: duckdb.DuckDBPyConnection) -> None:
         "select table_name, comment from duckdb_tables() "
         "where database_name = current_database() and schema_name = 'raw'").fetchall()}
     if not all(t in tables for t in TABLE_COMMENTS):
-        con.execute(RAW_DDL)
+        try:
+            con.execute(RAW_DDL)
+        except duckdb.BinderException as e:
+            # "Can't compress using user-provided compression type 'FSST', that type is
+            # deprecated": a file of a newer storage version. DuckDB chooses (every statement
+            # of RAW_DDL is "if not exists", so the ones that ran are not repeated).
+            if "compress" not in str(e):
+                raise
+            con.execute(re.sub(r" using compression \w+", "", RAW_DDL))
     ensure_rejections_table(con)
     columns = {(f"raw.{t}", c): doc for t, c, doc in con.execute(
         "select table_name, column_name, comment from duckdb_columns() "
@@ -925,11 +935,19 @@ where (file_id, line_number) not in (select (file_id, line_number) from instrume
 """
 
 
+# Longest expression of plain answers per instrument: RE2 refuses patterns beyond a few hundred
+# kB (and then the whole statement fails), and long ones match slowly. Longer: no shortcut.
+PLAIN_ANSWERS_MAX_PATTERN = 8_000
+
+
 def _answer_value_re(lo: float, hi: float, step: float) -> str | None:
     """RE2 of every allowed answer as DuckDB's JSON writer spells it (null, 3, 3.0, 7.1), for an
-    item whose range is whole numbers 0..100 apart in steps of 1 or 0.1; None for any other."""
+    item whose range is whole numbers in 0..1000, at most 100 apart, in steps of 1 or 0.1; None
+    for any other. (Beyond about 2^21 the rules' floating-point step test rejects values such as
+    10000000.1 that the expression would spell.)"""
     lo_d, hi_d, step_d = Decimal(str(lo)), Decimal(str(hi)), Decimal(str(step))
-    if lo_d < 0 or lo_d != lo_d.to_integral() or hi_d != hi_d.to_integral() or hi_d - lo_d > 100:
+    if (lo_d < 0 or hi_d > 1000 or lo_d != lo_d.to_integral() or hi_d != hi_d.to_integral()
+            or hi_d - lo_d > 100):
         return None
     low, high = int(lo_d), int(hi_d)
     if step_d == 1:
@@ -957,11 +975,12 @@ def _plain_answers_sql(instruments: object) -> str:
         values = {it.number: _answer_value_re(it.min_value, it.max_value, it.step) for it in inst.items}
         if None in values.values():
             continue
-        keys = sorted(values)
-        # items in ascending order, each optional: one alternative per first item present
-        terms = [f'"{k}":{values[k]}' for k in keys]
-        pattern = (r"\{(?:" + "|".join(t + "".join(f"(?:,{u})?" for u in terms[i + 1:])
-                                       for i, t in enumerate(terms)) + r")?\}")
+        # Items in ascending order, each optional, each followed by the comma or the closing
+        # brace: the text is minified JSON of an object, so it ends with the brace, which only
+        # the last item present can take ('{}' does not match: nothing to check anyway).
+        pattern = r"\{" + "".join(f'(?:"{k}":{values[k]}[,}}])?' for k in sorted(values))
+        if len(pattern) > PLAIN_ANSWERS_MAX_PATTERN:
+            continue
         whens.append(f"when instrument = {_lit(inst.code)} and instrument_version = {_lit(inst.version)} "
                      f"then regexp_full_match(p_answers::varchar, {_lit(pattern)})")
     return f"case {' '.join(whens)} else false end" if whens else "false"

@@ -675,3 +675,62 @@ def test_the_plain_answers_shortcut_never_hides_an_answer_violation(tmp_path, mo
         "p ->> '$.instrument_version' as instrument_version, p -> '$.answers' as p_answers "
         "from (select json_extract(unnest(?::varchar[]), '$.payload') as p))", [lines]).fetchone()[0]
     assert recognised >= 6 * 40  # every in-order valid object of the six item-level instruments
+
+
+def test_the_plain_answers_shortcut_stays_small_and_exact_for_any_instrument(con, tmp_path):
+    """A clinic's own instrument ($ALLIANCE_INSTRUMENTS_DIR) may have hundreds of items: the
+    shortcut's expression grows with the items only (a quadratic one, 339 items of 0..1, was
+    beyond RE2 and failed every ingest), is left out past PLAIN_ANSWERS_MAX_PATTERN, and is never
+    built for values the rules' floating-point step test would reject (10000000.1 in 0.1 steps)."""
+    import dataclasses
+
+    import alliance.ingest as ingest_mod
+    from alliance.instruments import Item, load_instruments
+
+    base = load_instruments()
+    gad7 = base[("GAD-7", "1")]
+
+    def instrument(code: str, n: int, lo: float, hi: float, step: float):
+        return dataclasses.replace(gad7, code=code, items=tuple(
+            Item(number=i, min_value=lo, max_value=hi, step=step) for i in range(1, n + 1)))
+
+    extra = {("BIG-400", "1"): instrument("BIG-400", 400, 0, 1, 1),
+             ("MID-45", "1"): instrument("MID-45", 45, 0, 4, 1),
+             ("HUGE-LO", "1"): instrument("HUGE-LO", 3, 10_000_000, 10_000_010, 0.1)}
+    instruments = {**base, **extra}
+    plain = ingest_mod._plain_answers_sql(instruments)
+    assert "'BIG-400'" not in plain and "'HUGE-LO'" not in plain and "'MID-45'" in plain
+    assert ingest_mod._answer_value_re(10_000_000, 10_000_010, 0.1) is None
+    rows = [ev(f"q{i}", "questionnaire.submitted", session_id="S-1", payload={
+        "instrument": code, "instrument_version": "1", "respondent": "patient",
+        "administered_at": T, "answers": answers})
+        for i, (code, answers) in enumerate([
+            ("BIG-400", {str(i): i % 2 for i in range(1, 401)}),
+            ("MID-45", {str(i): i % 5 for i in range(1, 46)}),
+            ("MID-45", {"1": 5}),
+            ("HUGE-LO", {"1": 10_000_000.1})])]
+    f = write(tmp_path / "landing" / "own.ndjson", rows)
+    [res] = ingest_files(con, [f], KEY, instruments=instruments)
+    got = dict(con.execute("select event_id, reason_code from raw.quarantine").fetchall())
+    # (the rules' step test rejects 10000000.1: (x - lo) / 0.1 is not whole in floating point)
+    assert (res.accepted, got) == (2, {"q2": "answer_out_of_range", "q3": "answer_out_of_range"})
+    recognised = con.execute(
+        f"select count(*) filter (where {plain}) from (select 'MID-45' as instrument, "
+        "'1' as instrument_version, ?::json as p_answers)",
+        [json.dumps({str(i): i % 5 for i in range(1, 46)}, separators=(",", ":"))]).fetchone()[0]
+    assert recognised == 1
+
+
+def test_a_warehouse_of_a_newer_storage_version_gets_the_log_without_named_compression(tmp_path):
+    """raw.events names its columns' compression (FSST, dictionary), which DuckDB only reads in
+    files of storage version v1.3.0 or later ("that type is deprecated"): such a file gets the
+    same tables with DuckDB's own choice, and the ingest works."""
+    c = duckdb.connect()
+    c.execute(f"attach '{tmp_path / 'new.duckdb'}' as w (storage_version 'v1.3.0')")
+    c.execute("use w")
+    f = write(tmp_path / "landing" / "export-1.ndjson", GOOD)
+    [res] = ingest_files(c, [f], KEY)
+    assert res.accepted == len(GOOD)
+    c.execute("checkpoint")
+    assert c.execute("select count(*) from raw.events").fetchone()[0] == len(GOOD)
+    c.close()
