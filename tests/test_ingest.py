@@ -734,3 +734,23 @@ def test_a_warehouse_of_a_newer_storage_version_gets_the_log_without_named_compr
     c.execute("checkpoint")
     assert c.execute("select count(*) from raw.events").fetchone()[0] == len(GOOD)
     c.close()
+
+
+def test_schema_versions_are_checked_per_event_type_when_types_differ(con, tmp_path):
+    """A contract whose event types support different schema versions: each line is checked
+    against its own type's versions (one test per distinct list of versions)."""
+    import dataclasses
+
+    c = load_contract()
+    types = dict(c.event_types)
+    types["episode.opened"] = dataclasses.replace(types["episode.opened"], schema_versions=(1, 2))
+    contract = dataclasses.replace(c, event_types=types)
+    rows = [ev("v1", "episode.opened", schema_version=2, payload={"age_group": "adult"}),
+            ev("v2", "episode.closed", schema_version=2, payload={"reason": "planned"}),
+            ev("v3", "episode.closed", schema_version=1, payload={"reason": "planned"})]
+    f = write(tmp_path / "landing" / "versions.ndjson", rows)
+    [res] = ingest_files(con, [f], KEY, contract=contract)
+    assert res.accepted == 2
+    assert con.execute("select line_number, reason_code, message from raw.quarantine").fetchall() == [
+        (2, "unsupported_schema_version",
+         "versions.ndjson line 2: field 'schema_version' version 2 is not supported for episode.closed")]
