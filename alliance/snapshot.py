@@ -324,9 +324,10 @@ def clean_incoming(serving_path: Path | str, warehouse_path: Path | str | None =
     (only *.partial was removed), a copy of the working warehouse's bytes inside serving/.
     """
     cutoff = time.time() - older_than_seconds
-    # (*.wal: the write-ahead log of a copy cut short)
+    # (*.wal: the write-ahead log of a copy cut short; *.partial.tmp: the folder where the copy
+    # spills above its memory limit, which DuckDB removes when it closes normally)
     folders = [(Path(serving_path).parent / ".incoming",
-                ("*.partial", "*.partial.wal", "*.source", "*.source.wal"))]
+                ("*.partial", "*.partial.wal", "*.partial.tmp", "*.source", "*.source.wal"))]
     if warehouse_path is not None:
         folders.append((source_dir(warehouse_path), ("*.source", "*.source.wal")))
     removed = []
@@ -337,7 +338,10 @@ def clean_incoming(serving_path: Path | str, warehouse_path: Path | str | None =
             for p in folder.glob(pattern):
                 try:
                     if p.stat().st_mtime < cutoff or older_than_seconds <= 0:
-                        p.unlink(missing_ok=True)
+                        if p.is_dir():
+                            shutil.rmtree(p)
+                        else:
+                            p.unlink(missing_ok=True)
                         removed.append(p)
                 except FileNotFoundError:
                     continue

@@ -628,6 +628,10 @@ def test_a_killed_publish_leaves_no_byte_copy_of_the_warehouse_under_serving(tmp
             snapshot.source_dir(wh) / "alliance-2.duckdb.source"]
     for f in left:
         f.write_bytes(b"x")
+    spill = serving.parent / ".incoming" / "alliance-1.duckdb.partial.tmp"  # the copy's spill folder
+    spill.mkdir()
+    (spill / "duckdb_temp_storage-0.tmp").write_bytes(b"x")
+    left.append(spill)
     recent = time.time() - 5
     for f in left:
         os.utime(f, (recent, recent))  # minutes old, not hours
