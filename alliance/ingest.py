@@ -681,7 +681,7 @@ def _validation_sql(contract: Contract) -> list[str]:
             select file_id, line_number, content_hash, is_json, is_object, rule_idx,
                 case when rule_idx is not null then line end as bad_line,
                 sv_e_event_id as event_id, sv_e_event_type as event_type, sv_e_clinic_id as clinic_id,
-                jt_e_event_id, jt_e_event_type, jt_e_clinic_id, jt_e_payload, e_payload,
+                jt_e_payload, e_payload,
                 sv_e_schema_version, sv_e_occurred_at, sv_e_source,
                 case when jt_e_patient_id = {JT_STRING} then sv_e_patient_id end as raw_patient_id,
                 case when jt_e_therapist_id = {JT_STRING} then sv_e_therapist_id end as raw_therapist_id,
