@@ -106,7 +106,7 @@ def monthly_reports_schedule(context: dg.ScheduleEvaluationContext):  # noqa: AN
                 f"{last} is before $ALLIANCE_REPORTS_START={REPORTS_START}: no month is reported "
                 "until that one is complete")
         return dg.SkipReason(
-            f"{previous_month(when.date()):%Y-%m} is not a complete month partition at "
+            f"{last} is not a complete month partition at "
             f"{when.isoformat()} (months are UTC, from {REPORTS_START}); move the schedule later "
             "in the day ($ALLIANCE_REPORTS_CRON) or launch it as a backfill"
         )

@@ -234,16 +234,8 @@ final as (
         candidates.rupture_rule_a,
         candidates.rupture_rule_b,
         candidates.is_candidate_rupture,
-        -- NULL while pending (a pending rupture counted as unrepaired biased every recent repair
-        -- rate low); a closed episode's unrepaired rupture is final
-        case when not candidates.is_candidate_rupture then null
-            when repairs.repair_session_number is not null then true
-            when not coalesce(episode_progress.is_closed, false)
-                and episode_progress.last_session_number
-                    < candidates.session_number + candidates.repair_window
-                and episode_progress.last_session_at
-                    >= data_now.latest_session_at - to_days(params.pending_max_days::integer) then null
-            else false end as is_repaired,
+        -- (from repair_status below, in the select after final)
+        null::boolean as is_repaired,
         case when not candidates.is_candidate_rupture then null
             when repairs.repair_session_number is not null then 'repaired'
             when not coalesce(episode_progress.is_closed, false)
@@ -261,4 +253,8 @@ final as (
     cross join params
 )
 
-select * from final
+-- is_repaired: NULL while pending (a pending rupture counted as unrepaired biased every recent
+-- repair rate low); a closed episode's unrepaired rupture is final
+select * replace (
+    case repair_status when 'repaired' then true when 'unrepaired' then false end as is_repaired)
+from final
