@@ -28,10 +28,15 @@ def ev(event_id: str, event_type: str, **kw) -> dict:
     return base
 
 
-def phq9(event_id: str, answers: dict, **kw) -> dict:
+def questionnaire(event_id: str, instrument: str, answers: object, version: str = "1",
+                  **kw) -> dict:
     return ev(event_id, "questionnaire.submitted", session_id="SES-SECRET-1", payload={
-        "instrument": "PHQ-9", "instrument_version": "1", "respondent": "patient",
+        "instrument": instrument, "instrument_version": version, "respondent": "patient",
         "administered_at": T, "answers": answers, **kw})
+
+
+def phq9(event_id: str, answers: dict, **kw) -> dict:
+    return questionnaire(event_id, "PHQ-9", answers, **kw)
 
 
 def write(path: Path, rows: list, gz: bool = False) -> Path:
@@ -608,9 +613,7 @@ def _answer_lines(seed: int = 7) -> list[str]:
         items = {str(it.number): it for it in inst.items}
 
         def line(answers_json: str, n: int, code: str = inst.code, version: str = inst.version) -> str:
-            base = json.dumps(ev(f"{code}-{n}", "questionnaire.submitted", session_id="S-1", payload={
-                "instrument": code, "instrument_version": version, "respondent": "patient",
-                "administered_at": T, "answers": "ANSWERS"}))
+            base = json.dumps(questionnaire(f"{code}-{n}", code, "ANSWERS", version))
             return base.replace('"ANSWERS"', answers_json)
 
         def value(it, k: int) -> float:
@@ -701,14 +704,12 @@ def test_the_plain_answers_shortcut_stays_small_and_exact_for_any_instrument(con
     plain = ingest_mod._plain_answers_sql(instruments)
     assert "'BIG-400'" not in plain and "'HUGE-LO'" not in plain and "'MID-45'" in plain
     assert ingest_mod._answer_value_re(10_000_000, 10_000_010, 0.1) is None
-    rows = [ev(f"q{i}", "questionnaire.submitted", session_id="S-1", payload={
-        "instrument": code, "instrument_version": "1", "respondent": "patient",
-        "administered_at": T, "answers": answers})
-        for i, (code, answers) in enumerate([
-            ("BIG-400", {str(i): i % 2 for i in range(1, 401)}),
-            ("MID-45", {str(i): i % 5 for i in range(1, 46)}),
-            ("MID-45", {"1": 5}),
-            ("HUGE-LO", {"1": 10_000_000.1})])]
+    rows = [questionnaire(f"q{i}", code, answers)
+            for i, (code, answers) in enumerate([
+                ("BIG-400", {str(i): i % 2 for i in range(1, 401)}),
+                ("MID-45", {str(i): i % 5 for i in range(1, 46)}),
+                ("MID-45", {"1": 5}),
+                ("HUGE-LO", {"1": 10_000_000.1})])]
     f = write(tmp_path / "landing" / "own.ndjson", rows)
     [res] = ingest_files(con, [f], KEY, instruments=instruments)
     got = dict(con.execute("select event_id, reason_code from raw.quarantine").fetchall())
